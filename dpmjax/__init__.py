@@ -1,0 +1,19 @@
+"""dpmjax: DPM-Solver multistep schedulers (sampling and inversion) as pure JAX functions."""
+
+from .config import SchedulerConfig
+from .scheduler import (
+    DPMSolverMultistepInverseScheduler,
+    DPMSolverMultistepScheduler,
+    SchedulerOutput,
+    __version__,
+)
+from .state import SchedulerState
+
+__all__ = [
+    "DPMSolverMultistepInverseScheduler",
+    "DPMSolverMultistepScheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "SchedulerState",
+    "__version__",
+]

@@ -1,0 +1,289 @@
+"""Static scheduler configuration: frozen, hashable, validated at construction.
+
+The field names, defaults and meanings are those of diffusers' ``DPMSolverMultistepScheduler`` and
+``DPMSolverMultistepInverseScheduler``, so a ``scheduler_config.json`` written by diffusers (or by a
+Stable Diffusion checkpoint, whatever its scheduler class) loads as it is: keys this config does not
+know are ignored, exactly like diffusers' ``from_config``.
+
+Everything here is Python data. Nothing in it is traced: a :class:`SchedulerConfig` is the static
+half of a scheduler, the :class:`~dpmjax.state.SchedulerState` pytree is the traced half.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping, Optional, Tuple
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
+ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
+SOLVER_TYPES = ("midpoint", "heun")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+VARIANCE_TYPES = (None, "learned", "learned_range")
+TIME_SHIFT_TYPES = ("exponential",)
+
+# Aliases diffusers accepts so that configs of sibling schedulers (DEIS, UniPC) load.
+_ALGORITHM_ALIASES = {"deis": "dpmsolver++"}
+_SOLVER_ALIASES = {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}
+
+SDE_ALGORITHMS = ("sde-dpmsolver", "sde-dpmsolver++")
+DATA_PREDICTION_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
+
+CONFIG_NAME = "scheduler_config.json"
+
+
+def _choice(name: str, value: Any, allowed: Tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}.")
+
+
+def _boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+
+
+def _integer(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a real number, got {value!r}.")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Configuration shared by the forward and the inverse DPM-Solver multistep schedulers.
+
+    Parameters (diffusers' names and defaults):
+        num_train_timesteps: number of diffusion steps the model was trained with.
+        beta_start, beta_end: ends of the beta schedule.
+        beta_schedule: ``"linear"``, ``"scaled_linear"`` (Stable Diffusion) or ``"squaredcos_cap_v2"``.
+        trained_betas: explicit betas (length ``num_train_timesteps``); overrides the three above.
+        solver_order: 1, 2 or 3 (multistep order; 2 for guided sampling, 3 unconditional).
+        prediction_type: what the model predicts: ``"epsilon"``, ``"sample"``, ``"v_prediction"``,
+            ``"flow_prediction"``.
+        thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen's dynamic thresholding of
+            the data prediction (pixel-space models only).
+        algorithm_type: ``"dpmsolver++"`` (data prediction, default), ``"dpmsolver"`` (noise
+            prediction), or their SDE variants ``"sde-dpmsolver++"`` / ``"sde-dpmsolver"``.
+        solver_type: ``"midpoint"`` or ``"heun"`` form of the second-order update.
+        lower_order_final: lower the order over the last steps when there are fewer than 15 steps.
+        euler_at_final: first-order update for the very last step.
+        use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, use_lu_lambdas, use_flow_sigmas:
+            alternative noise-level grids (at most one).
+        flow_shift: time shift of the flow-matching grid.
+        final_sigmas_type: forward scheduler only: end the schedule at ``"zero"`` noise or at
+            ``"sigma_min"`` (the smallest training noise level). Ignored by the inverse scheduler.
+        lambda_min_clipped: clip the smallest log-SNR used by the grid (for the cosine schedule).
+        variance_type: ``"learned"``/``"learned_range"`` when the model also outputs a variance: the
+            model output then has twice the sample's channels and its first half is used.
+        timestep_spacing: ``"linspace"``, ``"leading"`` or ``"trailing"`` (Lin et al. 2023, Table 2).
+        steps_offset: offset added to the timesteps for ``"leading"`` spacing.
+        rescale_betas_zero_snr: rescale the betas to zero terminal SNR (Lin et al. 2023).
+        use_dynamic_shifting, time_shift_type: flow models whose shift is given per call as ``mu``.
+
+    dpmjax's own field:
+        channel_axis: the channel axis of samples and model outputs (1 for diffusers' NCHW,
+            -1 for NHWC Flax models). Only the learned-variance split depends on it.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: Optional[Tuple[float, ...]] = None
+    solver_order: int = 2
+    prediction_type: str = "epsilon"
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    algorithm_type: str = "dpmsolver++"
+    solver_type: str = "midpoint"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    use_lu_lambdas: bool = False
+    use_flow_sigmas: bool = False
+    flow_shift: float = 1.0
+    final_sigmas_type: str = "zero"
+    lambda_min_clipped: float = -math.inf
+    variance_type: Optional[str] = None
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
+    rescale_betas_zero_snr: bool = False
+    use_dynamic_shifting: bool = False
+    time_shift_type: str = "exponential"
+    channel_axis: int = 1
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        set_("algorithm_type", _ALGORITHM_ALIASES.get(self.algorithm_type, self.algorithm_type))
+        set_("solver_type", _SOLVER_ALIASES.get(self.solver_type, self.solver_type))
+
+        _integer("num_train_timesteps", self.num_train_timesteps, 2)
+        set_("beta_start", _real("beta_start", self.beta_start))
+        set_("beta_end", _real("beta_end", self.beta_end))
+        _choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        if self.trained_betas is not None:
+            betas = tuple(float(b) for b in _as_sequence("trained_betas", self.trained_betas))
+            if len(betas) != self.num_train_timesteps:
+                raise ValueError(
+                    f"trained_betas has {len(betas)} values but num_train_timesteps={self.num_train_timesteps}; "
+                    "they must be equal."
+                )
+            if not all(0.0 < b < 1.0 for b in betas):
+                raise ValueError("trained_betas must all lie in the open interval (0, 1).")
+            set_("trained_betas", betas)
+        elif self.beta_schedule in ("linear", "scaled_linear"):
+            if not 0.0 < self.beta_start < 1.0 or not 0.0 < self.beta_end < 1.0:
+                raise ValueError(
+                    f"beta_start={self.beta_start} and beta_end={self.beta_end} must lie in the open interval (0, 1)."
+                )
+        _choice("solver_order", self.solver_order, (1, 2, 3))
+        _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        _boolean("thresholding", self.thresholding)
+        ratio = _real("dynamic_thresholding_ratio", self.dynamic_thresholding_ratio)
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"dynamic_thresholding_ratio must lie in [0, 1], got {ratio}.")
+        set_("dynamic_thresholding_ratio", ratio)
+        smv = _real("sample_max_value", self.sample_max_value)
+        if not smv > 0.0:
+            raise ValueError(f"sample_max_value must be > 0, got {smv}.")
+        set_("sample_max_value", smv)
+        _choice("algorithm_type", self.algorithm_type, ALGORITHM_TYPES + tuple(_ALGORITHM_ALIASES))
+        _choice("solver_type", self.solver_type, SOLVER_TYPES + tuple(_SOLVER_ALIASES))
+        for name in (
+            "lower_order_final",
+            "euler_at_final",
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "use_lu_lambdas",
+            "use_flow_sigmas",
+            "rescale_betas_zero_snr",
+            "use_dynamic_shifting",
+        ):
+            _boolean(name, getattr(self, name))
+        grids = [n for n in self.SIGMA_GRID_OPTIONS if getattr(self, n)]
+        if len(grids) > 1:
+            raise ValueError(
+                f"{' and '.join(grids)} are mutually exclusive: set at most one of {', '.join(self.SIGMA_GRID_OPTIONS)}."
+            )
+        shift = _real("flow_shift", self.flow_shift)
+        if not shift > 0.0:
+            raise ValueError(f"flow_shift must be > 0, got {shift}.")
+        set_("flow_shift", shift)
+        _choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
+        clip = _real("lambda_min_clipped", self.lambda_min_clipped)
+        if math.isnan(clip):
+            raise ValueError("lambda_min_clipped must not be NaN.")
+        set_("lambda_min_clipped", clip)
+        _choice("variance_type", self.variance_type, VARIANCE_TYPES)
+        _choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        _integer("steps_offset", self.steps_offset, 0)
+        _choice("time_shift_type", self.time_shift_type, TIME_SHIFT_TYPES)
+        if isinstance(self.channel_axis, bool) or not isinstance(self.channel_axis, int):
+            raise ValueError(f"channel_axis must be an integer axis index, got {self.channel_axis!r}.")
+        if self.prediction_type == "flow_prediction" and self.algorithm_type not in DATA_PREDICTION_ALGORITHMS:
+            raise ValueError(
+                f"prediction_type='flow_prediction' needs a data-prediction algorithm_type "
+                f"({' or '.join(map(repr, DATA_PREDICTION_ALGORITHMS))}), got algorithm_type={self.algorithm_type!r}."
+            )
+        if self.solver_order == 3 and self.algorithm_type == "sde-dpmsolver":
+            raise ValueError(
+                "solver_order=3 is not defined for algorithm_type='sde-dpmsolver' (diffusers fails with an "
+                "UnboundLocalError); use solver_order 1 or 2, or algorithm_type='sde-dpmsolver++'."
+            )
+        if self.use_dynamic_shifting and not self.use_flow_sigmas:
+            raise ValueError("use_dynamic_shifting=True needs use_flow_sigmas=True.")
+
+    SIGMA_GRID_OPTIONS = (
+        "use_karras_sigmas",
+        "use_exponential_sigmas",
+        "use_beta_sigmas",
+        "use_lu_lambdas",
+        "use_flow_sigmas",
+    )
+
+    @property
+    def is_sde(self) -> bool:
+        return self.algorithm_type in SDE_ALGORITHMS
+
+    @property
+    def predicts_data(self) -> bool:
+        """True when the solver integrates the data prediction x0 (DPM-Solver++), else the noise."""
+        return self.algorithm_type in DATA_PREDICTION_ALGORITHMS
+
+    # ------------------------------------------------------------------ dict / JSON round trips
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], **overrides: Any) -> "SchedulerConfig":
+        """Build a config from a diffusers-style dict; unknown keys (and ``_``-keys) are ignored."""
+        merged = {k: v for k, v in dict(values).items() if k in cls.field_names()}
+        unknown = sorted(k for k in overrides if k not in cls.field_names())
+        if unknown:
+            raise ValueError(
+                f"unknown scheduler parameter(s) {', '.join(unknown)}; known parameters: {', '.join(cls.field_names())}."
+            )
+        merged.update(overrides)
+        if merged.get("lambda_min_clipped") is None and "lambda_min_clipped" in merged:
+            merged["lambda_min_clipped"] = -math.inf  # JSON has no -inf; diffusers writes -Infinity or null
+        return cls(**merged)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if d["trained_betas"] is not None:
+            d["trained_betas"] = list(d["trained_betas"])
+        return d
+
+    def replace(self, **changes: Any) -> "SchedulerConfig":
+        return self.from_dict(self.to_dict(), **changes)
+
+
+def _as_sequence(name: str, value: Any):
+    try:
+        return list(value.tolist() if hasattr(value, "tolist") else value)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of numbers, got {value!r}.") from None
+
+
+def read_config_file(path: str, subfolder: Optional[str] = None) -> dict:
+    """Read a diffusers ``scheduler_config.json``.
+
+    ``path`` is either the JSON file itself or a folder holding it (optionally in ``subfolder``,
+    as in ``from_pretrained(model_dir, subfolder="scheduler")``).
+    """
+    path = os.fspath(path)
+    if subfolder:
+        path = os.path.join(path, subfolder)
+    if os.path.isdir(path):
+        path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no scheduler config at {path!r} (expected a {CONFIG_NAME} file or a folder with one).")
+    with open(path, encoding="utf-8") as f:
+        values = json.load(f)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path!r} does not hold a JSON object.")
+    return values
+
+
+def write_config_file(directory: str, values: Mapping[str, Any]) -> str:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, CONFIG_NAME)
+    # allow_nan: diffusers itself writes -Infinity for lambda_min_clipped and reads it back.
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(dict(values), f, indent=2, sort_keys=True, allow_nan=True)
+        f.write("\n")
+    return path

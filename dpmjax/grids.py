@@ -1,0 +1,224 @@
+"""Inference grids: the discrete timesteps and noise levels a schedule visits, on the host.
+
+A grid is a pair ``(timesteps, sigmas)``: ``timesteps[i]`` is the model's conditioning at step ``i``
+and the step moves the sample from noise level ``sigmas[i]`` to ``sigmas[i + 1]`` (diffusers'
+convention, sigma = noise-to-signal ratio; for flow grids, sigma = t of ``x_t = (1-t) x_0 + t eps``).
+The forward (sampling) grid runs from high to low noise, the inverse grid from low to high.
+
+Both reproduce diffusers' ``set_timesteps`` value for value, including its quirks, except where
+diffusers is wrong (flow sigmas under inversion run in the forward order there: upstream PR #12262).
+Steps of zero length that some grids end with (Karras, exponential and beta grids under inversion)
+are kept, so that the sigmas are diffusers' own; the solver treats such a step exactly (identity).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from .config import SchedulerConfig
+from .noise_schedule import TrainingSchedule
+
+
+class Grid(NamedTuple):
+    timesteps: np.ndarray  # int64, length N
+    sigmas: np.ndarray  # float32, length >= N + 1 (diffusers keeps extra ones when it dedupes timesteps)
+
+
+# ----------------------------------------------------------------------------- sigma <-> timestep
+def sigma_to_timestep(sigma: float, log_sigmas: np.ndarray) -> float:
+    """Fractional training timestep whose sigma is ``sigma``: linear interpolation in log-sigma."""
+    log_sigma = np.log(np.maximum(np.float64(sigma), 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return float(((1 - w) * low_idx + w * high_idx).reshape(()))
+
+
+def _timesteps_of(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    return np.array([sigma_to_timestep(s, log_sigmas) for s in sigmas])
+
+
+# ----------------------------------------------------------------------------- sigma sequences
+def karras_sigmas(sigma_first: float, sigma_last: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022 (EDM), Eq. 5: uniform in ``sigma^(1/rho)`` from ``sigma_first`` to ``sigma_last``."""
+    ramp = np.linspace(0, 1, n)
+    a, b = sigma_first ** (1 / rho), sigma_last ** (1 / rho)
+    return (a + ramp * (b - a)) ** rho
+
+
+def exponential_sigmas(sigma_first: float, sigma_last: float, n: int) -> np.ndarray:
+    """Uniform in ``log sigma`` (geometric sequence)."""
+    return np.exp(np.linspace(math.log(sigma_first), math.log(sigma_last), n))
+
+
+def beta_sigmas(sigma_first: float, sigma_last: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """Lee et al. 2024, "Beta Sampling is All You Need": sigmas at Beta(0.6, 0.6) quantiles."""
+    import scipy.stats  # only this grid needs scipy
+
+    ppf = [scipy.stats.beta.ppf(u, alpha, beta) for u in 1 - np.linspace(0, 1, n)]
+    return np.array([sigma_last + p * (sigma_first - sigma_last) for p in ppf])
+
+
+def lu_lambdas(lambda_first: float, lambda_last: float, n: int) -> np.ndarray:
+    """Lu et al. 2022 (DPM-Solver), Sec. 3.3: ``n`` points uniform in log-SNR (here in ``log sigma``)."""
+    return lambda_first + np.linspace(0, 1, n) * (lambda_last - lambda_first)
+
+
+def flow_sigmas_descending(num_train_timesteps: int, n: int, shift: float) -> np.ndarray:
+    """The ``n`` non-zero noise levels of a shifted flow-matching grid, noisiest first.
+
+    ``t -> shift * t / (1 + (shift - 1) t)`` (Esser et al. 2024, SD3, Eq. 23) applied to
+    ``n + 1`` points uniform in ``[0, 1 - 1/T]``; the zero is dropped.
+    """
+    raw = 1.0 - np.linspace(1, 1 / num_train_timesteps, n + 1)
+    return np.flip(shift * raw / (1 + (shift - 1) * raw))[:-1].copy()
+
+
+# ----------------------------------------------------------------------------- helpers
+def _clipped_index(train: TrainingSchedule, lambda_min_clipped: float) -> int:
+    """How many of the noisiest training steps have log-SNR below ``lambda_min_clipped``."""
+    return int(np.searchsorted(np.flip(train.lambda_t), np.float32(lambda_min_clipped), side="left"))
+
+
+def _check_steps(num_inference_steps: int, config: SchedulerConfig) -> None:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}.")
+    if not 1 <= num_inference_steps <= config.num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps must lie in [1, num_train_timesteps={config.num_train_timesteps}], "
+            f"got {num_inference_steps}."
+        )
+
+
+def _leading_ratio(span: int, n: int, config: SchedulerConfig) -> int:
+    ratio = span // (n + 1)
+    if ratio < 1:
+        raise ValueError(
+            f"num_inference_steps={n} is too large for timestep_spacing='leading' over {span} training "
+            f"timesteps: at most {span - 1} steps (more would repeat timestep 0)."
+        )
+    return ratio
+
+
+# ----------------------------------------------------------------------------- forward grid
+def forward_grid(
+    config: SchedulerConfig,
+    train: TrainingSchedule,
+    num_inference_steps: Optional[int] = None,
+    timesteps: Optional[Sequence[int]] = None,
+    flow_shift: Optional[float] = None,
+) -> Grid:
+    """diffusers' ``DPMSolverMultistepScheduler.set_timesteps``: noisiest first, ending at
+    ``final_sigmas_type`` (zero, or the smallest training sigma)."""
+    T = config.num_train_timesteps
+    shift = config.flow_shift if flow_shift is None else flow_shift
+    if (num_inference_steps is None) == (timesteps is None):
+        raise ValueError("pass exactly one of num_inference_steps and timesteps.")
+    if timesteps is not None:
+        for option in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"):
+            if getattr(config, option):
+                raise ValueError(f"custom timesteps cannot be combined with {option}=True.")
+        ts = np.asarray(timesteps)
+        if ts.ndim != 1 or ts.size < 1 or not np.all(ts == np.round(ts)):
+            raise ValueError("timesteps must be a non-empty 1-D sequence of integers.")
+        ts = ts.astype(np.int64)
+        if ts.min() < 0 or ts.max() > T - 1 or np.any(np.diff(ts) >= 0):
+            raise ValueError(f"timesteps must be strictly decreasing integers in [0, {T - 1}], got {ts.tolist()}.")
+        n = len(ts)
+    else:
+        _check_steps(num_inference_steps, config)
+        n = int(num_inference_steps)
+        last = T - _clipped_index(train, config.lambda_min_clipped)
+        if config.timestep_spacing == "linspace":
+            ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+        elif config.timestep_spacing == "leading":
+            ratio = _leading_ratio(last, n, config)
+            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
+            ts += config.steps_offset
+        else:  # trailing
+            ts = np.arange(last, 0, -T / n).round().copy().astype(np.int64) - 1
+
+    sigmas = train.sigmas
+    log_sigmas = np.log(sigmas)
+    round_ts = config.beta_schedule != "squaredcos_cap_v2"
+    if config.use_karras_sigmas:
+        s = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), n)
+        ts = _timesteps_of(s, log_sigmas)
+        ts = ts.round() if round_ts else ts
+    elif config.use_lu_lambdas:
+        s = np.exp(lu_lambdas(log_sigmas[-1].item(), log_sigmas[0].item(), n))
+        ts = _timesteps_of(s, log_sigmas)
+        ts = ts.round() if round_ts else ts
+    elif config.use_exponential_sigmas:
+        s = exponential_sigmas(sigmas[-1].item(), sigmas[0].item(), n)
+        ts = _timesteps_of(s, log_sigmas)
+    elif config.use_beta_sigmas:
+        s = beta_sigmas(sigmas[-1].item(), sigmas[0].item(), n)
+        ts = _timesteps_of(s, log_sigmas)
+    elif config.use_flow_sigmas:
+        s = flow_sigmas_descending(T, n, shift)
+        ts = s * T
+    else:
+        s = np.interp(ts, np.arange(0, len(sigmas)), sigmas)
+    final = sigmas[0] if config.final_sigmas_type == "sigma_min" else 0.0
+    sig = np.concatenate([s, [final]]).astype(np.float32)
+    return Grid(np.asarray(ts).astype(np.int64), sig)
+
+
+# ----------------------------------------------------------------------------- inverse grid
+def inverse_grid(config: SchedulerConfig, train: TrainingSchedule, num_inference_steps: int) -> Grid:
+    """diffusers' ``DPMSolverMultistepInverseScheduler.set_timesteps``: least noisy first.
+
+    Differences from diffusers: flow sigmas ascend (diffusers uses the forward order, PR #12262),
+    and ``use_lu_lambdas`` (not offered by diffusers' inverse) gives N steps uniform in log-SNR from
+    the least noisy training step to the noisiest one ``lambda_min_clipped`` allows.
+    """
+    _check_steps(num_inference_steps, config)
+    T, n = config.num_train_timesteps, int(num_inference_steps)
+    noisiest = T - 1 - _clipped_index(train, config.lambda_min_clipped)
+    if config.timestep_spacing == "linspace":
+        ts = np.linspace(0, noisiest, n + 1).round()[:-1].copy().astype(np.int64)
+    elif config.timestep_spacing == "leading":
+        ratio = _leading_ratio(noisiest + 1, n, config)
+        ts = (np.arange(0, n + 1) * ratio).round()[:-1].copy().astype(np.int64)
+        ts += config.steps_offset
+    else:  # trailing
+        ts = np.arange(noisiest + 1, 0, -T / n).round()[::-1].copy().astype(np.int64) - 1
+
+    sigmas = train.sigmas
+    log_sigmas = np.log(sigmas)
+    duplicate_last = True
+    if config.use_karras_sigmas:
+        s = karras_sigmas(sigmas[0].item(), sigmas[-1].item(), n)
+        ts = _timesteps_of(s, log_sigmas).round()
+    elif config.use_exponential_sigmas:
+        s = exponential_sigmas(sigmas[0].item(), sigmas[-1].item(), n)
+        ts = _timesteps_of(s, log_sigmas)
+    elif config.use_beta_sigmas:
+        s = beta_sigmas(sigmas[0].item(), sigmas[-1].item(), n)
+        ts = _timesteps_of(s, log_sigmas)
+    elif config.use_flow_sigmas:
+        s = np.flip(flow_sigmas_descending(T, n, config.flow_shift)).copy()
+        ts = s * T
+    elif config.use_lu_lambdas:
+        s = np.exp(lu_lambdas(log_sigmas[0].item(), log_sigmas[noisiest].item(), n + 1))
+        ts = _timesteps_of(s[:-1], log_sigmas)
+        ts = ts.round() if config.beta_schedule != "squaredcos_cap_v2" else ts
+        duplicate_last = False
+    else:
+        s = np.interp(ts, np.arange(0, len(sigmas)), sigmas)
+        s = np.concatenate([s, [sigmas[noisiest]]])
+        duplicate_last = False
+    if duplicate_last:
+        s = np.concatenate([s, s[-1:]])
+    sig = s.astype(np.float32)
+    ts = np.asarray(ts).astype(np.int64)
+    # Several noise levels can round to one timestep (e.g. num_inference_steps == num_train_timesteps);
+    # diffusers keeps the first of each and leaves the sigmas as they are.
+    _, first = np.unique(ts, return_index=True)
+    return Grid(ts[np.sort(first)], sig)

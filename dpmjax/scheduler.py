@@ -1,0 +1,324 @@
+"""The two schedulers: static config + pure functions over a :class:`SchedulerState`.
+
+``DPMSolverMultistepScheduler`` samples (noise -> data); ``DPMSolverMultistepInverseScheduler``
+inverts (data -> noise) on the mirrored grid. Both are call-compatible with diffusers <= 0.39's
+``FlaxDPMSolverMultistepScheduler``::
+
+    sched = DPMSolverMultistepInverseScheduler.from_pretrained("model_dir", subfolder="scheduler")
+    state = sched.set_timesteps(sched.create_state(), num_inference_steps=50, shape=latents.shape)
+
+    def body(carry, t):
+        x, state = carry
+        x, state = sched.step(state, model(x, t), t, x, return_dict=False)
+        return (x, state), x
+
+    (noise, state), path = jax.lax.scan(body, (latents, state), state.timesteps)
+
+A scheduler object holds only its frozen config; it is hashable and compares by config, so it can
+be closed over or passed as a static argument. All arrays live in the state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import solver
+from .coefficients import step_tables
+from .config import SchedulerConfig, read_config_file, write_config_file
+from .grids import forward_grid, inverse_grid
+from .noise_schedule import alpha_sigma_from_sigma, training_schedule
+from .state import SchedulerState
+
+Array = jax.Array
+
+__version__ = "0.1.0"
+
+
+@flax.struct.dataclass
+class SchedulerOutput:
+    """Result of ``step``: the new sample and the new state (also iterable as a pair)."""
+
+    prev_sample: Array
+    state: SchedulerState
+
+    def to_tuple(self):
+        return (self.prev_sample, self.state)
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+
+class _DPMSolverMultistepBase:
+    """Shared implementation; subclasses fix the direction of the grid."""
+
+    forward: bool = True
+    order = 1  # diffusers' attribute: model evaluations per step
+
+    # ------------------------------------------------------------------ construction and configs
+    def __init__(self, config: Optional[SchedulerConfig] = None, **kwargs: Any):
+        if config is not None and kwargs:
+            raise ValueError("pass either a SchedulerConfig or keyword parameters, not both.")
+        if config is None:
+            unknown = sorted(k for k in kwargs if k not in SchedulerConfig.field_names())
+            if unknown:
+                raise ValueError(
+                    f"unknown scheduler parameter(s) {', '.join(unknown)}; known parameters: "
+                    f"{', '.join(SchedulerConfig.field_names())}."
+                )
+            config = SchedulerConfig(**kwargs)
+        elif not isinstance(config, SchedulerConfig):
+            raise ValueError(f"config must be a SchedulerConfig, got {type(config).__name__}; use from_config for dicts.")
+        self._validate(config)
+        self._config = config
+
+    def _validate(self, config: SchedulerConfig) -> None:
+        if self.forward:
+            if config.final_sigmas_type == "zero" and not config.predicts_data:
+                raise ValueError(
+                    f"final_sigmas_type='zero' is not supported for algorithm_type={config.algorithm_type!r} "
+                    "(the noise-prediction update is undefined at zero noise); use final_sigmas_type='sigma_min'."
+                )
+        elif config.is_sde:
+            raise ValueError(
+                f"algorithm_type={config.algorithm_type!r} cannot run in the inverse scheduler: its noise term "
+                "sqrt(1 - e^{-2h}) has no real value when the noise level rises (diffusers returns NaN, issue "
+                "#10748). Use 'dpmsolver++' or 'dpmsolver' to invert, or dpmjax's trajectory API to invert a "
+                "stochastic sampler with known noises."
+            )
+
+    @property
+    def config(self) -> SchedulerConfig:
+        return self._config
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self._config == other._config
+
+    def __hash__(self):
+        return hash((type(self), self._config))
+
+    def __repr__(self):
+        changed = {k: v for k, v in self._config.to_dict().items() if v != SchedulerConfig.__dataclass_fields__[k].default}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+    @classmethod
+    def from_config(cls, config: Union[SchedulerConfig, Mapping[str, Any], None] = None, **overrides: Any):
+        """Build from a config dict (diffusers' ``scheduler.config`` or a JSON's contents), another
+        scheduler's config, or a :class:`SchedulerConfig`; unknown keys are ignored, ``overrides`` win."""
+        if config is None:
+            values = {}
+        elif isinstance(config, SchedulerConfig):
+            values = config.to_dict()
+        elif hasattr(config, "config") and not isinstance(config, Mapping):  # a scheduler object
+            inner = config.config
+            values = inner.to_dict() if isinstance(inner, SchedulerConfig) else dict(inner)
+        else:
+            values = dict(config)
+        return cls(SchedulerConfig.from_dict(values, **overrides))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], subfolder: Optional[str] = None, **overrides: Any):
+        """Load ``scheduler_config.json`` from a local folder (or the file itself); nothing is downloaded."""
+        return cls.from_config(read_config_file(pretrained_model_name_or_path, subfolder), **overrides)
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> str:
+        """Write diffusers' ``scheduler_config.json`` (with ``_class_name``) into ``save_directory``."""
+        values = {"_class_name": type(self).__name__, "_dpmjax_version": __version__}
+        values.update(self._config.to_dict())
+        return write_config_file(os.fspath(save_directory), values)
+
+    # ------------------------------------------------------------------ state
+    def create_state(self) -> SchedulerState:
+        """The state before ``set_timesteps``: training tables and the full training grid."""
+        train = training_schedule(self._config)
+        T = self._config.num_train_timesteps
+        timesteps = np.arange(T)[::-1] if self.forward else np.arange(T)
+        return SchedulerState(
+            alphas_cumprod=jnp.asarray(train.alphas_cumprod),
+            alpha_t=jnp.asarray(train.alpha_t),
+            sigma_t=jnp.asarray(train.sigma_t),
+            lambda_t=jnp.asarray(train.lambda_t),
+            init_noise_sigma=jnp.asarray(1.0, jnp.float32),
+            timesteps=jnp.asarray(timesteps.copy(), jnp.int32),
+            sigmas=jnp.asarray(train.sigmas),
+        )
+
+    def _grid(self, num_inference_steps, timesteps, mu):
+        train = training_schedule(self._config)
+        if self.forward:
+            shift = None
+            if mu is not None:
+                if not self._config.use_dynamic_shifting:
+                    raise ValueError("mu is only used with use_dynamic_shifting=True.")
+                shift = float(math.exp(mu))
+            return forward_grid(self._config, train, num_inference_steps, timesteps, shift)
+        if timesteps is not None or mu is not None:
+            raise ValueError("the inverse scheduler takes neither custom timesteps nor mu; pass num_inference_steps.")
+        if num_inference_steps is None:
+            raise ValueError("num_inference_steps is required.")
+        return inverse_grid(self._config, train, num_inference_steps)
+
+    def set_timesteps(
+        self,
+        state: SchedulerState,
+        num_inference_steps: Optional[int] = None,
+        shape: Sequence[int] = None,
+        dtype=jnp.float32,
+        *,
+        timesteps: Optional[Sequence[int]] = None,
+        mu: Optional[float] = None,
+    ) -> SchedulerState:
+        """A state ready to step ``num_inference_steps`` steps over samples of ``shape``.
+
+        Computes the grid (diffusers' timesteps and sigmas) and, in float64 on the host, every
+        coefficient of every step; ``dtype`` is that of the model-output history.
+        ``timesteps`` (custom descending timesteps) and ``mu`` (dynamic flow shift, ``flow_shift =
+        e^mu``) are for the forward scheduler, as in diffusers.
+        """
+        if not isinstance(state, SchedulerState):
+            raise ValueError(
+                "set_timesteps takes the state first: state = scheduler.set_timesteps(state, num_inference_steps, shape)."
+            )
+        if shape is None:
+            raise ValueError("shape (the sample's shape) is required: the model-output history is allocated for it.")
+        try:
+            shape = tuple(int(d) for d in shape)
+        except TypeError:
+            raise ValueError(f"shape must be a sequence of integers, got {shape!r}.") from None
+        if any(d < 0 for d in shape):
+            raise ValueError(f"shape must not have negative sizes, got {shape}.")
+        if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype!r}.")
+        grid = self._grid(num_inference_steps, timesteps, mu)
+        n = len(grid.timesteps)
+        tables = step_tables(self._config, grid.sigmas.astype(np.float64), n, self.forward)
+        K = self._config.solver_order
+        return state.replace(
+            timesteps=jnp.asarray(grid.timesteps, jnp.int32),
+            sigmas=jnp.asarray(grid.sigmas),
+            step_alpha=jnp.asarray(tables.alpha),
+            step_sigma=jnp.asarray(tables.sigma),
+            convert_coefficients=jnp.asarray(tables.convert),
+            update_coefficients=jnp.asarray(tables.update),
+            order_cap=jnp.asarray(tables.order_cap, jnp.int32),
+            model_outputs=jnp.zeros((K,) + shape, dtype),
+            lower_order_nums=jnp.asarray(0, jnp.int32),
+            step_index=jnp.asarray(-1, jnp.int32),
+        )
+
+    def set_begin_index(self, state: SchedulerState, begin_index: int = 0) -> SchedulerState:
+        """Start at step ``begin_index`` without looking the first timestep up (diffusers' ``set_begin_index``)."""
+        solver.require_timesteps(state)
+        n = state.timesteps.shape[0]
+        known = solver.concrete_int(begin_index)
+        if known is not None and not 0 <= known < n:
+            raise ValueError(f"begin_index must lie in [0, {n - 1}], got {known}.")
+        return state.replace(step_index=jnp.asarray(begin_index, jnp.int32))
+
+    # ------------------------------------------------------------------ stepping
+    def step(
+        self,
+        state: SchedulerState,
+        model_output: Array,
+        timestep,
+        sample: Array,
+        key: Optional[Array] = None,
+        variance_noise: Optional[Array] = None,
+        return_dict: bool = True,
+    ):
+        """One step; returns ``SchedulerOutput(prev_sample, state)`` or, with ``return_dict=False``,
+        the pair ``(prev_sample, state)``. SDE types need ``key`` or ``variance_noise``."""
+        prev_sample, new_state = solver.step(self._config, state, model_output, timestep, sample, key, variance_noise)
+        if not return_dict:
+            return prev_sample, new_state
+        return SchedulerOutput(prev_sample=prev_sample, state=new_state)
+
+    def scale_model_input(self, state: SchedulerState, sample: Array, timestep=None) -> Array:
+        """Identity: DPM-Solver needs no input scaling (kept for interchangeability)."""
+        return sample
+
+    def add_noise(self, state: SchedulerState, original_samples: Array, noise: Array, timesteps) -> Array:
+        """``alpha_t x0 + sigma_t eps`` at the grid noise level of each timestep (leading axis = batch)."""
+        timesteps = jnp.atleast_1d(jnp.asarray(timesteps))
+        index = jax.vmap(lambda t: solver.locate_step(state.timesteps, t))(timesteps)
+        cdt = solver.compute_dtype(original_samples)
+        sigma = state.sigmas[index].astype(cdt)
+        if self._config.use_flow_sigmas:
+            alpha, sigma_t = 1.0 - sigma, sigma
+        else:
+            alpha = jax.lax.rsqrt(sigma**2 + 1.0)
+            sigma_t = sigma * alpha
+        expand = (-1,) + (1,) * (original_samples.ndim - 1)
+        noisy = alpha.reshape(expand) * original_samples.astype(cdt) + sigma_t.reshape(expand) * noise.astype(cdt)
+        return noisy.astype(original_samples.dtype)
+
+    # ------------------------------------------------------------------ the seed's building blocks
+    def _index_of(self, state: SchedulerState) -> Array:
+        solver.require_timesteps(state)
+        known = solver.concrete_int(state.step_index)
+        if known is not None and known < 0:
+            raise ValueError("the state has no step index yet: take a step, or call set_begin_index(state, index) first.")
+        return jnp.minimum(state.step_index, state.timesteps.shape[0] - 1)
+
+    def convert_model_output(self, state: SchedulerState, model_output: Array, sample: Array) -> Array:
+        """Model output -> data prediction x0 (DPM-Solver++) or noise prediction (DPM-Solver) at the
+        state's current step, thresholded if configured."""
+        model_output = solver.mean_of_model_output(self._config, model_output, sample)
+        return solver.convert_model_output(self._config, state, self._index_of(state), model_output, sample).astype(sample.dtype)
+
+    def _noise_for(self, noise):
+        if self._config.is_sde and noise is None:
+            raise ValueError(f"algorithm_type={self._config.algorithm_type!r} is stochastic: pass noise.")
+        return noise if self._config.is_sde else None
+
+    def dpm_solver_first_order_update(self, state: SchedulerState, model_output: Array, sample: Array, noise: Optional[Array] = None) -> Array:
+        """First-order step (DDIM) from a converted model output, at the state's current step."""
+        self._index_of(state)
+        return solver.order_k_update(state, 1, [model_output], sample, self._noise_for(noise))
+
+    def multistep_dpm_solver_second_order_update(self, state: SchedulerState, model_output_list: Sequence[Array], sample: Array, noise: Optional[Array] = None) -> Array:
+        """Second-order multistep step; ``model_output_list`` is oldest first (diffusers' order)."""
+        self._index_of(state)
+        return solver.order_k_update(state, 2, list(model_output_list)[::-1], sample, self._noise_for(noise))
+
+    def multistep_dpm_solver_third_order_update(self, state: SchedulerState, model_output_list: Sequence[Array], sample: Array, noise: Optional[Array] = None) -> Array:
+        """Third-order multistep step; ``model_output_list`` is oldest first (diffusers' order)."""
+        self._index_of(state)
+        return solver.order_k_update(state, 3, list(model_output_list)[::-1], sample, self._noise_for(noise))
+
+    def __len__(self):
+        return self._config.num_train_timesteps
+
+
+class DPMSolverMultistepScheduler(_DPMSolverMultistepBase):
+    """DPM-Solver / DPM-Solver++ multistep sampler (Lu et al. 2022, arXiv:2206.00927, 2211.01095).
+
+    Integrates the diffusion ODE (or SDE) from high to low noise with the exponential integrator
+    ``x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} e^{lambda} x0(x_lambda) d lambda``
+    (DPM-Solver++ form), approximating ``x0`` by a polynomial through the last ``solver_order``
+    model outputs. Numerically diffusers' ``DPMSolverMultistepScheduler``.
+    """
+
+    forward = True
+
+
+class DPMSolverMultistepInverseScheduler(_DPMSolverMultistepBase):
+    """The inverse of :class:`DPMSolverMultistepScheduler`: the same updates from low to high noise.
+
+    DDIM-style inversion (Mokady et al. 2023, Null-text Inversion; Couairon et al. 2023, DiffEdit)
+    generalised to multistep DPM-Solver. Numerically diffusers' ``DPMSolverMultistepInverseScheduler``,
+    except where diffusers fails (see the README's "Differences from diffusers").
+    """
+
+    forward = False
+
+
+def alpha_sigma(config: SchedulerConfig, sigmas) -> tuple:
+    """Host-side VP (or flow) pair of diffusers sigmas, for analysis and tests."""
+    return alpha_sigma_from_sigma(np.asarray(sigmas), flow=config.use_flow_sigmas)

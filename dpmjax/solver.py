@@ -1,0 +1,228 @@
+"""The device-side step: pure functions of (static config, state pytree, arrays).
+
+Nothing here branches in Python on a traced value; Python ``if`` only reads the static config and
+static shapes. The step is
+
+    m_i   = convert(model_output)                  (linear: a_i x + b_i model_output; then thresholding)
+    x_i+1 = c_x x_i + sum_k c_k m_{i-k} + c_z z    (one row of the precomputed update table)
+
+so its cost is one small gather and a handful of fused multiply-adds over the sample.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .config import SchedulerConfig
+from .state import SchedulerState
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------- static checks
+def require_timesteps(state: SchedulerState) -> None:
+    if state.update_coefficients is None:
+        raise ValueError("the state has no inference grid: call set_timesteps(state, num_inference_steps, shape) first.")
+
+
+def concrete_int(value) -> Optional[int]:
+    """``int(value)`` when it is known now, ``None`` when it is traced."""
+    try:
+        return int(value)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        return None
+
+
+def _floating(name: str, x: Array) -> None:
+    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.asarray(x).dtype}.")
+
+
+def compute_dtype(sample: Array):
+    """float32 arithmetic for bf16/fp16/fp32 samples; float64 for float64 samples (``jax_enable_x64``)."""
+    return jnp.promote_types(sample.dtype, jnp.float32)
+
+
+def mean_of_model_output(config: SchedulerConfig, model_output: Array, sample: Array) -> Array:
+    """The part of the model output the solver uses, checked against the sample's shape.
+
+    With a learned variance (``variance_type`` set) the model output carries twice the sample's
+    channels on ``config.channel_axis``; the first half is the mean prediction.
+    """
+    _floating("model_output", model_output)
+    _floating("sample", sample)
+    if config.variance_type is not None:
+        axis = config.channel_axis % max(sample.ndim, 1) if sample.ndim else 0
+        expected = list(sample.shape)
+        if sample.ndim:
+            expected[axis] *= 2
+        if tuple(model_output.shape) != tuple(expected):
+            raise ValueError(
+                f"variance_type={config.variance_type!r}: model_output must have twice the sample's channels on "
+                f"channel_axis={config.channel_axis}, i.e. shape {tuple(expected)}; got {tuple(model_output.shape)}."
+            )
+        return lax.slice_in_dim(model_output, 0, sample.shape[axis], axis=axis)
+    if model_output.shape != sample.shape:
+        raise ValueError(f"model_output shape {tuple(model_output.shape)} differs from sample shape {tuple(sample.shape)}.")
+    return model_output
+
+
+# ----------------------------------------------------------------------------- step location
+def locate_step(timesteps: Array, timestep) -> Array:
+    """diffusers' ``index_for_timestep``: the position of ``timestep`` in the schedule.
+
+    The second match when it occurs twice (so that a schedule entered mid-way never skips a noise
+    level), the last step when it does not occur at all.
+    """
+    match = timesteps == jnp.asarray(timestep)
+    n = timesteps.shape[0]
+    positions = jnp.arange(n)
+    first = jnp.argmax(match)
+    second = jnp.argmax(match & (positions > first))
+    count = jnp.sum(match)
+    return jnp.where(count == 0, n - 1, jnp.where(count > 1, second, first)).astype(jnp.int32)
+
+
+def current_step_index(state: SchedulerState, timestep) -> Array:
+    """The index of the step about to be taken: the state's counter, or on the first step the
+    position of ``timestep`` in the schedule."""
+    n = state.timesteps.shape[0]
+    known = concrete_int(state.step_index)
+    if known is not None and known >= n:
+        raise ValueError(
+            f"step past the end of the schedule: all {n} steps of this state were taken "
+            "(call set_timesteps again to start a new trajectory)."
+        )
+    if known is not None and known >= 0:
+        return state.step_index
+    return jnp.where(state.step_index < 0, locate_step(state.timesteps, timestep), state.step_index)
+
+
+# ----------------------------------------------------------------------------- model output conversion
+def dynamic_threshold(x0: Array, ratio: float, max_value: float) -> Array:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, arXiv:2205.11487, Sec. 2.3).
+
+    Per sample (axis 0 is the batch), ``s = clip(quantile(|x0|, ratio), 1, max_value)`` and
+    ``x0 <- clip(x0, -s, s) / s``; with ``s = 1`` this is plain clipping to [-1, 1].
+    """
+    dtype = x0.dtype
+    flat = x0.reshape(x0.shape[0], -1).astype(jnp.promote_types(dtype, jnp.float32))
+    s = jnp.quantile(jnp.abs(flat), ratio, axis=1)
+    s = jnp.clip(s, 1.0, max_value)[:, None]
+    return (jnp.clip(flat, -s, s) / s).reshape(x0.shape).astype(dtype)
+
+
+def convert_model_output(config: SchedulerConfig, state: SchedulerState, index: Array, model_output: Array, sample: Array) -> Array:
+    """The quantity the solver integrates, at step ``index``: the data prediction x0 (DPM-Solver++)
+    or the noise prediction eps (DPM-Solver), thresholded if ``config.thresholding``."""
+    cdt = compute_dtype(sample)
+    x, out = sample.astype(cdt), model_output.astype(cdt)
+    identity = (config.predicts_data and config.prediction_type == "sample") or (
+        not config.predicts_data and config.prediction_type == "epsilon"
+    )
+    if identity:
+        converted = out
+    else:
+        a, b = state.convert_coefficients[index].astype(cdt)
+        converted = a * x + b * out
+    if config.thresholding:
+        ratio, max_value = config.dynamic_thresholding_ratio, config.sample_max_value
+        if config.predicts_data:
+            converted = dynamic_threshold(converted, ratio, max_value)
+        else:
+            alpha, sigma = state.step_alpha[index].astype(cdt), state.step_sigma[index].astype(cdt)
+            x0 = dynamic_threshold((x - sigma * converted) / alpha, ratio, max_value)
+            converted = (x - alpha * x0) / sigma
+    return converted
+
+
+# ----------------------------------------------------------------------------- the linear update
+def linear_update(row: Array, sample: Array, outputs_newest_first: Sequence[Array], noise: Optional[Array]) -> Array:
+    """``c_x x + sum_k c_k m_k + c_z z`` for one coefficient row ``(c_x, c_0, .., c_{K-1}, c_z)``."""
+    K = row.shape[0] - 2
+    result = row[0] * sample
+    for k, m in enumerate(outputs_newest_first[:K]):
+        result = result + row[1 + k] * m
+    if noise is not None:
+        result = result + row[K + 1] * noise
+    return result
+
+
+def step_noise(config: SchedulerConfig, sample: Array, key: Optional[Array], variance_noise: Optional[Array], cdt) -> Optional[Array]:
+    """The Gaussian noise of an SDE step (``variance_noise`` if given, else drawn from ``key``)."""
+    if not config.is_sde:
+        return None
+    if variance_noise is not None:
+        if tuple(variance_noise.shape) != tuple(sample.shape):
+            raise ValueError(
+                f"variance_noise shape {tuple(variance_noise.shape)} differs from sample shape {tuple(sample.shape)}."
+            )
+        return variance_noise.astype(cdt)
+    if key is None:
+        raise ValueError(
+            f"algorithm_type={config.algorithm_type!r} is stochastic: pass key (a jax.random key) or variance_noise to step."
+        )
+    return jax.random.normal(key, sample.shape, cdt)
+
+
+def step(
+    config: SchedulerConfig,
+    state: SchedulerState,
+    model_output: Array,
+    timestep,
+    sample: Array,
+    key: Optional[Array] = None,
+    variance_noise: Optional[Array] = None,
+):
+    """One multistep DPM-Solver step: ``(prev_sample, new_state)``.
+
+    Pure and traceable: ``state`` and ``timestep`` may be traced (inside ``jit``/``scan``). The order
+    used is ``min(solver_order, steps taken + 1, order_cap[i])`` (warm-up and lower-order final
+    steps, as in diffusers). The sample keeps its dtype; the arithmetic runs in float32 or wider.
+    """
+    require_timesteps(state)
+    model_output = mean_of_model_output(config, model_output, sample)
+    history = state.model_outputs
+    if tuple(history.shape[1:]) != tuple(sample.shape):
+        raise ValueError(
+            f"sample shape {tuple(sample.shape)} differs from the shape given to set_timesteps {tuple(history.shape[1:])}."
+        )
+    cdt = compute_dtype(sample)
+    index = current_step_index(state, timestep)
+    n = state.timesteps.shape[0]
+    K = history.shape[0]
+    in_schedule = jnp.minimum(index, n - 1)
+    x = sample.astype(cdt)
+    m0 = convert_model_output(config, state, in_schedule, model_output, x)
+    history = lax.dynamic_update_index_in_dim(history, m0.astype(history.dtype), index % K, 0)
+    previous = [lax.dynamic_index_in_dim(history, (index - k) % K, 0, keepdims=False).astype(cdt) for k in range(1, K)]
+    order = jnp.minimum(jnp.minimum(state.lower_order_nums + 1, K), state.order_cap[in_schedule])
+    row = state.update_coefficients[index, order - 1].astype(cdt)
+    noise = step_noise(config, x, key, variance_noise, cdt)
+    prev_sample = linear_update(row, x, [m0] + previous, noise)
+    new_state = state.replace(
+        model_outputs=history,
+        lower_order_nums=jnp.minimum(state.lower_order_nums + 1, K).astype(jnp.int32),
+        step_index=(index + 1).astype(jnp.int32),
+    )
+    return prev_sample.astype(sample.dtype), new_state
+
+
+def order_k_update(state: SchedulerState, order: int, outputs_newest_first: Sequence[Array], sample: Array, noise: Optional[Array]) -> Array:
+    """The order-``order`` update at ``state.step_index`` from already converted model outputs."""
+    require_timesteps(state)
+    index = concrete_int(state.step_index)
+    if index is not None and index < 0:
+        raise ValueError("the state has no step index yet: take a step, or call set_begin_index(state, index) first.")
+    if not 1 <= order <= state.update_coefficients.shape[1]:
+        raise ValueError(f"order {order} exceeds this scheduler's solver_order={state.update_coefficients.shape[1]}.")
+    if len(outputs_newest_first) < order:
+        raise ValueError(f"an order-{order} update needs {order} model outputs, got {len(outputs_newest_first)}.")
+    cdt = compute_dtype(sample)
+    row = state.update_coefficients[state.step_index, order - 1].astype(cdt)
+    outputs = [m.astype(cdt) for m in outputs_newest_first[:order]]
+    return linear_update(row, sample.astype(cdt), outputs, None if noise is None else noise.astype(cdt)).astype(sample.dtype)

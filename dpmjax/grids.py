@@ -218,6 +218,8 @@ def inverse_grid(config: SchedulerConfig, train: TrainingSchedule, num_inference
         s = np.concatenate([s, s[-1:]])
     sig = s.astype(np.float32)
     ts = np.asarray(ts).astype(np.int64)
+    if config.use_lu_lambdas:  # our own grid: every noise level is a step, even where timesteps repeat
+        return Grid(ts, sig)
     # Several noise levels can round to one timestep (e.g. num_inference_steps == num_train_timesteps);
     # diffusers keeps the first of each and leaves the sigmas as they are.
     _, first = np.unique(ts, return_index=True)

@@ -136,6 +136,10 @@ def update_row(config: SchedulerConfig, lam: np.ndarray, alpha: np.ndarray, sigm
     K = config.solver_order
     row = np.zeros(K + 2)
     h = lam[i + 1] - lam[i]
+    if config.is_sde and -1e-5 < h < 0.0:
+        # Two float32 sigmas one rounding apart (e.g. a Lu grid's last sigma and sigma_min): the SDE
+        # noise term sqrt(1 - e^{-2h}) has no real value for h < 0; the step has zero length in truth.
+        h = 0.0
     if h == 0.0:  # zero-length step: exactly the identity
         row[0] = 1.0
         return row

@@ -33,10 +33,17 @@ def analytic_model(data, prediction_type: str) -> Callable:
     return model
 
 
-def run_grid(scheduler: _DPMSolverMultistepBase, state: SchedulerState, model: Callable, sample: jax.Array, key: Optional[jax.Array] = None):
-    """Step through the whole grid of ``state`` in one ``lax.scan``; the model sees each grid point's
-    exact noise level. Returns ``(final_sample, final_state)``."""
-    n = state.num_inference_steps
+def run_grid(
+    scheduler: _DPMSolverMultistepBase,
+    state: SchedulerState,
+    model: Callable,
+    sample: jax.Array,
+    key: Optional[jax.Array] = None,
+    num_steps: Optional[int] = None,
+):
+    """Take the first ``num_steps`` (default: all) steps of the grid of ``state`` in one ``lax.scan``;
+    the model sees each grid point's exact noise level. Returns ``(final_sample, final_state)``."""
+    n = state.num_inference_steps if num_steps is None else num_steps
     keys = jax.random.split(jax.random.PRNGKey(0) if key is None else key, n)
 
     def body(carry, inputs):

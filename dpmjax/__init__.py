@@ -1,6 +1,7 @@
 """dpmjax: DPM-Solver multistep schedulers (sampling and inversion) as pure JAX functions."""
 
 from .config import SchedulerConfig
+from .flax_compat import FlaxDPMSolverMultistepScheduler, FlaxDPMSolverMultistepSchedulerOutput
 from .scheduler import (
     DPMSolverMultistepInverseScheduler,
     DPMSolverMultistepScheduler,
@@ -12,6 +13,8 @@ from .state import SchedulerState
 __all__ = [
     "DPMSolverMultistepInverseScheduler",
     "DPMSolverMultistepScheduler",
+    "FlaxDPMSolverMultistepScheduler",
+    "FlaxDPMSolverMultistepSchedulerOutput",
     "SchedulerConfig",
     "SchedulerOutput",
     "SchedulerState",

@@ -66,13 +66,7 @@ class _DPMSolverMultistepBase:
         if config is not None and kwargs:
             raise ValueError("pass either a SchedulerConfig or keyword parameters, not both.")
         if config is None:
-            unknown = sorted(k for k in kwargs if k not in SchedulerConfig.field_names())
-            if unknown:
-                raise ValueError(
-                    f"unknown scheduler parameter(s) {', '.join(unknown)}; known parameters: "
-                    f"{', '.join(SchedulerConfig.field_names())}."
-                )
-            config = SchedulerConfig(**kwargs)
+            config = SchedulerConfig.from_dict({}, **kwargs)  # unknown names are a ValueError
         elif not isinstance(config, SchedulerConfig):
             raise ValueError(f"config must be a SchedulerConfig, got {type(config).__name__}; use from_config for dicts.")
         self._validate(config)

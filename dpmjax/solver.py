@@ -75,8 +75,10 @@ def mean_of_model_output(config: SchedulerConfig, model_output: Array, sample: A
 def locate_step(timesteps: Array, timestep) -> Array:
     """diffusers' ``index_for_timestep``: the position of ``timestep`` in the schedule.
 
-    The second match when it occurs twice (so that a schedule entered mid-way never skips a noise
-    level), the last step when it does not occur at all.
+    The second match when it occurs more than once (so that a schedule entered mid-way never skips
+    a noise level), the last step when it does not occur at all. One deliberate difference: the
+    schedule's own first timestep is step 0 even when it repeats (Karras or Lu grids of the cosine
+    schedule start 998, 998, ...), where diffusers skips step 0 and runs off the end (IndexError).
     """
     match = timesteps == jnp.asarray(timestep)
     n = timesteps.shape[0]
@@ -84,7 +86,8 @@ def locate_step(timesteps: Array, timestep) -> Array:
     first = jnp.argmax(match)
     second = jnp.argmax(match & (positions > first))
     count = jnp.sum(match)
-    return jnp.where(count == 0, n - 1, jnp.where(count > 1, second, first)).astype(jnp.int32)
+    index = jnp.where(count == 0, n - 1, jnp.where((count > 1) & (first > 0), second, first))
+    return index.astype(jnp.int32)
 
 
 def current_step_index(state: SchedulerState, timestep) -> Array:

@@ -143,3 +143,21 @@ def test_inverse_scheduler_honours_zero_terminal_snr():
     zsnr = dpmjax.DPMSolverMultistepInverseScheduler(rescale_betas_zero_snr=True).create_state()
     assert float(zsnr.alphas_cumprod[-1]) == 2.0**-24
     assert float(plain.alphas_cumprod[-1]) > 1e-5
+
+
+def test_a_schedule_whose_first_timestep_repeats_starts_at_step_zero():
+    """Karras sigmas on the cosine schedule: timesteps 998, 998, ... . diffusers' lookup takes the
+    second 998 for the first step, so the loop over all timesteps runs off the end."""
+    config = dict(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True)
+    with pytest.raises(IndexError):
+        diffusers_trajectory("forward", config, 15, draw(SHAPE, 6))
+    s = dpmjax.DPMSolverMultistepScheduler(**config)
+    state = s.set_timesteps(s.create_state(), 15, SHAPE)
+    timesteps = np.asarray(state.timesteps)
+    assert timesteps[0] == timesteps[1]
+    x = jnp.asarray(draw(SHAPE, 6))
+    for t in timesteps:
+        x, state = s.step(state, 0.5 * jnp.tanh(x), int(t), x, return_dict=False)
+    assert int(state.step_index) == 15 and bool(jnp.all(jnp.isfinite(x)))
+    by_index = s.set_begin_index(s.set_timesteps(s.create_state(), 15, SHAPE), 0)
+    assert int(s.step(by_index, x, int(timesteps[0]), x).state.step_index) == 1

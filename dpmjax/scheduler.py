@@ -190,18 +190,31 @@ class _DPMSolverMultistepBase:
         if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype!r}.")
         grid = self._grid(num_inference_steps, timesteps, mu)
-        n = len(grid.timesteps)
-        tables = step_tables(self._config, grid.sigmas.astype(np.float64), n, self.forward)
+        return self.state_on_grid(state, grid.timesteps, grid.sigmas, shape, dtype)
+
+    def state_on_grid(self, state: SchedulerState, timesteps, sigmas, shape: Sequence[int], dtype=jnp.float32,
+                      forward: Optional[bool] = None) -> SchedulerState:
+        """A state that steps over an explicit grid: ``timesteps[i]`` is the model's timestep at
+        noise level ``sigmas[i]``, and step ``i`` moves to ``sigmas[i + 1]``. ``forward`` (default:
+        this scheduler's direction) only decides whether a final zero sigma forces a first-order step.
+        ``set_timesteps`` is this with diffusers' grid; trajectories use it for mirrored grids."""
+        timesteps = np.asarray(timesteps)
+        sigmas = np.asarray(sigmas, dtype=np.float32)
+        n = len(timesteps)
+        if n < 1 or sigmas.ndim != 1 or len(sigmas) < n + 1:
+            raise ValueError(f"a grid needs N >= 1 timesteps and at least N + 1 sigmas, got {n} and {sigmas.shape}.")
+        direction = self.forward if forward is None else forward
+        tables = step_tables(self._config, sigmas.astype(np.float64), n, direction)
         K = self._config.solver_order
         return state.replace(
-            timesteps=jnp.asarray(grid.timesteps, jnp.int32),
-            sigmas=jnp.asarray(grid.sigmas),
+            timesteps=jnp.asarray(timesteps, jnp.int32),
+            sigmas=jnp.asarray(sigmas),
             step_alpha=jnp.asarray(tables.alpha),
             step_sigma=jnp.asarray(tables.sigma),
             convert_coefficients=jnp.asarray(tables.convert),
             update_coefficients=jnp.asarray(tables.update),
             order_cap=jnp.asarray(tables.order_cap, jnp.int32),
-            model_outputs=jnp.zeros((K,) + shape, dtype),
+            model_outputs=jnp.zeros((K,) + tuple(shape), dtype),
             lower_order_nums=jnp.asarray(0, jnp.int32),
             step_index=jnp.asarray(-1, jnp.int32),
         )

@@ -9,6 +9,7 @@ from .scheduler import (
     __version__,
 )
 from .state import SchedulerState
+from .trajectory import Trajectory, classifier_free_guidance, invert, sample
 
 __all__ = [
     "DPMSolverMultistepInverseScheduler",
@@ -18,5 +19,9 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerOutput",
     "SchedulerState",
+    "Trajectory",
+    "classifier_free_guidance",
+    "invert",
+    "sample",
     "__version__",
 ]

@@ -13,7 +13,7 @@ coordinate is invariant. :meth:`Gaussian.transport` evaluates it.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -90,3 +90,19 @@ class GaussianMixture(NamedTuple):
         s = jnp.asarray(self.stds)[component]
         x0 = mu + s * jax.random.normal(k_noise, shape)
         return (alpha * x0 + sigma * jax.random.normal(jax.random.fold_in(k_noise, 1), shape)).astype(dtype)
+
+
+def timestep_model(data, config, prediction_type: Optional[str] = None):
+    """``model_fn(x, t)``: the exact model of ``data`` conditioned on an integer training timestep,
+    as a trained network is (noise level from the training table ``alphas_cumprod[t]``)."""
+    from .noise_schedule import training_schedule
+
+    alphas_cumprod = jnp.asarray(training_schedule(config).alphas_cumprod)
+    prediction_type = prediction_type or config.prediction_type
+
+    def model_fn(x, t):
+        abar = alphas_cumprod[jnp.asarray(t, jnp.int32)].astype(x.dtype)
+        alpha, sigma = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+        return model_output_from_denoised(prediction_type, x, data.denoise(x, alpha, sigma), alpha, sigma)
+
+    return model_fn

@@ -1,0 +1,411 @@
+"""Whole trajectories in one ``jax.lax.scan``: sampling, inversion (plain and exact), guidance.
+
+``sample`` runs a forward (sampling) scheduler from noise to data; ``invert`` runs data to noise.
+The model is called inside the compiled loop: ``model_fn(sample, timestep)`` or, with ``cond``,
+``model_fn(sample, timestep, cond)`` (``cond`` is any pytree, passed through unchanged).
+
+Inversion semantics:
+
+* with a ``DPMSolverMultistepInverseScheduler``: its own grid, as diffusers does;
+* with a ``DPMSolverMultistepScheduler`` (a sampler): *that sampler* is inverted, on its noise levels
+  mirrored. Plain inversion evaluates the model at the known end of each step (DDIM inversion
+  generalised to multistep DPM-Solver). A final zero-noise level is entered at the smallest
+  training noise level (timestep 0), where the model can be evaluated.
+* ``exact=True`` (sampler only): each sampler step ``x_{k+1} = F_k(x_k)`` is solved for ``x_k``
+  with a damped Newton-Krylov method (:mod:`dpmjax.newton`), so that sampling the result gives back
+  the input to solver precision (Hong et al. 2024, "On Exact Inversion of DPM-Solvers", CVPR).
+  A multistep update of order p also uses model outputs at the p - 1 *noisier* points, which are
+  not known yet when the step is inverted; they are taken from the previous sweep of the whole
+  trajectory (the first sweep starts from plain inversion), and sweeps repeat, Anderson-accelerated,
+  until that history stops changing (``sweep_tolerance``) or ``max_sweeps`` is reached.
+  A first-order ``sde-dpmsolver++`` sampler is inverted exactly given the noises it used; other
+  stochastic samplers are refused (their inverse amplifies errors too much, see ``invert``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import solver
+from .newton import newton_krylov
+from .noise_schedule import training_schedule
+from .scheduler import DPMSolverMultistepInverseScheduler, DPMSolverMultistepScheduler, _DPMSolverMultistepBase
+from .state import SchedulerState
+
+Array = jax.Array
+ModelFn = Callable[..., Array]
+
+
+@flax.struct.dataclass
+class Trajectory:
+    """Result of :func:`sample` or :func:`invert`.
+
+    sample: the end point. samples: ``[N, *shape]``, the sample after each step (on request).
+    model_outputs: ``[N, ...]``, the raw model output of each step (on request).
+    timesteps: ``[N]``, where the model was evaluated, in the order of the steps taken.
+    sigmas: ``[N + 1]``, the noise levels visited (diffusers' sigma), in order.
+    residuals, iterations: exact inversion only: ``[N]``, the final relative residual
+    ``max|F_k(x_k) - x_{k+1}| / max(1, max|x_{k+1}|)`` and Newton iterations of each step's solve in
+    the last sweep (sampler step order). sweeps: exact inversion only, the sweeps made.
+    """
+
+    sample: Array
+    samples: Optional[Array] = None
+    model_outputs: Optional[Array] = None
+    timesteps: Optional[Array] = None
+    sigmas: Optional[Array] = None
+    residuals: Optional[Array] = None
+    iterations: Optional[Array] = None
+    sweeps: Optional[Array] = None
+
+
+# ----------------------------------------------------------------------------- guidance
+def classifier_free_guidance(model: ModelFn, cond: Any, uncond: Any, guidance_scale: float) -> ModelFn:
+    """A ``model_fn(x, t)`` applying classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598):
+
+        out = u + s (c - u),   u = model(x, t, uncond),  c = model(x, t, cond),
+
+    with one batched model call per step: the batch is doubled along axis 0 and ``uncond``/``cond``
+    (pytrees batched on axis 0, e.g. text embeddings) are concatenated. A scale of exactly 1 calls
+    the model on ``cond`` alone. Build one per direction for separate inversion/sampling scales.
+    """
+    if isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0:
+        return lambda x, t: model(x, t, cond)
+
+    def guided(x, t):
+        both = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
+        out_u, out_c = jnp.split(model(jnp.concatenate([x, x], axis=0), t, both), 2, axis=0)
+        return out_u + guidance_scale * (out_c - out_u)
+
+    return guided
+
+
+# ----------------------------------------------------------------------------- progress
+_PROGRESS_STARTED: dict = {}
+
+
+def _progress_tick(i, total: int, label: str) -> None:
+    i = int(np.max(np.asarray(i)))
+    now = time.perf_counter()
+    if i == 0 or label not in _PROGRESS_STARTED:
+        _PROGRESS_STARTED[label] = now
+    elapsed = now - _PROGRESS_STARTED[label]
+    rate = (i + 1) / elapsed if elapsed > 0 else float("inf")
+    filled = int(30 * (i + 1) / total)
+    sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {i + 1}/{total} ({rate:.1f} steps/s)")
+    if i + 1 == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _report_progress(progress: bool, i: Array, total: int, label: str) -> None:
+    if progress:
+        jax.debug.callback(_progress_tick, i, total, label, ordered=False)
+
+
+# ----------------------------------------------------------------------------- the scan
+def _call(model_fn: ModelFn, x: Array, t: Array, cond: Any) -> Array:
+    return model_fn(x, t) if cond is None else model_fn(x, t, cond)
+
+
+def _scan_steps(scheduler, model_fn, return_samples, return_outputs, checkpoint, unroll, progress, label,
+                state, x, cond, keys, noises):
+    n = state.timesteps.shape[0]
+    state = state.replace(step_index=jnp.asarray(0, jnp.int32))  # start at step 0, whatever the timesteps
+
+    def body(carry, inputs):
+        x, st = carry
+        i, t, key, noise = inputs
+        out = _call(model_fn, x, t, cond)
+        x_new, st = scheduler.step(st, out, t, x, key=key, variance_noise=noise, return_dict=False)
+        _report_progress(progress, i, n, label)
+        return (x_new, st), (x_new if return_samples else None, out if return_outputs else None)
+
+    if checkpoint:
+        body = jax.checkpoint(body)
+    (x, _), (samples, outputs) = lax.scan(body, (x, state), (jnp.arange(n), state.timesteps, keys, noises), unroll=unroll)
+    return x, samples, outputs
+
+
+_STATIC = ("scheduler", "model_fn", "return_samples", "return_outputs", "checkpoint", "unroll", "progress", "label")
+_scan_steps_jit = jax.jit(_scan_steps, static_argnums=tuple(range(len(_STATIC))))
+
+
+def _stochastic_inputs(scheduler, n: int, shape, key, noises):
+    if not scheduler.config.is_sde:
+        return None, None
+    if noises is not None:
+        noises = jnp.asarray(noises)
+        if noises.shape != (n,) + tuple(shape):
+            raise ValueError(f"noises must have shape {(n,) + tuple(shape)} (one per step), got {noises.shape}.")
+        return None, noises
+    if key is None:
+        raise ValueError(f"algorithm_type={scheduler.config.algorithm_type!r} is stochastic: pass key or noises.")
+    return jax.random.split(key, n), None
+
+
+def _check_scheduler(scheduler) -> None:
+    if not isinstance(scheduler, _DPMSolverMultistepBase):
+        raise ValueError(f"scheduler must be a dpmjax scheduler, got {type(scheduler).__name__}.")
+
+
+def _check_steps(unroll) -> None:
+    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+        raise ValueError(f"unroll must be a positive integer, got {unroll!r}.")
+
+
+# ----------------------------------------------------------------------------- sampling
+def sample(
+    model_fn: ModelFn,
+    noise: Array,
+    scheduler: DPMSolverMultistepScheduler,
+    num_inference_steps: int,
+    *,
+    cond: Any = None,
+    key: Optional[Array] = None,
+    noises: Optional[Array] = None,
+    return_samples: bool = False,
+    return_model_outputs: bool = False,
+    checkpoint: bool = False,
+    unroll: int = 1,
+    progress: bool = False,
+) -> Trajectory:
+    """Sample from ``noise`` with a forward scheduler, the whole trajectory in one jitted scan.
+
+    SDE types draw their per-step noise from ``key`` (split per step) or take ``noises``
+    (``[N, *shape]``). ``checkpoint=True`` rematerialises each step in the backward pass, so
+    ``jax.grad`` keeps one sample (and the model-output history) per step instead of every
+    activation of the model. ``unroll`` unrolls the scan by that factor.
+    """
+    _check_scheduler(scheduler)
+    _check_steps(unroll)
+    if not scheduler.forward:
+        raise ValueError("sample needs a forward scheduler (DPMSolverMultistepScheduler); use invert for inversion.")
+    noise = jnp.asarray(noise)
+    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape, solver.compute_dtype(noise))
+    n = state.num_inference_steps
+    keys, noises = _stochastic_inputs(scheduler, n, noise.shape, key, noises)
+    x, samples, outputs = _scan_steps_jit(scheduler, model_fn, return_samples, return_model_outputs, checkpoint,
+                                          unroll, progress, "sample", state, noise, cond, keys, noises)
+    return Trajectory(x, samples, outputs, state.timesteps, state.sigmas[: n + 1])
+
+
+# ----------------------------------------------------------------------------- inversion
+def mirrored_state(scheduler: _DPMSolverMultistepBase, forward_state: SchedulerState, shape, dtype=jnp.float32):
+    """``(inverse_scheduler, state)`` stepping a sampler's grid backwards: its noise levels from the
+    last to the first, with the sampler's config (its ODE counterpart for SDE types).
+
+    Step j evaluates the model at the sampler's point N - j. A final zero noise level becomes the
+    smallest training noise level (timestep 0), the nearest point where a model can be evaluated.
+    """
+    n = forward_state.num_inference_steps
+    sigmas = np.asarray(forward_state.sigmas[: n + 1])[::-1].copy()
+    if sigmas[0] == 0.0:
+        sigmas[0] = training_schedule(scheduler.config).sigmas[0]
+    forward_timesteps = np.asarray(forward_state.timesteps)
+    timesteps = np.concatenate([[0], forward_timesteps[::-1][: n - 1]]).astype(np.int64)
+    ode = {"sde-dpmsolver++": "dpmsolver++", "sde-dpmsolver": "dpmsolver"}.get(scheduler.config.algorithm_type)
+    inverse = DPMSolverMultistepInverseScheduler(scheduler.config.replace(algorithm_type=ode) if ode else scheduler.config)
+    return inverse, inverse.state_on_grid(inverse.create_state(), timesteps, sigmas, shape, dtype)
+
+
+def _exact_inversion(scheduler, model_fn, max_sweeps, sweep_tolerance, max_iterations, tolerance, gmres_restart,
+                     gmres_maxiter, return_outputs, progress, state, data, cond, noises, initial_path):
+    """Sweeps of per-step Newton-Krylov solves; see the module docstring."""
+    config = scheduler.config
+    n = state.timesteps.shape[0]
+    K = config.solver_order
+    steps = jnp.arange(n)
+    orders = jnp.minimum(jnp.minimum(steps + 1, K), state.order_cap)
+    rows = state.update_coefficients[steps, orders - 1]
+    timesteps = state.timesteps
+    cdt = solver.compute_dtype(data)
+    z = jnp.zeros((n,) + data.shape, cdt) if noises is None else noises.astype(cdt)
+
+    def converted(k, y):
+        out = _call(model_fn, y, timesteps[k], cond)
+        mean = solver.mean_of_model_output(config, out, y)
+        return solver.convert_model_output(config, state, k, mean, y), out
+
+    def history(M):
+        zero = jnp.zeros_like(M[:1])
+        older1 = jnp.concatenate([zero, M[:-1]])
+        older2 = jnp.concatenate([zero, zero, M[:-2]])
+        return [older1, older2][: K - 1]
+
+    X = initial_path.astype(cdt)
+    M = lax.map(lambda k: converted(k, X[k])[0], steps)
+
+    def sweep(X, M, sweep_index, rows=rows):
+        """One sweep from the data end: each step solved with the history of ``M``. The first
+        sweep starts each solve from an explicit predictor anchored at the step's (just solved)
+        end point; later sweeps from the previous sweep's solution."""
+
+        def solve(x_next, inputs):
+            k, y_previous, z_k, *hist = inputs
+            row = rows[k].astype(cdt)
+            noise = z_k if config.is_sde else None
+
+            def F(y):
+                return solver.linear_update(row, y, [converted(k, y)[0]] + list(hist), noise)
+
+            # predictor: the step solved for x_k with the model evaluated at x_{k+1} (DDIM inversion)
+            zero = jnp.zeros_like(x_next)
+            history_and_noise = solver.linear_update(row.at[:2].set(0.0), zero, [zero] + list(hist), noise)
+            c_x = row[0]
+            explicit = (x_next - history_and_noise - row[1] * converted(k, x_next)[0]) / jnp.where(c_x == 0, 1.0, c_x)
+            predictor = jnp.where(jnp.abs(c_x) > 1e-6, explicit, x_next)
+            y0 = jnp.where(sweep_index == 0, predictor, y_previous)
+            result = newton_krylov(F, x_next, y0, max_iterations, tolerance, gmres_restart, gmres_maxiter)
+            m, out = converted(k, result.solution)
+            _report_progress(progress, n - 1 - k, n, "invert (exact, one sweep)")
+            return result.solution, (result.solution, m, out if return_outputs else None, result.residual, result.iterations)
+
+        _, out = lax.scan(solve, data.astype(cdt), (steps, X, z, *history(M)), reverse=True)
+        return out
+
+    if K == 1 or max_sweeps == 1:  # first-order steps use no history: one sweep is exact
+        X, _, outputs, r, it = sweep(X, M, 0)
+        return X, outputs, r, it, jnp.asarray(1)
+    # Warm start: the exact inversion of the first-order sampler on the same grid (no history, one
+    # sweep) lies much closer to the solution than plain inversion does.
+    first_order_rows = state.update_coefficients[steps, 0]
+    X, M, *_ = sweep(X, M, 0, rows=first_order_rows)
+
+    # The history makes the sweeps a fixed-point iteration M = G(M); Anderson acceleration
+    # (Walker & Ni 2011, SIAM J. Numer. Anal. 49) over the last `window` sweeps speeds it up.
+    window = 3
+    scale = jnp.maximum(1.0, jnp.max(jnp.abs(data))).astype(jnp.float32)
+    flat = M.size
+
+    def unfinished(carry):
+        *_, count, change = carry
+        return (count < max_sweeps) & (change > sweep_tolerance * scale)
+
+    def one(carry):
+        X, M, G_hist, F_hist, r, it, outs, count, _ = carry
+        X, G, outs_new, r, it = sweep(X, M, count)
+        f = (G - M).reshape(-1).astype(jnp.float32)
+        G_hist = jnp.roll(G_hist, -1, axis=0).at[-1].set(G.reshape(-1).astype(jnp.float32))
+        F_hist = jnp.roll(F_hist, -1, axis=0).at[-1].set(f)
+        valid = jnp.arange(window) >= window - count  # differences between sweeps actually made
+        dF = jnp.where(valid[None, :], (F_hist[1:] - F_hist[:-1]).T, 0.0)
+        dG = jnp.where(valid[None, :], (G_hist[1:] - G_hist[:-1]).T, 0.0)
+        gamma = jnp.linalg.lstsq(dF, f)[0]
+        M_next = (G.reshape(-1) - (dG @ gamma).astype(G.dtype)).reshape(G.shape)
+        outs = outs_new if return_outputs else outs
+        return X, M_next, G_hist, F_hist, r, it, outs, count + 1, jnp.max(jnp.abs(f))
+
+    hist = jnp.zeros((window + 1, flat), jnp.float32)
+    outs0 = lax.map(lambda k: converted(k, X[k])[1], steps) if return_outputs else None
+    carry = (X, M, hist, hist, jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.int32), outs0, jnp.asarray(0), jnp.asarray(jnp.inf))
+    X, _, _, _, r, it, outputs, count, _ = lax.while_loop(unfinished, one, carry)
+    return X, outputs, r, it, count
+
+
+_exact_inversion_jit = jax.jit(_exact_inversion, static_argnums=tuple(range(10)))
+
+
+def invert(
+    model_fn: ModelFn,
+    sample: Array,
+    scheduler: _DPMSolverMultistepBase,
+    num_inference_steps: int,
+    *,
+    cond: Any = None,
+    exact: bool = False,
+    noises: Optional[Array] = None,
+    max_sweeps: int = 50,
+    sweep_tolerance: float = 1e-6,
+    max_iterations: int = 30,
+    tolerance: float = 1e-6,
+    gmres_restart: int = 20,
+    gmres_maxiter: int = 3,
+    return_samples: bool = False,
+    return_model_outputs: bool = False,
+    checkpoint: bool = False,
+    unroll: int = 1,
+    progress: bool = False,
+) -> Trajectory:
+    """Invert ``sample`` (data) to noise; see the module docstring for the semantics.
+
+    ``exact=True`` needs a sampler (``DPMSolverMultistepScheduler``). First-order samplers are
+    inverted in one sweep; higher orders sweep until the history changes by less than
+    ``sweep_tolerance`` (relative) or ``max_sweeps``; ``max_iterations``/``tolerance`` bound each
+    step's Newton solve, ``gmres_restart``/``gmres_maxiter`` its linear solves. A first-order
+    ``sde-dpmsolver++`` sampler is inverted exactly, given the ``noises`` (``[N, *shape]``) it used.
+    """
+    _check_scheduler(scheduler)
+    _check_steps(unroll)
+    x = jnp.asarray(sample)
+    if not scheduler.forward:
+        if exact:
+            raise ValueError(
+                "exact=True inverts a sampler: pass the DPMSolverMultistepScheduler whose sampling should reconstruct "
+                "the input (e.g. DPMSolverMultistepScheduler.from_config(inverse_scheduler.config))."
+            )
+        if noises is not None:
+            raise ValueError("noises belong to a stochastic sampler; the inverse scheduler is deterministic.")
+        state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, x.shape, solver.compute_dtype(x))
+        n = state.num_inference_steps
+        y, samples, outputs = _scan_steps_jit(scheduler, model_fn, return_samples, return_model_outputs, checkpoint,
+                                              unroll, progress, "invert", state, x, cond, None, None)
+        return Trajectory(y, samples, outputs, state.timesteps, state.sigmas[: n + 1])
+
+    forward_state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, x.shape, solver.compute_dtype(x))
+    n = forward_state.num_inference_steps
+    if scheduler.config.is_sde:
+        if not exact:
+            raise ValueError("a stochastic sampler can only be inverted exactly: pass exact=True and the noises it used.")
+        if scheduler.config.algorithm_type != "sde-dpmsolver++" or scheduler.config.solver_order != 1:
+            raise ValueError(
+                "exact inversion of a stochastic sampler is offered for algorithm_type='sde-dpmsolver++' with "
+                f"solver_order=1 only (got {scheduler.config.algorithm_type!r}, order {scheduler.config.solver_order}): "
+                "an SDE step shrinks its input (c_x = sigma_t/sigma_s e^-h), so its inverse amplifies every error, "
+                "and the multistep history cannot be iterated to consistency; the noise-prediction SDE step is not "
+                "monotone and can have several preimages."
+            )
+        _, noises = _stochastic_inputs(scheduler, n, x.shape, None, noises)
+        if noises is None:
+            raise ValueError("inverting a stochastic sampler needs the noises it used: pass noises ([N, *shape]).")
+    elif noises is not None:
+        raise ValueError(f"noises are only used with stochastic samplers, not algorithm_type={scheduler.config.algorithm_type!r}.")
+    inverse, mirror = mirrored_state(scheduler, forward_state, x.shape, solver.compute_dtype(x))
+    record_path = return_samples or exact
+    y, path, outputs = _scan_steps_jit(inverse, model_fn, record_path, return_model_outputs and not exact, checkpoint,
+                                       unroll, progress and not exact, "invert", mirror, x, cond, None, None)
+    timesteps = mirror.timesteps
+    sigmas = forward_state.sigmas[: n + 1][::-1]
+    if not exact:
+        return Trajectory(y, path if return_samples else None, outputs, timesteps, sigmas)
+
+    for name, value in (("max_iterations", max_iterations), ("gmres_restart", gmres_restart),
+                        ("gmres_maxiter", gmres_maxiter), ("max_sweeps", max_sweeps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    for name, value in (("tolerance", tolerance), ("sweep_tolerance", sweep_tolerance)):
+        if not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}.")
+    # plain inversion visits the sampler's points N-1, ..., 0: in sampler order, reversed
+    initial = path[::-1]
+    X, outputs, residuals, iterations, sweeps = _exact_inversion_jit(
+        scheduler, model_fn, max_sweeps, float(sweep_tolerance), max_iterations, float(tolerance), gmres_restart,
+        gmres_maxiter, return_model_outputs, progress, forward_state, x, cond, noises, initial)
+    return Trajectory(
+        X[0].astype(x.dtype),
+        X[::-1].astype(x.dtype) if return_samples else None,
+        outputs[::-1] if return_model_outputs else None,
+        forward_state.timesteps[::-1],
+        sigmas,
+        residuals,
+        iterations,
+        sweeps,
+    )

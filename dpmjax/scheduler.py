@@ -33,7 +33,7 @@ from . import solver
 from .coefficients import step_tables
 from .config import SchedulerConfig, read_config_file, write_config_file
 from .grids import forward_grid, inverse_grid
-from .noise_schedule import alpha_sigma_from_sigma, training_schedule
+from .noise_schedule import training_schedule
 from .state import SchedulerState
 
 Array = jax.Array
@@ -325,7 +325,3 @@ class DPMSolverMultistepInverseScheduler(_DPMSolverMultistepBase):
 
     forward = False
 
-
-def alpha_sigma(config: SchedulerConfig, sigmas) -> tuple:
-    """Host-side VP (or flow) pair of diffusers sigmas, for analysis and tests."""
-    return alpha_sigma_from_sigma(np.asarray(sigmas), flow=config.use_flow_sigmas)

@@ -249,3 +249,15 @@ def test_bad_trajectory_arguments():
         dpmjax.sample(model, x, fwd, 0)
     with pytest.raises(ValueError, match="dpmjax scheduler"):
         dpmjax.sample(model, x, object(), 5)
+
+
+def test_donating_the_noise_buffer_gives_the_same_sample():
+    fwd = dpmjax.DPMSolverMultistepScheduler()
+    model = timestep_model(GMM, fwd.config)
+    kept = jnp.asarray(draw(SHAPE, 11))
+    donated = jnp.array(kept, copy=True)
+    a = dpmjax.sample(model, kept, fwd, 6).sample
+    b = dpmjax.sample(model, donated, fwd, 6, donate=True).sample
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not kept.is_deleted()
+    assert donated.is_deleted(), "the result took over the donated buffer"

@@ -12,6 +12,7 @@ tables, and every sigma derived from them, are the very values diffusers holds.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -95,8 +96,9 @@ def betas_for(config: SchedulerConfig) -> np.ndarray:
     return betas
 
 
+@functools.lru_cache(maxsize=64)
 def training_schedule(config: SchedulerConfig) -> TrainingSchedule:
-    """Build the float32 training tables of ``config``."""
+    """Build the float32 training tables of ``config`` (cached per config; the arrays are read-only)."""
     betas = betas_for(config)
     alphas_cumprod = _cumprod_float32(np.float32(1.0) - betas)
     if config.rescale_betas_zero_snr:
@@ -107,7 +109,10 @@ def training_schedule(config: SchedulerConfig) -> TrainingSchedule:
         sigma_t = np.sqrt(np.float32(1.0) - alphas_cumprod)
         lambda_t = np.log(alpha_t) - np.log(sigma_t)
         sigmas = np.sqrt((np.float32(1.0) - alphas_cumprod) / alphas_cumprod)
-    return TrainingSchedule(betas, alphas_cumprod, alpha_t, sigma_t, lambda_t, sigmas.astype(np.float32))
+    tables = TrainingSchedule(betas, alphas_cumprod, alpha_t, sigma_t, lambda_t, sigmas.astype(np.float32))
+    for table in tables:
+        table.flags.writeable = False
+    return tables
 
 
 def alpha_sigma_from_sigma(sigma: np.ndarray, flow: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ be closed over or passed as a static argument. All arrays live in the state.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -53,6 +54,70 @@ class SchedulerOutput:
 
     def __iter__(self):
         return iter(self.to_tuple())
+
+
+def _cacheable(value):
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _cached_grid(config, forward, num_inference_steps, timesteps, shift):
+    """Grids depend only on hashable host values: compute each once (set_timesteps is then cheap)."""
+    key = (config, forward, num_inference_steps, timesteps, shift)
+    if not _cacheable(key):
+        return _compute_grid(*key)
+    return _cached_grid_lru(*key)
+
+
+def _compute_grid(config, forward, num_inference_steps, timesteps, shift):
+    train = training_schedule(config)
+    if forward:
+        return forward_grid(config, train, num_inference_steps, timesteps, shift)
+    return inverse_grid(config, train, num_inference_steps)
+
+
+_cached_grid_lru = functools.lru_cache(maxsize=256)(_compute_grid)
+
+
+@functools.lru_cache(maxsize=32)
+def _state_fields(config, timestep_bytes: bytes, sigma_bytes: bytes, num_steps: int, forward: bool, shape, dtype: str):
+    """The arrays ``state_on_grid`` sets, built once per grid and shape. They are immutable device
+    arrays, made concrete even when called under a trace, so sharing them between states is safe."""
+    sigmas = np.frombuffer(sigma_bytes, dtype=np.float32)
+    tables = step_tables(config, sigmas.astype(np.float64), num_steps, forward)
+    with jax.ensure_compile_time_eval():
+        return dict(
+            timesteps=jnp.asarray(np.frombuffer(timestep_bytes, dtype=np.int64), jnp.int32),
+            sigmas=jnp.asarray(sigmas),
+            step_alpha=jnp.asarray(tables.alpha),
+            step_sigma=jnp.asarray(tables.sigma),
+            convert_coefficients=jnp.asarray(tables.convert),
+            update_coefficients=jnp.asarray(tables.update),
+            order_cap=jnp.asarray(tables.order_cap, jnp.int32),
+            model_outputs=jnp.zeros((config.solver_order,) + shape, dtype),
+            lower_order_nums=jnp.asarray(0, jnp.int32),
+            step_index=jnp.asarray(-1, jnp.int32),
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _initial_state(config: SchedulerConfig, forward: bool) -> SchedulerState:
+    train = training_schedule(config)
+    T = config.num_train_timesteps
+    timesteps = np.arange(T)[::-1] if forward else np.arange(T)
+    with jax.ensure_compile_time_eval():
+        return SchedulerState(
+            alphas_cumprod=jnp.asarray(train.alphas_cumprod),
+            alpha_t=jnp.asarray(train.alpha_t),
+            sigma_t=jnp.asarray(train.sigma_t),
+            lambda_t=jnp.asarray(train.lambda_t),
+            init_noise_sigma=jnp.asarray(1.0, jnp.float32),
+            timesteps=jnp.asarray(timesteps.copy(), jnp.int32),
+            sigmas=jnp.asarray(train.sigmas),
+        )
 
 
 class _DPMSolverMultistepBase:
@@ -130,33 +195,23 @@ class _DPMSolverMultistepBase:
     # ------------------------------------------------------------------ state
     def create_state(self) -> SchedulerState:
         """The state before ``set_timesteps``: training tables and the full training grid."""
-        train = training_schedule(self._config)
-        T = self._config.num_train_timesteps
-        timesteps = np.arange(T)[::-1] if self.forward else np.arange(T)
-        return SchedulerState(
-            alphas_cumprod=jnp.asarray(train.alphas_cumprod),
-            alpha_t=jnp.asarray(train.alpha_t),
-            sigma_t=jnp.asarray(train.sigma_t),
-            lambda_t=jnp.asarray(train.lambda_t),
-            init_noise_sigma=jnp.asarray(1.0, jnp.float32),
-            timesteps=jnp.asarray(timesteps.copy(), jnp.int32),
-            sigmas=jnp.asarray(train.sigmas),
-        )
+        return _initial_state(self._config, self.forward)
 
     def _grid(self, num_inference_steps, timesteps, mu):
-        train = training_schedule(self._config)
         if self.forward:
             shift = None
             if mu is not None:
                 if not self._config.use_dynamic_shifting:
                     raise ValueError("mu is only used with use_dynamic_shifting=True.")
                 shift = float(math.exp(mu))
-            return forward_grid(self._config, train, num_inference_steps, timesteps, shift)
+            if timesteps is not None:
+                timesteps = tuple(np.asarray(timesteps).tolist()) if np.ndim(timesteps) == 1 else timesteps
+            return _cached_grid(self._config, True, num_inference_steps, timesteps, shift)
         if timesteps is not None or mu is not None:
             raise ValueError("the inverse scheduler takes neither custom timesteps nor mu; pass num_inference_steps.")
         if num_inference_steps is None:
             raise ValueError("num_inference_steps is required.")
-        return inverse_grid(self._config, train, num_inference_steps)
+        return _cached_grid(self._config, False, num_inference_steps, None, None)
 
     def set_timesteps(
         self,
@@ -204,20 +259,9 @@ class _DPMSolverMultistepBase:
         if n < 1 or sigmas.ndim != 1 or len(sigmas) < n + 1:
             raise ValueError(f"a grid needs N >= 1 timesteps and at least N + 1 sigmas, got {n} and {sigmas.shape}.")
         direction = self.forward if forward is None else forward
-        tables = step_tables(self._config, sigmas.astype(np.float64), n, direction)
-        K = self._config.solver_order
-        return state.replace(
-            timesteps=jnp.asarray(timesteps, jnp.int32),
-            sigmas=jnp.asarray(sigmas),
-            step_alpha=jnp.asarray(tables.alpha),
-            step_sigma=jnp.asarray(tables.sigma),
-            convert_coefficients=jnp.asarray(tables.convert),
-            update_coefficients=jnp.asarray(tables.update),
-            order_cap=jnp.asarray(tables.order_cap, jnp.int32),
-            model_outputs=jnp.zeros((K,) + tuple(shape), dtype),
-            lower_order_nums=jnp.asarray(0, jnp.int32),
-            step_index=jnp.asarray(-1, jnp.int32),
-        )
+        fields = _state_fields(self._config, timesteps.astype(np.int64).tobytes(), sigmas.tobytes(), n, direction,
+                               tuple(shape), jnp.dtype(dtype).name)
+        return state.replace(**fields)
 
     def set_begin_index(self, state: SchedulerState, begin_index: int = 0) -> SchedulerState:
         """Start at step ``begin_index`` without looking the first timestep up (diffusers' ``set_begin_index``)."""

@@ -1,0 +1,1 @@
+"""dpmjax benchmarks: ``python -m benchmarks [--quick]``."""

@@ -98,7 +98,8 @@ def main(argv=None):
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for JSON and PNG")
     args = parser.parse_args(argv)
     device = jax.devices()[0]
-    label = f"{device.platform}-{device.device_kind}".replace(" ", "_").lower()
+    kind = device.device_kind.replace(" ", "_").lower()
+    label = device.platform if kind == device.platform else f"{device.platform}-{kind}"
     steps, repeats = (10, 3) if args.quick else (50, 7)
     shapes = [(1, 4, 32, 32)] if args.quick else [(1, 4, 64, 64), (16, 4, 64, 64)]
     orders = (2,) if args.quick else (1, 2, 3)

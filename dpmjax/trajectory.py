@@ -16,8 +16,9 @@ Inversion semantics:
   the input to solver precision (Hong et al. 2024, "On Exact Inversion of DPM-Solvers", CVPR).
   A multistep update of order p also uses model outputs at the p - 1 *noisier* points, which are
   not known yet when the step is inverted; they are taken from the previous sweep of the whole
-  trajectory (the first sweep starts from plain inversion), and sweeps repeat, Anderson-accelerated,
-  until that history stops changing (``sweep_tolerance``) or ``max_sweeps`` is reached.
+  trajectory (warm-started by the exact inversion of the first-order sampler), and sweeps repeat,
+  Anderson-accelerated, until sampling the result gives back the input to ``sweep_tolerance``
+  (relative) or ``max_sweeps`` is reached; the best sweep is returned.
   A first-order ``sde-dpmsolver++`` sampler is inverted exactly given the noises it used; other
   stochastic samplers are refused (their inverse amplifies errors too much, see ``invert``).
 """
@@ -291,12 +292,17 @@ def _exact_inversion(scheduler, model_fn, max_sweeps, sweep_tolerance, max_itera
     scale = jnp.maximum(1.0, jnp.max(jnp.abs(data))).astype(jnp.float32)
     flat = M.size
 
+    def round_trip(x_noise):
+        """max|sample(x_noise) - data| / scale: what exactness means, measured by the sampler itself."""
+        x, _, _ = _scan_steps(scheduler, model_fn, False, False, False, 1, False, "", state, x_noise, cond, None, noises)
+        return jnp.max(jnp.abs(x - data)).astype(jnp.float32) / scale
+
     def unfinished(carry):
-        *_, count, change = carry
-        return (count < max_sweeps) & (change > sweep_tolerance * scale)
+        *_, count, best = carry
+        return (count < max_sweeps) & (best > sweep_tolerance)
 
     def one(carry):
-        X, M, G_hist, F_hist, r, it, outs, count, _ = carry
+        X, M, G_hist, F_hist, r, it, outs, X_best, r_best, it_best, outs_best, count, best = carry
         X, G, outs_new, r, it = sweep(X, M, count)
         f = (G - M).reshape(-1).astype(jnp.float32)
         G_hist = jnp.roll(G_hist, -1, axis=0).at[-1].set(G.reshape(-1).astype(jnp.float32))
@@ -307,12 +313,18 @@ def _exact_inversion(scheduler, model_fn, max_sweeps, sweep_tolerance, max_itera
         gamma = jnp.linalg.lstsq(dF, f)[0]
         M_next = (G.reshape(-1) - (dG @ gamma).astype(G.dtype)).reshape(G.shape)
         outs = outs_new if return_outputs else outs
-        return X, M_next, G_hist, F_hist, r, it, outs, count + 1, jnp.max(jnp.abs(f))
+        # keep the sweep whose noise samples back closest to the data (Anderson steps can overshoot)
+        error = round_trip(X[0])
+        better = error < best
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), new, old)  # noqa: E731
+        X_best, r_best, it_best, outs_best = keep((X, r, it, outs), (X_best, r_best, it_best, outs_best))
+        return X, M_next, G_hist, F_hist, r, it, outs, X_best, r_best, it_best, outs_best, count + 1, jnp.minimum(error, best)
 
     hist = jnp.zeros((window + 1, flat), jnp.float32)
     outs0 = lax.map(lambda k: converted(k, X[k])[1], steps) if return_outputs else None
-    carry = (X, M, hist, hist, jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.int32), outs0, jnp.asarray(0), jnp.asarray(jnp.inf))
-    X, _, _, _, r, it, outputs, count, _ = lax.while_loop(unfinished, one, carry)
+    r0, it0 = jnp.full(n, jnp.inf, jnp.float32), jnp.zeros(n, jnp.int32)
+    carry = (X, M, hist, hist, r0, it0, outs0, X, r0, it0, outs0, jnp.asarray(0), jnp.asarray(jnp.inf, jnp.float32))
+    *_, X, r, it, outputs, count, _ = lax.while_loop(unfinished, one, carry)
     return X, outputs, r, it, count
 
 
@@ -329,7 +341,7 @@ def invert(
     exact: bool = False,
     noises: Optional[Array] = None,
     max_sweeps: int = 50,
-    sweep_tolerance: float = 1e-6,
+    sweep_tolerance: float = 1e-5,
     max_iterations: int = 30,
     tolerance: float = 1e-6,
     gmres_restart: int = 20,
@@ -343,8 +355,8 @@ def invert(
     """Invert ``sample`` (data) to noise; see the module docstring for the semantics.
 
     ``exact=True`` needs a sampler (``DPMSolverMultistepScheduler``). First-order samplers are
-    inverted in one sweep; higher orders sweep until the history changes by less than
-    ``sweep_tolerance`` (relative) or ``max_sweeps``; ``max_iterations``/``tolerance`` bound each
+    inverted in one sweep; higher orders sweep until sampling the result gives back the input to
+    ``sweep_tolerance`` (relative to max|sample|) or ``max_sweeps`` is reached, and return the best sweep; ``max_iterations``/``tolerance`` bound each
     step's Newton solve, ``gmres_restart``/``gmres_maxiter`` its linear solves. A first-order
     ``sde-dpmsolver++`` sampler is inverted exactly, given the ``noises`` (``[N, *shape]``) it used.
     """

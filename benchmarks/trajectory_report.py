@@ -22,8 +22,8 @@ DATA = GaussianMixture()
 
 
 def round_trips(orders=(1, 2, 3), steps=(5, 10, 25, 50)):
-    print("| order | N | plain | exact | exact / plain | sweeps | seconds (exact) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| order | N | plain | exact | exact / plain | sweeps | Newton its | seconds (exact) |")
+    print("|---|---|---|---|---|---|---|---|")
     x0 = DATA.sample(jax.random.PRNGKey(0), (256, 16))
     scale = float(jnp.max(jnp.abs(x0)))
     for order in orders:
@@ -38,7 +38,7 @@ def round_trips(orders=(1, 2, 3), steps=(5, 10, 25, 50)):
             recon = dpmjax.sample(model, exact.sample, fwd, n).sample
             e_plain = float(jnp.max(jnp.abs(plain - x0))) / scale
             e_exact = float(jnp.max(jnp.abs(recon - x0))) / scale
-            print(f"| {order} | {n} | {e_plain:.1e} | {e_exact:.1e} | {e_exact / e_plain:.0e} | {int(exact.sweeps)} | {seconds:.1f} |")
+            print(f"| {order} | {n} | {e_plain:.1e} | {e_exact:.1e} | {e_exact / e_plain:.0e} | {int(exact.sweeps)} | {int(exact.iterations)} | {seconds:.1f} |")
 
 
 def gradient_memory(width=64, steps=(5, 50)):

@@ -66,13 +66,36 @@ def test_exact_inversion_reconstructs_a_gaussian_mixture(order, n):
     plain, _ = round_trip(order, n, exact=False)
     assert exact < 1e-4, f"exact round trip {exact:.1e}"
     assert exact * 100 <= plain, f"exact {exact:.1e} vs plain {plain:.1e}"
-    assert float(jnp.max(result.residuals)) < 1e-5
-    assert result.residuals.shape == (n,) and int(result.sweeps) >= 1
+    # the reported per-row round trip is the measured one (scale: max(1, max|row|) vs max|x0| here)
+    assert result.round_trip.shape == (256,) and float(jnp.max(result.round_trip)) < 1e-4
+    assert int(result.sweeps) == 0 if order == 1 else int(result.sweeps) >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order, n", [(3, 25), (2, 50)])
+def test_exact_inversion_where_history_sweeps_stagnate(order, n):
+    """Order 3 at N=25 and order 2 at N=50: the history sweeps alone stagnated at 9e-4 and 3e-4;
+    the whole-sampler Newton solve takes them to float32 precision."""
+    exact, result = round_trip(order, n, exact=True)
+    assert exact < 1e-4, f"exact round trip {exact:.1e}"
 
 
 def test_exact_inversion_of_order_three_on_ten_steps():
-    exact, _ = round_trip(3, 10, exact=True)
+    exact, result = round_trip(3, 10, exact=True)
     assert exact < 1e-4
+    assert int(result.iterations) >= 1
+
+
+def test_exact_inversion_of_a_model_that_couples_the_batch():
+    """independent_rows=False: one Krylov space over the whole batch, for a model that mixes rows."""
+    fwd = dpmjax.DPMSolverMultistepScheduler(solver_order=2)
+    base = timestep_model(GMM, fwd.config)
+    model = lambda x, t: base(x, t) + 0.05 * jnp.tanh(jnp.mean(x, axis=0, keepdims=True))  # noqa: E731
+    x0 = GMM.sample(jax.random.PRNGKey(4), (8, 16))
+    inverted = dpmjax.invert(model, x0, fwd, 10, exact=True, independent_rows=False)
+    recon = dpmjax.sample(model, inverted.sample, fwd, 10).sample
+    assert inverted.round_trip.shape == (1,)
+    assert float(jnp.max(jnp.abs(recon - x0)) / jnp.max(jnp.abs(x0))) < 1e-4
 
 
 def test_a_stochastic_sampler_is_inverted_exactly_given_its_noises():

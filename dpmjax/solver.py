@@ -194,25 +194,44 @@ def step(
         raise ValueError(
             f"sample shape {tuple(sample.shape)} differs from the shape given to set_timesteps {tuple(history.shape[1:])}."
         )
-    cdt = compute_dtype(sample)
     index = current_step_index(state, timestep)
     n = state.timesteps.shape[0]
     K = history.shape[0]
     in_schedule = jnp.minimum(index, n - 1)
-    x = sample.astype(cdt)
-    m0 = convert_model_output(config, state, in_schedule, model_output, x)
-    history = lax.dynamic_update_index_in_dim(history, m0.astype(history.dtype), index % K, 0)
-    previous = [lax.dynamic_index_in_dim(history, (index - k) % K, 0, keepdims=False).astype(cdt) for k in range(1, K)]
     order = jnp.minimum(jnp.minimum(state.lower_order_nums + 1, K), state.order_cap[in_schedule])
-    row = state.update_coefficients[index, order - 1].astype(cdt)
-    noise = step_noise(config, x, key, variance_noise, cdt)
-    prev_sample = linear_update(row, x, [m0] + previous, noise)
+    row = state.update_coefficients[index, order - 1]
+    # the history is read after the write: XLA then updates the ring buffer in place
+    m0 = convert_model_output(config, state, in_schedule, model_output, sample)
+    history = lax.dynamic_update_index_in_dim(history, m0.astype(history.dtype), index % K, 0)
+    previous = [lax.dynamic_index_in_dim(history, (index - k) % K, 0, keepdims=False) for k in range(1, K)]
+    prev_sample = update(config, row, sample, m0, previous, key, variance_noise)
     new_state = state.replace(
         model_outputs=history,
         lower_order_nums=jnp.minimum(state.lower_order_nums + 1, K).astype(jnp.int32),
         step_index=(index + 1).astype(jnp.int32),
     )
-    return prev_sample.astype(sample.dtype), new_state
+    return prev_sample, new_state
+
+
+def update(config: SchedulerConfig, row: Array, sample: Array, converted: Array, previous: Sequence[Array],
+           key: Optional[Array] = None, variance_noise: Optional[Array] = None) -> Array:
+    """The step's linear update from the converted model output and the older ones (newest first),
+    with an SDE step's noise; returns the next sample in the sample's dtype."""
+    cdt = compute_dtype(sample)
+    x = sample.astype(cdt)
+    noise = step_noise(config, x, key, variance_noise, cdt)
+    outputs = [converted.astype(cdt)] + [m.astype(cdt) for m in previous]
+    return linear_update(row.astype(cdt), x, outputs, noise).astype(sample.dtype)
+
+
+def trajectory_rows(state: SchedulerState) -> Array:
+    """``[N, K + 2]``: the update row of every step of a whole trajectory run from step 0, where
+    ``lower_order_nums`` is ``min(i, K)`` at step ``i`` (known before the loop, so the loop needs no
+    order logic)."""
+    n, K = state.timesteps.shape[0], state.update_coefficients.shape[1]
+    steps = jnp.arange(n)
+    orders = jnp.minimum(jnp.minimum(steps + 1, K), state.order_cap)
+    return state.update_coefficients[steps, orders - 1]
 
 
 def order_k_update(state: SchedulerState, order: int, outputs_newest_first: Sequence[Array], sample: Array, noise: Optional[Array]) -> Array:

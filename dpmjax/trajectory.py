@@ -176,6 +176,16 @@ def _stochastic_inputs(scheduler, n: int, shape, key, noises):
     return jax.random.split(key, n), None
 
 
+def _visited_sigmas(state: SchedulerState, n: int) -> Array:
+    """The ``N + 1`` noise levels of a state's grid (sliced only if the state holds more: a
+    dispatched slice costs ~100 us, more than a small trajectory)."""
+    return state.sigmas if state.sigmas.shape[0] == n + 1 else state.sigmas[: n + 1]
+
+
+def _as_array(x) -> Array:
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
+
+
 def _check_scheduler(scheduler) -> None:
     if not isinstance(scheduler, _DPMSolverMultistepBase):
         raise ValueError(f"scheduler must be a dpmjax scheduler, got {type(scheduler).__name__}.")
@@ -215,14 +225,14 @@ def sample(
     _check_unroll(unroll)
     if not scheduler.forward:
         raise ValueError("sample needs a forward scheduler (DPMSolverMultistepScheduler); use invert for inversion.")
-    noise = jnp.asarray(noise)
+    noise = _as_array(noise)
     state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape, solver.compute_dtype(noise))
     n = state.num_inference_steps
     keys, noises = _stochastic_inputs(scheduler, n, noise.shape, key, noises)
     run = _scan_steps_donating if donate else _scan_steps_jit
     x, samples, outputs = run(scheduler, model_fn, return_samples, return_model_outputs, checkpoint,
                               unroll, progress, "sample", state, noise, cond, keys, noises)
-    return Trajectory(x, samples, outputs, state.timesteps, state.sigmas[: n + 1])
+    return Trajectory(x, samples, outputs, state.timesteps, _visited_sigmas(state, n))
 
 
 # ----------------------------------------------------------------------------- inversion
@@ -388,7 +398,7 @@ def invert(
     """
     _check_scheduler(scheduler)
     _check_unroll(unroll)
-    x = jnp.asarray(sample)
+    x = _as_array(sample)
     if not scheduler.forward:
         if exact:
             raise ValueError(
@@ -401,11 +411,10 @@ def invert(
         n = state.num_inference_steps
         y, samples, outputs = _scan_steps_jit(scheduler, model_fn, return_samples, return_model_outputs, checkpoint,
                                               unroll, progress, "invert", state, x, cond, None, None)
-        return Trajectory(y, samples, outputs, state.timesteps, state.sigmas[: n + 1])
+        return Trajectory(y, samples, outputs, state.timesteps, _visited_sigmas(state, n))
 
     forward_state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, x.shape, solver.compute_dtype(x))
     n = forward_state.num_inference_steps
-    sigmas = forward_state.sigmas[: n + 1][::-1]
     if scheduler.config.is_sde:
         if not exact:
             raise ValueError(
@@ -431,7 +440,7 @@ def invert(
         inverse, mirror = mirrored_state(scheduler, forward_state, x.shape, solver.compute_dtype(x))
         y, path, outputs = _scan_steps_jit(inverse, model_fn, return_samples, return_model_outputs, checkpoint,
                                            unroll, progress, "invert", mirror, x, cond, None, None)
-        return Trajectory(y, path, outputs, mirror.timesteps, sigmas)
+        return Trajectory(y, path, outputs, mirror.timesteps, _visited_sigmas(mirror, n))
 
     for name, value in (("max_iterations", max_iterations), ("gmres_restart", gmres_restart),
                         ("gmres_maxiter", gmres_maxiter), ("max_sweeps", max_sweeps)):
@@ -451,7 +460,7 @@ def invert(
         X[::-1].astype(x.dtype) if return_samples else None,
         outputs[::-1] if return_model_outputs else None,
         forward_state.timesteps[::-1],
-        sigmas,
+        _visited_sigmas(forward_state, n)[::-1],
         round_trip,
         iterations,
         sweeps,

@@ -52,9 +52,12 @@ def gmres(
     rtol: float = 1e-6,
 ) -> GMRESResult:
     """Solve ``matvec(x) = b`` from ``x = 0`` with ``cycles`` restarts of at most ``restart`` steps;
-    rows stop contributing once ``||b_r - J x_r|| <= rtol ||b_r||`` and the loop ends when all do."""
+    a cycle ends when every row has ``||b_r - J x_r|| <= rtol ||b_r||``. The least-squares problem
+    of each row is kept triangular by Givens rotations, so its residual is known at every step
+    without solving it (Saad & Schultz 1986)."""
     if rows < 1 or b.shape[0] % rows:
         raise ValueError(f"rows must divide the leading axis of b ({b.shape}), got {rows}.")
+    m = restart
     b_norm = row_norm(b, rows)
     tiny = jnp.finfo(jnp.float32).tiny
 
@@ -62,41 +65,56 @@ def gmres(
         x, _, count = carry
         r = b - matvec(x)
         beta = row_norm(r, rows)
-        V = jnp.zeros((restart + 1,) + b.shape, b.dtype).at[0].set(_per_row(1.0 / jnp.maximum(beta, tiny), r, rows))
-        H = jnp.zeros((rows, restart + 1, restart), jnp.float32)
-        rhs = jnp.zeros((rows, restart + 1), jnp.float32).at[:, 0].set(beta)
+        V = jnp.zeros((m + 1,) + b.shape, b.dtype).at[0].set(_per_row(1.0 / jnp.maximum(beta, tiny), r, rows))
+        R = jnp.zeros((rows, m, m), jnp.float32)
+        cs = jnp.ones((rows, m), jnp.float32)
+        sn = jnp.zeros((rows, m), jnp.float32)
+        g = jnp.zeros((rows, m + 1), jnp.float32).at[:, 0].set(beta)
 
-        def least_squares(H):
-            y = jax.vmap(lambda h, c: jnp.linalg.lstsq(h, c)[0])(H, rhs)
-            res = jnp.linalg.norm(rhs - jnp.einsum("rij,rj->ri", H, y), axis=1)
-            return y, res
-
-        def arnoldi_unfinished(state):
-            j, _, _, res = state
-            return (j < restart) & jnp.any(res > rtol * b_norm)
+        def unfinished(state):
+            j, *_, res = state
+            return (j < m) & jnp.any(res > rtol * b_norm)
 
         def arnoldi(state):
-            j, V, H, _ = state
+            j, V, R, cs, sn, g, _ = state
             w = matvec(V[j])
-            h = jnp.zeros((rows, restart + 1), jnp.float32)
-            for _ in range(2):  # CGS2
-                coeffs = jax.vmap(lambda v: row_dot(v, w, rows))(V)  # [restart + 1, rows]; unused basis vectors are 0
+            h = jnp.zeros((rows, m + 1), jnp.float32)
+            for _ in range(2):  # CGS2; basis vectors not made yet are zero
+                coeffs = jax.vmap(lambda v: row_dot(v, w, rows))(V)  # [m + 1, rows]
                 w = w - jnp.sum(jax.vmap(lambda c, v: _per_row(c, v, rows))(coeffs, V), axis=0)
                 h = h + coeffs.T
             norm = row_norm(w, rows)
             V = V.at[j + 1].set(_per_row(jnp.where(norm > tiny, 1.0 / jnp.maximum(norm, tiny), 0.0), w, rows))
-            H = H.at[:, :, j].set(h.at[:, j + 1].set(norm))
-            _, res = least_squares(H)
-            return j + 1, V, H, res
+            h = h.at[:, j + 1].set(norm)
 
-        _, V, H, res = lax.while_loop(arnoldi_unfinished, arnoldi, (0, V, H, beta))
-        y, res = least_squares(H)
-        x = x + jnp.sum(jax.vmap(lambda c, v: _per_row(c, v, rows))(y.T, V[:restart]), axis=0)
+            def rotate(i, h):  # the rotations of the earlier columns
+                hi, hn = h[:, i], h[:, i + 1]
+                return h.at[:, i].set(cs[:, i] * hi + sn[:, i] * hn).at[:, i + 1].set(-sn[:, i] * hi + cs[:, i] * hn)
+
+            h = lax.fori_loop(0, j, rotate, h)
+            hj, hn = h[:, j], h[:, j + 1]
+            radius = jnp.hypot(hj, hn)
+            c = jnp.where(radius > 0, hj / jnp.where(radius > 0, radius, 1.0), 1.0)
+            s_ = jnp.where(radius > 0, hn / jnp.where(radius > 0, radius, 1.0), 0.0)
+            h = h.at[:, j].set(radius).at[:, j + 1].set(0.0)
+            R = R.at[:, :, j].set(h[:, :m])
+            cs, sn = cs.at[:, j].set(c), sn.at[:, j].set(s_)
+            gj = g[:, j]
+            g = g.at[:, j].set(c * gj).at[:, j + 1].set(-s_ * gj)
+            return j + 1, V, R, cs, sn, g, jnp.abs(g[:, j + 1])
+
+        j, V, R, _, _, g, res = lax.while_loop(unfinished, arnoldi, (0, V, R, cs, sn, g, beta))
+        used = jnp.arange(m) < j
+        R = jnp.where(used[None, :, None] & used[None, None, :], R, 0.0) + jnp.diag(jnp.where(used, 0.0, 1.0))[None]
+        # a zero pivot means the row's Krylov space was exhausted earlier: its later columns are 0
+        R = R + jnp.where(jnp.abs(jnp.diagonal(R, axis1=1, axis2=2)) > 0, 0.0, 1.0)[:, :, None] * jnp.eye(m)[None]
+        y = jax.vmap(lambda a, c: jax.scipy.linalg.solve_triangular(a, c, lower=False))(R, jnp.where(used, g[:, :m], 0.0))
+        x = x + jnp.sum(jax.vmap(lambda c, v: _per_row(c, v, rows))(y.T, V[:m]), axis=0)
         return x, res, count + 1
 
-    def unfinished(carry):
+    def unfinished_cycles(carry):
         _, res, count = carry
         return (count < cycles) & jnp.any(res > rtol * b_norm)
 
-    x, res, _ = lax.while_loop(unfinished, cycle, (jnp.zeros_like(b), b_norm, 0))
+    x, res, _ = lax.while_loop(unfinished_cycles, cycle, (jnp.zeros_like(b), b_norm, 0))
     return GMRESResult(x, res / jnp.maximum(b_norm, tiny))

@@ -1,0 +1,140 @@
+"""The main job: invert real held-out handwritten digits to noise with the shipped model and sample
+them back, plain vs exact inversion, with and without classifier-free guidance.
+
+For each number of steps N and guidance scale w, the held-out digits are inverted with the
+guided model (label = the digit's true label, scale w) through ``dpmjax.invert`` on the sampler's
+mirrored grid, then sampled back with the same guided model; PSNR (peak-to-peak 2, images in
+[-1, 1]) of the reconstruction against the original. Also: guided samples from pure noise scored by
+the shipped classifier, with and without dynamic thresholding (pixel space is where it matters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .models import digits
+from .scheduler import DPMSolverMultistepScheduler
+from .trajectory import classifier_free_guidance, invert, sample
+
+
+def psnr(x: jax.Array, reference: jax.Array) -> float:
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2), over the whole batch."""
+    mse = float(jnp.mean((jnp.asarray(x, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32) - reference) ** 2))
+    return float("inf") if mse == 0.0 else 10.0 * np.log10(4.0 / mse)
+
+
+def guided_model(model: digits.Digits, labels: jax.Array, scale: float):
+    null = jnp.full_like(labels, digits.NULL_LABEL)
+    return classifier_free_guidance(model.conditional, labels, null, scale)
+
+
+def reconstruct(model, images, labels, scheduler, n: int, scale: float, exact: bool, progress: bool = False):
+    """``(noise, reconstruction)`` of ``images`` through ``n``-step inversion and sampling at guidance ``scale``."""
+    fn = guided_model(model, labels, scale)
+    noise = invert(fn, images, scheduler, n, exact=exact, progress=progress).sample
+    return noise, sample(fn, noise, scheduler, n, progress=progress).sample
+
+
+def sample_quality(model, scheduler_config, count: int, n: int, scale: float, thresholding: bool, seed: int = 0):
+    """``(accuracy, fraction of pixels outside [-1.05, 1.05])`` of guided samples of every class (the
+    margin allows for the sampler's final noise level, sigma_min ~ 0.01)."""
+    labels = jnp.arange(count) % 10
+    noise = jax.random.normal(jax.random.PRNGKey(seed), (count,) + digits.SHAPE)
+    scheduler = DPMSolverMultistepScheduler(scheduler_config.replace(thresholding=thresholding, sample_max_value=1.0))
+    images = sample(guided_model(model, labels, scale), noise, scheduler, n).sample
+    accuracy = float(jnp.mean(digits.classify(model.classifier, images) == labels))
+    return accuracy, float(jnp.mean(jnp.abs(images) > 1.05)), images
+
+
+def plot_grid(rows, titles, path: str, suptitle: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = rows[0].shape[0]
+    fig, axes = plt.subplots(len(rows), count, figsize=(0.9 * count, 1.0 * len(rows) + 0.4), squeeze=False)
+    for r, (images, title) in enumerate(zip(rows, titles)):
+        for c in range(count):
+            ax = axes[r, c]
+            ax.imshow(np.asarray(images[c, 0]), cmap="gray_r", vmin=-1.0 if r != 1 else None, vmax=1.0 if r != 1 else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(title, fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle(suptitle, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpmjax digits", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 25], help="inference steps (default: 10 25)")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 7.5], help="guidance scales (default: 1 7.5)")
+    parser.add_argument("--count", type=int, default=100, help="held-out digits to invert (default: 100)")
+    parser.add_argument("--order", type=int, default=1, choices=(1, 2, 3),
+                        help="solver order (default: 1, exact in one sweep; orders 2-3 take minutes per setting)")
+    parser.add_argument("--no-exact", action="store_true", help="plain inversion only (exact inversion takes longer)")
+    parser.add_argument("--out", default="dpmjax-digits.png", help="PNG grid path (default: dpmjax-digits.png)")
+    args = parser.parse_args(argv)
+    if any(n < 1 for n in args.steps) or args.count < 1:
+        parser.error("--steps and --count must be positive")
+    if any(not w >= 1.0 for w in args.guidance):
+        parser.error("--guidance scales must be >= 1")
+
+    model = digits.load()
+    images, labels = digits.heldout()
+    images, labels = jnp.asarray(images[: args.count]), jnp.asarray(labels[: args.count])
+    # The sampler ends at the smallest training noise level, not at zero: a final step to zero noise
+    # returns the denoiser's output, whose range need not contain a real held-out image (measured:
+    # exact round trips of 55 / 45 dB instead of 74 / 61 dB at N = 10 / 25).
+    scheduler = DPMSolverMultistepScheduler(solver_order=args.order, final_sigmas_type="sigma_min")
+    print(f"dpmjax on {jax.default_backend()} (jax {jax.__version__}): {images.shape[0]} held-out 8x8 digits, "
+          f"DPM-Solver++ order {args.order}, default grid ending at sigma_min, float32")
+    print("round trip PSNR (dB) of sample(invert(x)) against x, guided by the true label at scale w")
+    methods = ["plain"] + ([] if args.no_exact else ["exact"])
+    print("| N | w | " + " | ".join(methods) + " |")
+    print("|---|---|" + "---|" * len(methods))
+    start = time.perf_counter()
+    table = {}
+    shown = None
+    for n in args.steps:
+        for w in args.guidance:
+            cells = []
+            for method in methods:
+                noise, recon = reconstruct(model, images, labels, scheduler, n, w, method == "exact", progress=True)
+                table[(n, w, method)] = psnr(recon, images)
+                cells.append(f"{table[(n, w, method)]:.1f}")
+                if n == args.steps[len(args.steps) // 2] and w == args.guidance[-1]:
+                    shown = (shown or {}) | {method: (noise, recon)}
+            print(f"| {n} | {w:g} | " + " | ".join(cells) + " |", flush=True)
+
+    n_quality = args.steps[len(args.steps) // 2]
+    w_quality = args.guidance[-1]
+    print(f"\nguided samples from noise (N={n_quality}, w={w_quality:g}, one per class x {max(1, args.count // 10)}): "
+          "classifier accuracy, pixels outside [-1.05, 1.05]")
+    for thresholding in (False, True):
+        accuracy, outside, _ = sample_quality(model, scheduler.config, max(10, args.count), n_quality, w_quality, thresholding)
+        print(f"  thresholding={thresholding}: accuracy {accuracy:.2f}, outside {100 * outside:.1f}% of pixels")
+
+    k = min(10, images.shape[0])
+    rows, titles = [images[:k]], ["original"]
+    for method in methods:
+        noise, recon = shown[method]
+        rows += [noise[:k], recon[:k]]
+        titles += [f"noise ({method})", f"{method}: {psnr(recon, images):.0f} dB"]
+    plot_grid(rows, titles, args.out, f"held-out digits, N={args.steps[len(args.steps) // 2]}, guidance {args.guidance[-1]:g}")
+    print(f"wrote {args.out} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

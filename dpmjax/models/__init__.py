@@ -1,0 +1,1 @@
+"""Models shipped with dpmjax (trained here, on data available offline)."""

@@ -273,7 +273,7 @@ def plot(rows, path, title):
     for i, (key, name) in enumerate(series):
         ax.bar(np.arange(len(rows)) + (i - 2.5) * width, [r[key][0] for r in rows], width, label=name)
     ax.set_yscale("log")
-    ax.set_xticks(np.arange(len(rows)), labels, fontsize=7)
+    ax.set_xticks(np.arange(len(rows)), labels, fontsize=6, rotation=30)
     ax.set_ylabel("microseconds per step (best)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)

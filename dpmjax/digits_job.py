@@ -26,7 +26,7 @@ from .trajectory import classifier_free_guidance, invert, sample
 
 def psnr(x: jax.Array, reference: jax.Array) -> float:
     """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2), over the whole batch."""
-    mse = float(jnp.mean((jnp.asarray(x, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32) - reference) ** 2))
+    mse = float(jnp.mean((jnp.asarray(x, jnp.float32) - jnp.asarray(reference, jnp.float32)) ** 2))
     return float("inf") if mse == 0.0 else 10.0 * np.log10(4.0 / mse)
 
 

@@ -34,7 +34,7 @@ class NewtonResult(NamedTuple):
     iterations: Array
 
 
-def _row_max_abs(x: Array, rows: int) -> Array:
+def row_max_abs(x: Array, rows: int) -> Array:
     return jnp.max(jnp.abs(x.astype(jnp.float32)).reshape(rows, -1), axis=1)
 
 
@@ -54,7 +54,7 @@ def newton_krylov(
     rows: int = 1,
 ) -> NewtonResult:
     """Solve ``F(y) = target`` from ``y0``; see the module docstring."""
-    scale = jnp.maximum(1.0, _row_max_abs(target, rows))
+    scale = jnp.maximum(1.0, row_max_abs(target, rows))
     threshold = tolerance * scale
 
     def residual(y):
@@ -87,10 +87,10 @@ def newton_krylov(
         better = active & (r_norm_new < r_norm)
         y = jnp.where(_broadcast(better, y), y + _broadcast(step, d).astype(d.dtype) * d, y)
         r = jnp.where(_broadcast(better, r), r_new, r)
-        active = better & (_row_max_abs(r, rows) > threshold)
+        active = better & (row_max_abs(r, rows) > threshold)
         return y, r, active, it + 1
 
     r0 = residual(y0)
-    active0 = _row_max_abs(r0, rows) > threshold
+    active0 = row_max_abs(r0, rows) > threshold
     y, r, _, iterations = lax.while_loop(unconverged, iterate, (y0, r0, active0, jnp.asarray(0)))
-    return NewtonResult(y, _row_max_abs(r, rows) / scale, iterations)
+    return NewtonResult(y, row_max_abs(r, rows) / scale, iterations)

@@ -41,7 +41,7 @@ import numpy as np
 from jax import lax
 
 from . import solver
-from .newton import newton_krylov
+from .newton import newton_krylov, row_max_abs
 from .noise_schedule import training_schedule
 from .scheduler import DPMSolverMultistepInverseScheduler, DPMSolverMultistepScheduler, _DPMSolverMultistepBase
 from .state import SchedulerState
@@ -299,14 +299,14 @@ def _exact_inversion(scheduler, model_fn, max_sweeps, handoff, max_iterations, t
         _, (X, M, iterations) = lax.scan(solve, target, (steps, X, z, *history(M)), reverse=True)
         return X, M, jnp.max(iterations)
 
-    def sampled(x_noise, return_samples=False):
-        return _scan_steps(scheduler, model_fn, return_samples, return_outputs, False, 1, False, "", state,
+    def sampled(x_noise, return_samples=False):  # model outputs, if asked for, come from lax.map below
+        return _scan_steps(scheduler, model_fn, return_samples, False, False, 1, False, "", state,
                            x_noise, cond, None, noises)
 
     def round_trip(x_noise):
-        """Per row: max|sample(x_noise) - data| / max(1, max|data|), measured by the sampler itself."""
-        error = jnp.abs(sampled(x_noise)[0] - target).astype(jnp.float32).reshape(batch_rows, -1)
-        return jnp.max(error, axis=1) / jnp.maximum(1.0, jnp.max(jnp.abs(target).astype(jnp.float32).reshape(batch_rows, -1), axis=1))
+        """Per row: max|sample(x_noise) - data| / max(1, max|data|), measured by the sampler itself
+        (the same scale as the Newton solves' residuals)."""
+        return row_max_abs(sampled(x_noise)[0] - target, batch_rows) / jnp.maximum(1.0, row_max_abs(target, batch_rows))
 
     # 1. the exact inversion of the first-order sampler: no history, one sweep (exact for order 1)
     X = jnp.broadcast_to(target, (n,) + target.shape)
@@ -350,13 +350,15 @@ def _exact_inversion(scheduler, model_fn, max_sweeps, handoff, max_iterations, t
         result = newton_krylov(lambda x_noise: sampled(x_noise)[0], target, X[0], max_iterations, tolerance,
                                gmres_restart, gmres_maxiter, batch_rows)
         improved = result.residual < before
-        start = jnp.where(improved.reshape((batch_rows,) + (1,) * (data.ndim - 1)) if data.ndim else improved[0],
-                          result.solution, X[0])
+        start = jnp.where(improved.reshape((batch_rows,) + (1,) * (data.ndim - 1)), result.solution, X[0])
         _, later, _ = sampled(start, True)
         X = jnp.concatenate([start[None], later[:-1]])
+        errors = jnp.where(improved, result.residual, before)
         iterations = result.iterations
+    else:
+        errors = round_trip(X[0])
     outputs = lax.map(lambda k: converted(k, X[k])[1], steps) if return_outputs else None
-    return X, outputs, round_trip(X[0]), sweeps, iterations
+    return X, outputs, errors, sweeps, iterations
 
 
 _exact_inversion_jit = jax.jit(_exact_inversion, static_argnums=tuple(range(11)))

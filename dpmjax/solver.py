@@ -200,10 +200,8 @@ def step(
     in_schedule = jnp.minimum(index, n - 1)
     order = jnp.minimum(jnp.minimum(state.lower_order_nums + 1, K), state.order_cap[in_schedule])
     row = state.update_coefficients[index, order - 1]
-    # the history is read after the write: XLA then updates the ring buffer in place
     m0 = convert_model_output(config, state, in_schedule, model_output, sample)
-    history = lax.dynamic_update_index_in_dim(history, m0.astype(history.dtype), index % K, 0)
-    previous = [lax.dynamic_index_in_dim(history, (index - k) % K, 0, keepdims=False) for k in range(1, K)]
+    history, previous = push_history(history, m0, index)
     prev_sample = update(config, row, sample, m0, previous, key, variance_noise)
     new_state = state.replace(
         model_outputs=history,
@@ -211,6 +209,16 @@ def step(
         step_index=(index + 1).astype(jnp.int32),
     )
     return prev_sample, new_state
+
+
+def push_history(history: Array, converted: Array, index) -> tuple:
+    """Write step ``index``'s converted output into the ``[K, ...]`` ring buffer (slot ``index % K``)
+    and read the ``K - 1`` older ones, newest first: ``(history, previous)``. The read follows the
+    write so that XLA updates the buffer in place."""
+    K = history.shape[0]
+    history = lax.dynamic_update_index_in_dim(history, converted.astype(history.dtype), index % K, 0)
+    previous = [lax.dynamic_index_in_dim(history, (index - k) % K, 0, keepdims=False) for k in range(1, K)]
+    return history, previous
 
 
 def update(config: SchedulerConfig, row: Array, sample: Array, converted: Array, previous: Sequence[Array],

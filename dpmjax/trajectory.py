@@ -143,8 +143,7 @@ def _scan_steps(scheduler, model_fn, return_samples, return_outputs, checkpoint,
         i, t, row, key, noise = inputs
         out = _call(model_fn, x, t, cond)
         m0 = solver.convert_model_output(config, state, i, solver.mean_of_model_output(config, out, x), x)
-        history = lax.dynamic_update_index_in_dim(history, m0, i % K, 0)
-        previous = [lax.dynamic_index_in_dim(history, (i - k) % K, 0, keepdims=False) for k in range(1, K)]
+        history, previous = solver.push_history(history, m0, i)
         x_new = solver.update(config, row, x, m0, previous, key, noise)
         _report_progress(progress, i, n, label)
         return (x_new, history), (x_new if return_samples else None, out if return_outputs else None)

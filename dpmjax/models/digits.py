@@ -46,7 +46,8 @@ def timestep_embedding(t: jax.Array, dim: int = EMBED) -> jax.Array:
 
 
 class DigitsDenoiser(nn.Module):
-    """``eps(x, t, label)`` for ``x: [B, 1, 8, 8]``, ``t``: scalar or ``[B]``, ``label: [B]`` int (10 = null)."""
+    """``eps(x, t, label)`` for ``x: [B, 1, 8, 8]``, ``t``: scalar or ``[B]``, ``label: [B]`` int (10 = null)
+    or, as floats ``[B, width]``, a label *embedding* (what null-text inversion optimises)."""
 
     width: int = WIDTH
     blocks: int = BLOCKS
@@ -56,7 +57,9 @@ class DigitsDenoiser(nn.Module):
         batch = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
         emb = nn.Dense(self.width)(nn.silu(nn.Dense(self.width)(timestep_embedding(t))))
-        emb = emb + nn.Embed(NULL_LABEL + 1, self.width)(label)
+        table = nn.Embed(NULL_LABEL + 1, self.width, name="Embed_0")
+        label = jnp.asarray(label)
+        emb = emb + (label.astype(jnp.float32) if jnp.issubdtype(label.dtype, jnp.floating) else table(label))
         h = nn.Dense(self.width)(x.reshape(batch, -1).astype(jnp.float32))
         for _ in range(self.blocks):
             r = nn.silu(nn.LayerNorm()(h) + emb)
@@ -79,8 +82,13 @@ class Digits(NamedTuple):
         return lambda x, t: DigitsDenoiser().apply(self.params, x, t, label)
 
     def conditional(self, x, t, label):
-        """``model(x, t, label)``: the form :func:`dpmjax.classifier_free_guidance` takes."""
+        """``model(x, t, label)``: the form :func:`dpmjax.classifier_free_guidance` takes. ``label`` is
+        ``[B]`` int or a ``[B, width]`` float embedding (see :meth:`embed`)."""
         return DigitsDenoiser().apply(self.params, x, t, label)
+
+    def embed(self, labels) -> jax.Array:
+        """The learned label embeddings ``[B, width]`` of ``labels`` (``NULL_LABEL`` gives the null one)."""
+        return self.params["params"]["Embed_0"]["embedding"][jnp.asarray(labels)]
 
 
 def classify(classifier, images: jax.Array) -> jax.Array:

@@ -95,8 +95,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--order", type=int, default=1, choices=(1, 2, 3),
                         help="solver order (default: 1, exact in one sweep; orders 2-3 take minutes per setting)")
     parser.add_argument("--no-exact", action="store_true", help="no exact inversion (it takes longer)")
-    parser.add_argument("--null-text-steps", type=int, default=10,
-                        help="optimiser steps per sampler step of null-text inversion (default: 10, as in the paper; 0: skip it)")
+    parser.add_argument("--null-text-steps", type=int, default=20,
+                        help="Adam steps per sampler step of null-text inversion (default: 20; the paper's 10 are too few for "
+                             "this model; 0: skip it)")
     parser.add_argument("--out", default="dpmjax-digits.png", help="PNG grid path (default: dpmjax-digits.png)")
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.steps) or args.count < 1:

@@ -20,11 +20,14 @@ another ``cond``, edit it (prompt-to-prompt style).
 ``model(x, t, cond)`` is the conditional model of :func:`dpmjax.classifier_free_guidance`; ``cond``
 and ``uncond`` are pytrees whose leaves are batched on axis 0 like ``x`` (text embeddings
 ``[B, L, D]`` for Stable Diffusion; label embeddings ``[B, width]`` for the shipped digits model).
-The whole inversion is one jitted scan with the optimisation inside (``lax.while_loop``).
+The whole inversion is one jitted scan with the optimisation inside (``lax.while_loop``). Large
+models should pass their weights as ``model_params`` (then ``model(x, t, cond, model_params)``):
+they then enter the compiled program as an argument rather than as constants.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax.struct
@@ -77,7 +80,7 @@ def _mask_rows(tree, active: Array):
 
 
 def _guided_scan(scheduler, model, guidance_scale, optimizer, inner_steps, tolerance, optimize, progress,
-                 state, noise, cond, nulls, targets):
+                 state, noise, cond, nulls, targets, model_params):
     """One scan over the sampler's steps. ``optimize``: tune each step's null (from the previous
     step's) towards ``targets[k]``; else use ``nulls[k]`` as given."""
     config = scheduler.config
@@ -85,6 +88,8 @@ def _guided_scan(scheduler, model, guidance_scale, optimizer, inner_steps, toler
     K = config.solver_order
     cdt = solver.compute_dtype(noise)
     rows = noise.shape[0]
+    if model_params is not None:
+        model = (lambda f: lambda x, t, c: f(x, t, c, model_params))(model)
 
     def body(carry, inputs):
         x, history, null = carry
@@ -151,6 +156,12 @@ def _checked(scheduler, guidance_scale, inner_steps, tolerance):
         raise ValueError(f"tolerance must be a non-negative number, got {tolerance!r}.")
 
 
+@functools.lru_cache(maxsize=32)
+def _packed(model):
+    """``model(x, t, (cond, params))`` for ``model(x, t, cond, params)`` (one per model: jit caches by identity)."""
+    return lambda x, t, packed: model(x, t, packed[0], packed[1])
+
+
 def _per_step(tree, n: int):
     return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (n,) + jnp.shape(a)), tree)
 
@@ -168,6 +179,7 @@ def null_text_inversion(
     inner_steps: int = 10,
     tolerance: float = 1e-5,
     exact_pivot: bool = False,
+    model_params: Any = None,
     progress: bool = False,
 ) -> NullTextInversion:
     """Invert ``data`` so that guided sampling at ``guidance_scale`` reconstructs it; see the module
@@ -180,7 +192,8 @@ def null_text_inversion(
     x = jnp.asarray(data)
     if x.ndim == 0:
         raise ValueError("data must have a batch axis.")
-    pivot = invert(lambda y, t: model(y, t, cond), x, scheduler, num_inference_steps, exact=exact_pivot,
+    pivot_model, pivot_cond = (model, cond) if model_params is None else (_packed(model), (cond, model_params))
+    pivot = invert(pivot_model, x, scheduler, num_inference_steps, cond=pivot_cond, exact=exact_pivot,
                    return_samples=True, progress=progress)
     path = pivot.samples  # inversion order: path[j] is the sampler's point N - 1 - j; path[-1] the noise
     targets = jnp.concatenate([path[:-1][::-1], x[None].astype(path.dtype)])
@@ -188,7 +201,7 @@ def null_text_inversion(
     n = state.num_inference_steps
     recon, nulls, losses, taken = _guided_scan_jit(
         scheduler, model, float(guidance_scale), optimizer, inner_steps, float(tolerance), True, progress,
-        state, pivot.sample, cond, _per_step(uncond, n), targets)
+        state, pivot.sample, cond, _per_step(uncond, n), targets, model_params)
     return NullTextInversion(pivot.sample, nulls, recon, losses, taken, pivot)
 
 
@@ -201,6 +214,7 @@ def sample_with_null_embeddings(
     cond: Any,
     null_embeddings: Any,
     guidance_scale: float,
+    model_params: Any = None,
     progress: bool = False,
 ) -> Array:
     """Guided sampling from ``noise`` with one unconditional input per step (``null_embeddings``,
@@ -214,5 +228,5 @@ def sample_with_null_embeddings(
     if leading != {n}:
         raise ValueError(f"null_embeddings must have a leading axis of num_inference_steps={n} on every leaf, got {leading}.")
     x, _, _, _ = _guided_scan_jit(scheduler, model, float(guidance_scale), _NO_OPTIMIZER, 0, 0.0, False, progress,
-                                  state, noise, cond, null_embeddings, None)
+                                  state, noise, cond, null_embeddings, None, model_params)
     return x

@@ -50,7 +50,8 @@ class NullTextInversion:
     noise: the pivot's noise ``z*_N`` (start of the reconstruction). null_embeddings: ``uncond``
     with a leading ``[N]`` axis, one per sampler step. reconstruction: guided sampling from ``noise``
     with those embeddings (the image it restores). losses: ``[N]``, the largest per-row mean squared
-    error to the pivot after each step's optimisation. optimizer_steps: ``[N]``, steps taken.
+    error to the pivot after each step's optimisation; initial_losses: the same before it (with the
+    embedding carried over from the step before). optimizer_steps: ``[N]``, steps taken.
     pivot: the ``w = 1`` inversion that was retraced.
     """
 
@@ -58,6 +59,7 @@ class NullTextInversion:
     null_embeddings: Any
     reconstruction: Array
     losses: Array
+    initial_losses: Array
     optimizer_steps: Array
     pivot: Trajectory
 
@@ -110,25 +112,30 @@ def _guided_scan(scheduler, model, guidance_scale, optimizer, inner_steps, toler
                 return jnp.sum(per_row), per_row
 
             def unfinished(c):
-                _, _, j, per_row = c
+                _, _, j, per_row, _ = c
                 return (j < inner_steps) & jnp.any(per_row > tolerance)
 
             def one(c):
-                u, opt_state, j, _ = c
+                u, opt_state, j, _, first = c
                 (_, per_row), grad = jax.value_and_grad(loss, has_aux=True)(u)
                 updates, opt_state = optimizer.update(grad, opt_state, u)
                 u = optax.apply_updates(u, _mask_rows(updates, per_row > tolerance))
-                return u, opt_state, j + 1, per_row
+                return u, opt_state, j + 1, per_row, jnp.where(j == 0, per_row, first)
 
-            start = (null, optimizer.init(null), jnp.asarray(0), jnp.full((rows,), jnp.inf, jnp.float32))
-            null, _, taken, _ = lax.while_loop(unfinished, one, start)
+            unknown = jnp.full((rows,), jnp.inf, jnp.float32)
+            null, _, taken, _, first = lax.while_loop(unfinished, one, (null, optimizer.init(null), jnp.asarray(0), unknown, unknown))
         else:
             taken = jnp.asarray(0)
         x_next, m0 = step_with(null)
         history = lax.dynamic_update_index_in_dim(history, m0.astype(cdt), i % K, 0)
-        error = jnp.max(_row_mse(x_next, target)) if optimize else jnp.asarray(0.0, jnp.float32)
+        if optimize:
+            error = _row_mse(x_next, target)
+            before = jnp.where(taken > 0, first, error)
+            errors = (jnp.max(error), jnp.max(before))
+        else:
+            errors = (jnp.asarray(0.0, jnp.float32),) * 2
         _report_progress(progress, i, n, "null-text inversion" if optimize else "sample (null-text)")
-        return (x_next, history, null), (null, error, taken)
+        return (x_next, history, null), (null, errors, taken)
 
     first_null = jax.tree_util.tree_map(lambda a: a[0], nulls)
     history = jnp.zeros((K,) + noise.shape, cdt)
@@ -199,10 +206,10 @@ def null_text_inversion(
     targets = jnp.concatenate([path[:-1][::-1], x[None].astype(path.dtype)])
     state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, x.shape, solver.compute_dtype(x))
     n = state.num_inference_steps
-    recon, nulls, losses, taken = _guided_scan_jit(
+    recon, nulls, (losses, initial), taken = _guided_scan_jit(
         scheduler, model, float(guidance_scale), optimizer, inner_steps, float(tolerance), True, progress,
         state, pivot.sample, cond, _per_step(uncond, n), targets, model_params)
-    return NullTextInversion(pivot.sample, nulls, recon, losses, taken, pivot)
+    return NullTextInversion(pivot.sample, nulls, recon, losses, initial, taken, pivot)
 
 
 def sample_with_null_embeddings(

@@ -43,6 +43,7 @@ def test_null_text_restores_the_reconstruction_at_high_guidance(setup):
     assert restored >= unguided - 3, (restored, unguided)
     assert result.losses.shape == (N,) and result.optimizer_steps.shape == (N,)
     assert int(result.optimizer_steps[0]) == 20
+    assert bool(jnp.all(result.losses <= result.initial_losses)) and float(jnp.mean(result.losses / result.initial_losses)) < 0.5
 
 
 def test_the_embeddings_reconstruct_through_sampling(setup):

@@ -1,0 +1,39 @@
+"""The notebooks run top to bottom (small settings, so they cannot rot) and are kept without outputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from test_flax_compat import old_diffusers  # noqa: F401  (the fixture)
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_the_four_notebooks_and_they_are_stripped():
+    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_inversion.ipynb", "03_null_text.ipynb",
+                                           "04_flax_stable_diffusion.ipynb"]
+    for path in NOTEBOOKS:
+        book = nbformat.read(path, as_version=4)
+        for cell in book.cells:
+            if cell.cell_type == "code":
+                assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: outputs must be stripped"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_top_to_bottom(path, old_diffusers, tmp_path, monkeypatch):  # noqa: F811
+    if "stable_diffusion" in path.name:  # the Flax UNet needs diffusers < 0.40, installed beside the environment
+        monkeypatch.setenv("PYTHONPATH", old_diffusers + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("UNET_DIR", raising=False)
+    book = nbformat.read(path, as_version=4)
+    NotebookClient(book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [o for cell in book.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
+    assert not errors
+    text = "".join(o.get("text", "") for cell in book.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert "Traceback" not in text

@@ -8,6 +8,7 @@ from .scheduler import (
     SchedulerOutput,
     __version__,
 )
+from .null_text import NullTextInversion, null_text_inversion, sample_with_null_embeddings
 from .state import SchedulerState
 from .trajectory import Trajectory, classifier_free_guidance, invert, sample
 
@@ -16,12 +17,15 @@ __all__ = [
     "DPMSolverMultistepScheduler",
     "FlaxDPMSolverMultistepScheduler",
     "FlaxDPMSolverMultistepSchedulerOutput",
+    "NullTextInversion",
     "SchedulerConfig",
     "SchedulerOutput",
     "SchedulerState",
     "Trajectory",
     "classifier_free_guidance",
     "invert",
+    "null_text_inversion",
     "sample",
+    "sample_with_null_embeddings",
     "__version__",
 ]

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -68,8 +70,15 @@ def old_diffusers() -> str:
     """A folder holding diffusers 0.39 (the last release with Flax), not on this process' path."""
     target = os.environ.get("DPMJAX_OLD_DIFFUSERS") or str(Path.home() / ".cache" / "dpmjax-tests" / f"diffusers-{OLD_VERSION}")
     if not (Path(target) / "diffusers" / "__init__.py").exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target,
+        # installed beside and moved into place in one rename: parallel test workers may race here
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix="diffusers-", dir=Path(target).parent)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", staging,
                         f"diffusers=={OLD_VERSION}"], check=True)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another worker got there first
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

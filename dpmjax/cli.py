@@ -1,22 +1,25 @@
-"""The ``dpmjax`` command: ``dpmjax [digits|demo] [options]``."""
+"""The ``dpmjax`` command: ``dpmjax [digits|demo|invert-batch] [options]``."""
 
 from __future__ import annotations
 
 import sys
 from typing import Optional, Sequence
 
-from . import demo, digits_job
+from . import batch_job, demo, digits_job
 
-COMMANDS = {"digits": digits_job.main, "demo": demo.main}
-USAGE = """usage: dpmjax [digits|demo] [options]
+COMMANDS = {"digits": digits_job.main, "demo": demo.main, "invert-batch": batch_job.main}
+USAGE = """usage: dpmjax [digits|demo|invert-batch] [options]
 
 commands:
   digits  invert held-out handwritten digits with the shipped model and sample them back:
           plain vs exact inversion, with and without guidance, PSNR table and PNG grid (the default)
   demo    invert analytic data (Gaussian mixture or Gaussian) and sample it back: round-trip error
           per solver order and number of steps
+  invert-batch INPUT OUTPUT
+          invert a store of .npy shards chunk by chunk, resumably (a killed run restarts where it
+          stopped; bad chunks are reported and the rest is done)
 
-'dpmjax digits --help' and 'dpmjax demo --help' list the options."""
+'dpmjax COMMAND --help' lists a command's options."""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -78,8 +78,8 @@ def test_the_training_script_runs_and_its_weights_load(tmp_path, monkeypatch):
 
 def test_the_main_job_prints_the_psnr_table_and_writes_the_grid(tmp_path, capsys):
     out = tmp_path / "digits.png"
-    assert cli.main(["--steps", "5", "--guidance", "1", "3", "--count", "20", "--out", str(out)]) == 0
+    assert cli.main(["--steps", "5", "--guidance", "1", "3", "--count", "20", "--null-text-steps", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| N | w | plain | exact |" in printed and "| 5 | 3 |" in printed
+    assert "| N | w | plain | exact | null-text |" in printed and "| 5 | 3 |" in printed
     assert "accuracy" in printed
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

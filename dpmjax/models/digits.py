@@ -116,3 +116,11 @@ def heldout():
     """``(images [M, 1, 8, 8] in [-1, 1], labels [M])``: the test split, never seen in training."""
     data = np.load(HELDOUT)
     return data["images"].astype(np.float32), data["labels"].astype(np.int32)
+
+
+@functools.lru_cache(maxsize=1)
+def unguided_model():
+    """``model_fn(x, t)``: the shipped model with the null label (no guidance); the batch
+    inversion job's built-in default (``dpmjax invert-batch --model dpmjax.models.digits:unguided_model``)."""
+    model = load()
+    return lambda x, t: model.conditional(x, t, jnp.full((x.shape[0],), NULL_LABEL, jnp.int32))

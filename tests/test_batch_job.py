@@ -1,0 +1,140 @@
+"""The resumable batch inversion job: kills, restarts, corrupt chunks, idempotent reruns."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpmjax import batch_job
+from dpmjax.models import digits
+
+STEPS = 5
+
+
+def make_store(folder: Path, chunks: int, rows: int = 4) -> list:
+    images = digits.heldout()[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(chunks):
+        name = f"part-{i:05d}.npy"
+        np.save(folder / name, images[(i * rows) % (len(images) - rows):][:rows])
+        names.append(name)
+    return names
+
+
+def outputs(folder: Path) -> dict:
+    return {p.name: np.load(p) for p in sorted((folder / "chunks").glob("*.npy"))}
+
+
+def events(folder: Path) -> list:
+    return [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    names = make_store(root / "input", 60)
+    summary = batch_job.run(root / "input", root / "reference", num_inference_steps=STEPS, progress=False)
+    assert sorted(summary.recorded) == names and not summary.failed
+    return root, names
+
+
+def test_a_rerun_is_idempotent_and_the_output_store_is_plain_npy(store):
+    root, names = store
+    before = {p.name: p.stat().st_mtime_ns for p in (root / "reference" / "chunks").glob("*.npy")}
+    summary = batch_job.run(root / "input", root / "reference", num_inference_steps=STEPS, progress=False)
+    assert summary.recorded == [] and sorted(summary.skipped) == names
+    assert before == {p.name: p.stat().st_mtime_ns for p in (root / "reference" / "chunks").glob("*.npy")}
+    manifest = json.loads((root / "reference" / "manifest.json").read_text())
+    assert manifest["shards"] == names and manifest["missing"] == [] and manifest["row_shape"] == [1, 8, 8]
+    noise = np.load(root / "reference" / "chunks" / names[0])
+    assert noise.shape == (4, 1, 8, 8) and noise.dtype == np.float32 and np.all(np.isfinite(noise))
+
+
+@pytest.mark.slow
+def test_killed_five_times_the_job_ends_equal_to_an_uninterrupted_run(store, tmp_path):
+    """SIGKILL at random points (after a random number of further chunks were recorded, polled
+    every few ms, so anywhere inside a chunk), 5 times over 60 chunks; then run to the end."""
+    root, names = store
+    out = tmp_path / "out"
+    rng = np.random.default_rng(0)
+    command = [sys.executable, "-m", "dpmjax", "invert-batch", str(root / "input"), str(out), "--steps", str(STEPS)]
+    kills = 0
+    while kills < 5:
+        recorded = sum(e["event"] == "recorded" for e in events(out)) if (out / "events.jsonl").exists() else 0
+        target = recorded + int(rng.integers(1, 8))
+        job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while job.poll() is None:
+            if (out / "events.jsonl").exists() and sum(e["event"] == "recorded" for e in events(out)) >= target:
+                os.kill(job.pid, signal.SIGKILL)
+                job.wait()
+                kills += 1
+                break
+            time.sleep(0.003)
+        assert job.returncode == -signal.SIGKILL, "the job finished before it could be killed 5 times"
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    expected, got = outputs(root / "reference"), outputs(out)
+    assert sorted(got) == names
+    for name in names:
+        np.testing.assert_array_equal(got[name], expected[name])
+    history = {}
+    for event in events(out):
+        if event["event"] == "started":
+            assert "recorded" not in history.get(event["chunk"], []), f"{event['chunk']} computed again after it was recorded"
+        history.setdefault(event["chunk"], []).append(event["event"])
+    assert all(h.count("recorded") == 1 for h in history.values())
+    assert len({e["pid"] for e in events(out)}) == 6
+    assert not list((out / "chunks").glob(".*")), "no temporary files left behind once the job finished"
+
+
+def test_corrupt_chunks_are_reported_by_name_and_the_rest_is_done(store, tmp_path, capsys):
+    root, names = store
+    bad = tmp_path / "input"
+    bad.mkdir()
+    for name in names[:12]:
+        (bad / name).write_bytes((root / "input" / name).read_bytes())
+    x = np.load(bad / names[3]); x[1, 0, 2, 2] = np.nan; np.save(bad / names[3], x)
+    np.save(bad / names[7], np.zeros((4, 1, 8, 9), np.float32))
+    data = (bad / names[11]).read_bytes(); (bad / names[11]).write_bytes(data[: len(data) // 2])
+
+    code = batch_job.main([str(bad), str(tmp_path / "out"), "--steps", str(STEPS)])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert f"FAILED {names[3]}: 1 non-finite input values" in printed
+    assert f"FAILED {names[7]}: shape (4, 1, 8, 9)" in printed
+    assert f"FAILED {names[11]}: unreadable" in printed
+    got = outputs(tmp_path / "out")
+    assert sorted(got) == sorted(set(names[:12]) - {names[3], names[7], names[11]})
+    for name in got:
+        np.testing.assert_array_equal(got[name], outputs(root / "reference")[name])
+    report = json.loads((tmp_path / "out" / "failed" / "part-00007.json").read_text())
+    assert report["chunk"] == names[7] and "shape" in report["reason"]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["missing"] == [names[3], names[7], names[11]]
+
+    # fixed data: a rerun computes exactly the quarantined chunk and clears its report
+    (bad / names[3]).write_bytes((root / "input" / names[3]).read_bytes())
+    summary = batch_job.run(bad, tmp_path / "out", num_inference_steps=STEPS, progress=False)
+    assert summary.recorded == [names[3]] and set(summary.failed) == {names[7], names[11]}
+    assert not (tmp_path / "out" / "failed" / "part-00003.json").exists()
+
+
+def test_bad_job_arguments_name_the_parameter(tmp_path):
+    make_store(tmp_path / "input", 1)
+    with pytest.raises(ValueError, match="model must be 'module:function'"):
+        batch_job.run(tmp_path / "input", tmp_path / "out", model="dpmjax.models.digits")
+    with pytest.raises(ValueError, match="cannot be imported"):
+        batch_job.run(tmp_path / "input", tmp_path / "out", model="dpmjax.models.digits:nothing")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=0)
+    with pytest.raises(ValueError, match="no manifest.json and no .npy"):
+        batch_job.run(tmp_path, tmp_path / "out")  # a folder without shards

@@ -13,8 +13,8 @@ Store layout (plain NumPy ``.npy`` files and JSON, no format of our own):
     OUTPUT/manifest.json     at the end: the output shards and the job's settings
 
 A chunk counts as recorded once its output file exists; a restarted job skips it (and never
-recomputes it). Each chunk is checked before and after: readable, ``[rows, *row_shape]``, finite
-input, finite noise. The model comes from ``module:function`` (called once with no arguments,
+recomputes it). Each chunk is checked before and after: readable, ``[rows, *row_shape]`` (the
+manifest's ``row_shape``, else the shape most chunks have), finite input, finite noise. The model comes from ``module:function`` (called once with no arguments,
 returning ``model_fn(x, t)``); the built-in default is the shipped digits model without guidance.
 
 Many devices: each chunk is split over the local devices (a 1-D ``data`` mesh) when its rows
@@ -86,6 +86,19 @@ def list_chunks(input_dir: Path) -> tuple:
     return names, None
 
 
+def majority_row_shape(input_dir: Path, names: Sequence[str]) -> Optional[tuple]:
+    """The row shape most chunks have (read from the .npy headers only): without a manifest, a
+    malformed first chunk must not decide what every other chunk is checked against."""
+    counts: dict = {}
+    for name in names:
+        try:
+            shape = tuple(np.load(input_dir / name, mmap_mode="r").shape[1:])
+        except Exception:  # unreadable chunks are reported when their turn comes
+            continue
+        counts[shape] = counts.get(shape, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
 def _atomic_save(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -154,6 +167,7 @@ def run(
         raise ValueError(f"input {input_dir} is not a directory.")
     scheduler = scheduler or DPMSolverMultistepScheduler(final_sigmas_type="sigma_min")
     names, row_shape = list_chunks(input_dir)
+    row_shape = row_shape or majority_row_shape(input_dir, names)
     mine = names[jax.process_index():: jax.process_count()]
     model_fn = load_model(model)
     (output_dir / "chunks").mkdir(parents=True, exist_ok=True)

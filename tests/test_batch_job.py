@@ -101,30 +101,30 @@ def test_corrupt_chunks_are_reported_by_name_and_the_rest_is_done(store, tmp_pat
     root, names = store
     bad = tmp_path / "input"
     bad.mkdir()
-    for name in names[:12]:
+    for name in names[:12]:  # the wrong shape comes first: the others must still be judged by the majority
         (bad / name).write_bytes((root / "input" / name).read_bytes())
     x = np.load(bad / names[3]); x[1, 0, 2, 2] = np.nan; np.save(bad / names[3], x)
-    np.save(bad / names[7], np.zeros((4, 1, 8, 9), np.float32))
+    np.save(bad / names[0], np.zeros((4, 1, 8, 9), np.float32))
     data = (bad / names[11]).read_bytes(); (bad / names[11]).write_bytes(data[: len(data) // 2])
 
     code = batch_job.main([str(bad), str(tmp_path / "out"), "--steps", str(STEPS)])
     printed = capsys.readouterr().out
     assert code == 1
     assert f"FAILED {names[3]}: 1 non-finite input values" in printed
-    assert f"FAILED {names[7]}: shape (4, 1, 8, 9)" in printed
+    assert f"FAILED {names[0]}: shape (4, 1, 8, 9)" in printed
     assert f"FAILED {names[11]}: unreadable" in printed
     got = outputs(tmp_path / "out")
-    assert sorted(got) == sorted(set(names[:12]) - {names[3], names[7], names[11]})
+    assert sorted(got) == sorted(set(names[:12]) - {names[0], names[3], names[11]})
     for name in got:
         np.testing.assert_array_equal(got[name], outputs(root / "reference")[name])
-    report = json.loads((tmp_path / "out" / "failed" / "part-00007.json").read_text())
-    assert report["chunk"] == names[7] and "shape" in report["reason"]
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["missing"] == [names[3], names[7], names[11]]
+    report = json.loads((tmp_path / "out" / "failed" / "part-00000.json").read_text())
+    assert report["chunk"] == names[0] and "shape" in report["reason"]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["missing"] == [names[0], names[3], names[11]]
 
     # fixed data: a rerun computes exactly the quarantined chunk and clears its report
     (bad / names[3]).write_bytes((root / "input" / names[3]).read_bytes())
     summary = batch_job.run(bad, tmp_path / "out", num_inference_steps=STEPS, progress=False)
-    assert summary.recorded == [names[3]] and set(summary.failed) == {names[7], names[11]}
+    assert summary.recorded == [names[3]] and set(summary.failed) == {names[0], names[11]}
     assert not (tmp_path / "out" / "failed" / "part-00003.json").exists()
 
 

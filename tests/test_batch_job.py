@@ -138,3 +138,15 @@ def test_bad_job_arguments_name_the_parameter(tmp_path):
         batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=0)
     with pytest.raises(ValueError, match="no manifest.json and no .npy"):
         batch_job.run(tmp_path, tmp_path / "out")  # a folder without shards
+
+
+def test_trajectories_are_saved_beside_the_noise(tmp_path):
+    make_store(tmp_path / "input", 2)
+    summary = batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, save_trajectory=True,
+                            progress=False)
+    assert len(summary.recorded) == 2
+    for name in summary.recorded:
+        path = np.load(tmp_path / "out" / "trajectories" / name)
+        noise = np.load(tmp_path / "out" / "chunks" / name)
+        assert path.shape == (4, STEPS, 1, 8, 8)
+        np.testing.assert_array_equal(path[:, -1], noise)

@@ -99,12 +99,14 @@ def majority_row_shape(input_dir: Path, names: Sequence[str]) -> Optional[tuple]
     return max(counts, key=counts.get) if counts else None
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
+def _atomic_write(path: Path, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync, rename into place, fsync the
+    folder: ``path`` then exists whole or not at all, also across a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -117,6 +119,14 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    _atomic_write(path, lambda f: np.save(f, array))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _append_event(path: Path, **event) -> None:
@@ -221,15 +231,6 @@ def run(
             "missing": [n for n in names if n not in done]}, indent=1))
     return summary
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

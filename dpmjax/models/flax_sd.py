@@ -106,7 +106,7 @@ def guided_unet(unet, guidance_scale: float = 7.5) -> Callable[[Array, Array, UN
 
 @_per_unet
 def unet_with_embedding(unet) -> Callable[[Array, Array, Any], Array]:
-    """``model(latents, t, (params, embeddings))``: the conditional form that
+    """``model(latents, t, embeddings, params)``: the conditional form that
     :func:`dpmjax.null_text.null_text_inversion` takes with ``model_params=params``."""
 
     def model(latents, t, embeddings, params):

@@ -12,6 +12,9 @@ Store layout (plain NumPy ``.npy`` files and JSON, no format of our own):
     OUTPUT/events.jsonl      one line per chunk started / recorded / failed, for audits
     OUTPUT/manifest.json     at the end: the output shards and the job's settings
 
+A run killed while writing leaves a hidden ``.NAME.HOST.PID.*.tmp`` file; the next run on that host
+removes those whose process is gone.
+
 A chunk counts as recorded once its output file exists; a restarted job skips it (and never
 recomputes it). Each chunk is checked before and after: readable, ``[rows, *row_shape]`` (the
 manifest's ``row_shape``, else the shape most chunks have), finite input, finite noise. The model comes from ``module:function`` (called once with no arguments,
@@ -29,6 +32,7 @@ import dataclasses
 import importlib
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -103,7 +107,7 @@ def _atomic_write(path: Path, write) -> None:
     """``write(file)`` into a temporary file beside ``path``, fsync, rename into place, fsync the
     folder: ``path`` then exists whole or not at all, also across a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_WRITER}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -119,6 +123,29 @@ def _atomic_write(path: Path, write) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+_WRITER = f"{socket.gethostname()}.{os.getpid()}"  # in temporary names: whose they are
+
+
+def _remove_dead_writers_files(output_dir: Path) -> None:
+    """Temporary files left by a killed run of this host (its pid no longer alive). Other hosts'
+    and live processes' files are left alone: they may still be writing them."""
+    host = socket.gethostname()
+    for tmp in output_dir.glob("*/.*.tmp"):
+        parts = tmp.name.split(".")  # "", name..., host..., pid, random, "tmp"
+        try:
+            pid = int(parts[-3])
+        except (ValueError, IndexError):
+            continue
+        if f".{host}.{pid}." not in tmp.name or pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
@@ -181,6 +208,7 @@ def run(
     mine = names[jax.process_index():: jax.process_count()]
     model_fn = load_model(model)
     (output_dir / "chunks").mkdir(parents=True, exist_ok=True)
+    _remove_dead_writers_files(output_dir)
     events = output_dir / "events.jsonl"
 
     recorded, skipped, failed, rows = [], [], {}, 0

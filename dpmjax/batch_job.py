@@ -20,9 +20,17 @@ recomputes it). Each chunk is checked before and after: readable, ``[rows, *row_
 manifest's ``row_shape``, else the shape most chunks have), finite input, finite noise. The model comes from ``module:function`` (called once with no arguments,
 returning ``model_fn(x, t)``); the built-in default is the shipped digits model without guidance.
 
-Many devices: each chunk is split over the local devices (a 1-D ``data`` mesh) when its rows
-divide evenly. Many processes (``jax.distributed``): process ``p`` of ``P`` takes chunks
-``p, p + P, ...`` of the same sorted list, writing into the same output store.
+Rows per model call: every chunk is inverted in pieces of exactly ``batch_rows`` rows (the last
+piece padded by repeating its last row; the padding is dropped), so one compiled program serves
+chunks of any size and memory stays bounded however large a shard is.
+
+Many devices: one worker thread per local device, each inverting whole chunks with the same
+single-device program; many processes (``jax.distributed``): process ``p`` of ``P`` takes chunks
+``p, p + P, ...`` of the same sorted list, writing into the same output store. A chunk's noise
+therefore depends on the chunk and ``batch_rows``, not on the number of devices or hosts: a run on
+one CPU, on 8 devices and on 2 hosts x 4 devices writes the same bits.
+(Splitting rows over the devices would not: XLA's CPU matmul rounds 1, 2-48 and 64 rows
+differently, ~1e-6 per layer.)
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -46,6 +55,7 @@ from .scheduler import DPMSolverMultistepScheduler
 from .trajectory import invert
 
 DEFAULT_MODEL = "dpmjax.models.digits:unguided_model"
+MAX_DEFAULT_BATCH_ROWS = 256  # rows per model call when the job is not told: memory stays bounded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,17 +100,49 @@ def list_chunks(input_dir: Path) -> tuple:
     return names, None
 
 
-def majority_row_shape(input_dir: Path, names: Sequence[str]) -> Optional[tuple]:
-    """The row shape most chunks have (read from the .npy headers only): without a manifest, a
-    malformed first chunk must not decide what every other chunk is checked against."""
-    counts: dict = {}
+def chunk_shapes(input_dir: Path, names: Sequence[str]) -> dict:
+    """``name -> shape`` from the .npy headers alone (unreadable chunks are left out: they are
+    reported when their turn comes)."""
+    shapes = {}
     for name in names:
         try:
-            shape = tuple(np.load(input_dir / name, mmap_mode="r").shape[1:])
-        except Exception:  # unreadable chunks are reported when their turn comes
+            shapes[name] = tuple(np.load(input_dir / name, mmap_mode="r").shape)
+        except Exception:
             continue
-        counts[shape] = counts.get(shape, 0) + 1
+    return shapes
+
+
+def majority_row_shape(shapes: dict) -> Optional[tuple]:
+    """The row shape most chunks have: without a manifest, a malformed first chunk must not decide
+    what every other chunk is checked against."""
+    counts: dict = {}
+    for shape in shapes.values():
+        counts[shape[1:]] = counts.get(shape[1:], 0) + 1
     return max(counts, key=counts.get) if counts else None
+
+
+def default_batch_rows(shapes: dict, row_shape: Optional[tuple]) -> int:
+    """The largest well-shaped chunk's rows, at most :data:`MAX_DEFAULT_BATCH_ROWS`."""
+    rows = [shape[0] for shape in shapes.values() if len(shape) >= 2 and (row_shape is None or shape[1:] == tuple(row_shape))]
+    return max(1, min(max(rows, default=1), MAX_DEFAULT_BATCH_ROWS))
+
+
+def _in_batches(invert_rows: Callable, x: np.ndarray, batch_rows: int):
+    """``invert_rows`` on pieces of exactly ``batch_rows`` rows (the last one padded by repeating its
+    last row, the padding dropped after): one compiled program for every chunk, and a row's noise
+    depends on the row and ``batch_rows`` alone (XLA's CPU matmul rounds differently for different
+    row counts). Returns ``(noise [rows, ...], samples [N, rows, ...] or None)``."""
+    noises, paths = [], []
+    for begin in range(0, x.shape[0], batch_rows):
+        piece = x[begin: begin + batch_rows]
+        rows = piece.shape[0]
+        if rows < batch_rows:
+            piece = np.concatenate([piece, np.repeat(piece[-1:], batch_rows - rows, axis=0)])
+        noise, samples = invert_rows(piece)
+        noises.append(np.asarray(noise, np.float32)[:rows])
+        if samples is not None:
+            paths.append(np.asarray(samples, np.float32)[:, :rows])
+    return np.concatenate(noises), (np.concatenate(paths, axis=1) if paths else None)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -177,15 +219,6 @@ def _read_chunk(path: Path, row_shape: Optional[tuple]) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def _placed(x: np.ndarray):
-    """``x`` split over the local devices along rows when they divide evenly."""
-    devices = jax.local_devices()
-    if len(devices) == 1 or x.shape[0] % len(devices):
-        return jax.numpy.asarray(x)
-    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-    return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-
-
 def run(
     input_dir,
     output_dir,
@@ -195,6 +228,7 @@ def run(
     exact: bool = False,
     save_trajectory: bool = False,
     progress: bool = True,
+    batch_rows: Optional[int] = None,
 ) -> Summary:
     """Invert every chunk of ``input_dir`` not yet recorded in ``output_dir``; see the module docstring."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
@@ -203,51 +237,90 @@ def run(
     if not input_dir.is_dir():
         raise ValueError(f"input {input_dir} is not a directory.")
     scheduler = scheduler or DPMSolverMultistepScheduler(final_sigmas_type="sigma_min")
+    if batch_rows is not None and (isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1):
+        raise ValueError(f"batch_rows must be a positive integer (rows per model call) or None, got {batch_rows!r}.")
     names, row_shape = list_chunks(input_dir)
-    row_shape = row_shape or majority_row_shape(input_dir, names)
+    shapes = chunk_shapes(input_dir, names)
+    row_shape = row_shape or majority_row_shape(shapes)
+    batch_rows = batch_rows or default_batch_rows(shapes, row_shape)
     mine = names[jax.process_index():: jax.process_count()]
     model_fn = load_model(model)
     (output_dir / "chunks").mkdir(parents=True, exist_ok=True)
     _remove_dead_writers_files(output_dir)
     events = output_dir / "events.jsonl"
 
-    recorded, skipped, failed, rows = [], [], {}, 0
+    recorded, skipped, failed = [], [], {}
+    todo = []
+    for name in mine:
+        (skipped if (output_dir / "chunks" / name).exists() else todo).append(name)
+    lock = threading.Lock()  # guards the queue, the lists above, events.jsonl and the progress line
+    counts = {"rows": 0, "done": len(skipped)}
+    errors: list = []
     start = time.perf_counter()
-    for position, name in enumerate(mine):
+
+    def invert_chunk(name: str, device) -> None:
         target = output_dir / "chunks" / name
-        if target.exists():
-            skipped.append(name)
-            continue
-        _append_event(events, chunk=name, event="started")
+        with lock:
+            _append_event(events, chunk=name, event="started")
         try:
             x = _read_chunk(input_dir / name, row_shape)
-            row_shape = row_shape or tuple(x.shape[1:])
-            result = invert(model_fn, _placed(x), scheduler, num_inference_steps, exact=exact, return_samples=save_trajectory)
-            noise = np.asarray(result.sample, np.float32)
+
+            def invert_rows(piece):
+                result = invert(model_fn, jax.device_put(piece, device), scheduler, num_inference_steps, exact=exact,
+                                return_samples=save_trajectory)
+                return result.sample, result.samples if save_trajectory else None
+
+            noise, samples = _in_batches(invert_rows, x, batch_rows)
             if not np.all(np.isfinite(noise)):
                 raise ChunkError("the inversion produced non-finite noise")
         except ChunkError as error:
-            failed[name] = str(error)
             _atomic_write_text(output_dir / "failed" / f"{Path(name).stem}.json", json.dumps({"chunk": name, "reason": str(error)}))
-            _append_event(events, chunk=name, event="failed", reason=str(error))
-            continue
+            with lock:
+                failed[name] = str(error)
+                _append_event(events, chunk=name, event="failed", reason=str(error))
+            return
         if save_trajectory:
-            _atomic_save(output_dir / "trajectories" / name, np.moveaxis(np.asarray(result.samples, np.float32), 0, 1))
+            _atomic_save(output_dir / "trajectories" / name, np.moveaxis(samples, 0, 1))
         _atomic_save(target, noise)  # the record: from here on the chunk is done
-        stale = output_dir / "failed" / f"{Path(name).stem}.json"
-        if stale.exists():
-            stale.unlink()
-        _append_event(events, chunk=name, event="recorded", rows=int(x.shape[0]))
-        recorded.append(name)
-        rows += int(x.shape[0])
-        if progress:
-            elapsed = time.perf_counter() - start
-            sys.stderr.write(f"\rinvert-batch [{position + 1}/{len(mine)} chunks] {rows} rows, "
-                             f"{rows / max(elapsed, 1e-9):.0f} rows/s, {len(failed)} failed")
-            sys.stderr.flush()
+        (output_dir / "failed" / f"{Path(name).stem}.json").unlink(missing_ok=True)
+        with lock:
+            _append_event(events, chunk=name, event="recorded", rows=int(x.shape[0]))
+            recorded.append(name)
+            counts["rows"] += int(x.shape[0])
+            counts["done"] += 1
+            if progress:
+                elapsed = time.perf_counter() - start
+                sys.stderr.write(f"\rinvert-batch [{counts['done']}/{len(mine)} chunks] {counts['rows']} rows, "
+                                 f"{counts['rows'] / max(elapsed, 1e-9):.0f} rows/s, {len(failed)} failed")
+                sys.stderr.flush()
+
+    def worker(device) -> None:  # one per local device: whole chunks, the same single-device program
+        while True:
+            with lock:
+                if errors or not todo:
+                    return
+                name = todo.pop(0)
+            try:
+                invert_chunk(name, device)
+            except BaseException as error:  # not the chunk's fault (the model, the disk): stop the job
+                with lock:
+                    errors.append(error)
+                return
+
+    threads = [threading.Thread(target=worker, args=(device,), daemon=True) for device in jax.local_devices()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
     if progress:
         sys.stderr.write("\n")
-    summary = Summary(recorded, skipped, failed, rows, time.perf_counter() - start)
+    if jax.process_count() > 1:  # the manifest is written once every process has finished its chunks
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("dpmjax invert-batch: all chunks done")
+    summary = Summary(recorded, skipped, failed, counts["rows"], time.perf_counter() - start)
     if jax.process_index() == 0:
         done = sorted(p.name for p in (output_dir / "chunks").glob("*.npy"))
         if row_shape is None and done:  # nothing read by this run: the recorded outputs say it
@@ -255,6 +328,7 @@ def run(
         _atomic_write_text(output_dir / "manifest.json", json.dumps({
             "shards": done, "row_shape": list(row_shape) if row_shape else None, "of": "noise",
             "input": str(input_dir), "model": model, "num_inference_steps": num_inference_steps, "exact": exact,
+            "batch_rows": batch_rows,
             "scheduler": scheduler.config.to_dict(),
             "missing": [n for n in names if n not in done]}, indent=1))
     return summary
@@ -271,18 +345,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--order", type=int, choices=(1, 2, 3), help="solver order (overrides the config)")
     parser.add_argument("--exact", action="store_true", help="exact inversion (sampling the noise gives the input back)")
     parser.add_argument("--save-trajectory", action="store_true", help="also write every intermediate sample")
-    parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first (multi-host)")
+    parser.add_argument("--batch-rows", type=int,
+                        help=f"rows per model call: chunks are inverted in pieces of exactly this many rows, the last padded "
+                             f"(default: the largest chunk's rows, at most {MAX_DEFAULT_BATCH_ROWS})")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() first (multi-host; on TPU and SLURM it reads the cluster from the environment)")
+    parser.add_argument("--coordinator-address", help="with --distributed: HOST:PORT of process 0 (elsewhere than TPU/SLURM)")
+    parser.add_argument("--num-processes", type=int, help="with --distributed: how many processes")
+    parser.add_argument("--process-id", type=int, help="with --distributed: this process' index")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be positive")
+    cluster = {k: v for k, v in (("coordinator_address", args.coordinator_address), ("num_processes", args.num_processes),
+                                 ("process_id", args.process_id)) if v is not None}
+    if cluster and not args.distributed:
+        parser.error("--coordinator-address, --num-processes and --process-id need --distributed")
     if args.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**cluster)
     scheduler = (DPMSolverMultistepScheduler.from_pretrained(args.config) if args.config
                  else DPMSolverMultistepScheduler(final_sigmas_type="sigma_min"))
     if args.order:
         scheduler = DPMSolverMultistepScheduler(scheduler.config.replace(solver_order=args.order))
     try:
-        summary = run(args.input, args.output, args.model, args.steps, scheduler, args.exact, args.save_trajectory)
+        summary = run(args.input, args.output, args.model, args.steps, scheduler, args.exact, args.save_trajectory,
+                      batch_rows=args.batch_rows)
     except ValueError as error:
         parser.error(str(error))
     print(f"invert-batch: {len(summary.recorded)} chunks inverted ({summary.rows} rows, {summary.rows_per_second:.0f} rows/s), "

@@ -150,3 +150,89 @@ def test_trajectories_are_saved_beside_the_noise(tmp_path):
         noise = np.load(tmp_path / "out" / "chunks" / name)
         assert path.shape == (4, STEPS, 1, 8, 8)
         np.testing.assert_array_equal(path[:, -1], noise)
+
+
+def test_exact_inversion_in_the_job_samples_back_to_the_input(tmp_path):
+    """``--exact``: sampling the written noise back with the same scheduler gives the chunk again
+    (plain inversion, from the same chunks, does not)."""
+    import dpmjax
+
+    make_store(tmp_path / "input", 2)
+    exact = batch_job.main([str(tmp_path / "input"), str(tmp_path / "exact"), "--steps", str(STEPS), "--exact"])
+    plain = batch_job.main([str(tmp_path / "input"), str(tmp_path / "plain"), "--steps", str(STEPS)])
+    assert exact == plain == 0
+    assert json.loads((tmp_path / "exact" / "manifest.json").read_text())["exact"] is True
+    scheduler = dpmjax.DPMSolverMultistepScheduler(final_sigmas_type="sigma_min")
+    model_fn = digits.unguided_model()
+    for name in sorted(p.name for p in (tmp_path / "input").glob("*.npy")):
+        x = np.load(tmp_path / "input" / name)
+        errors = {kind: float(np.max(np.abs(np.asarray(dpmjax.sample(
+            model_fn, np.load(tmp_path / kind / "chunks" / name), scheduler, STEPS).sample) - x)))
+            for kind in ("exact", "plain")}
+        assert errors["exact"] < 1e-4 and errors["plain"] > 100 * errors["exact"], (name, errors)
+
+
+def _job(input_dir: Path, output: Path, devices: int, processes: int = 1, *extra: str):
+    """The job in fresh processes with ``devices`` virtual CPU devices each (jax.distributed on
+    loopback for several processes)."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "dpmjax", "invert-batch", str(input_dir), str(output), "--steps", str(STEPS), *extra]
+    if processes > 1:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command += ["--distributed", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(processes)]
+    jobs = [subprocess.Popen(command + (["--process-id", str(p)] if processes > 1 else []), env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in range(processes)]
+    for job in jobs:
+        out, err = job.communicate(timeout=600)
+        assert job.returncode == 0, err[-3000:]
+    return outputs(output)
+
+
+@pytest.mark.slow
+def test_one_device_eight_devices_and_two_hosts_write_the_same_bits(tmp_path):
+    """Whole chunks per device, one single-device program: the noise depends on the chunk alone.
+    Row counts 1-8 matter: XLA's CPU matmul rounds 1, 2-48 and 64 rows differently, so a chunk
+    split over the devices would differ by ~1e-6 (it did, before the job ran whole chunks)."""
+    images = digits.heldout()[0]
+    (tmp_path / "input").mkdir()
+    sizes = [8, 1, 3, 4, 8, 5, 2, 8, 6, 7]
+    for i, rows in enumerate(sizes):
+        np.save(tmp_path / "input" / f"part-{i:02d}.npy", images[4 * i:][:rows])
+    one = _job(tmp_path / "input", tmp_path / "one", 1)
+    eight = _job(tmp_path / "input", tmp_path / "eight", 8)
+    two_by_four = _job(tmp_path / "input", tmp_path / "two_by_four", 4, 2)
+    assert sorted(one) == sorted(eight) == sorted(two_by_four) == [f"part-{i:02d}.npy" for i in range(len(sizes))]
+    for name in one:
+        np.testing.assert_array_equal(eight[name], one[name], err_msg=name)
+        np.testing.assert_array_equal(two_by_four[name], one[name], err_msg=name)
+    manifest = json.loads((tmp_path / "two_by_four" / "manifest.json").read_text())
+    assert manifest["missing"] == [] and len(manifest["shards"]) == len(sizes)  # written after both hosts finished
+    assert manifest["batch_rows"] == 8
+    assert len({e["pid"] for e in events(tmp_path / "two_by_four")}) == 2
+
+
+def test_chunks_run_in_pieces_of_batch_rows(tmp_path):
+    """Any chunk size, one program: pieces of exactly ``batch_rows`` rows, the last padded; the
+    padding changes nothing and a chunk larger than ``batch_rows`` equals its pieces run alone."""
+    images = digits.heldout()[0]
+    (tmp_path / "input").mkdir()
+    np.save(tmp_path / "input" / "a.npy", images[:10])
+    np.save(tmp_path / "input" / "b.npy", images[10:13])
+    summary = batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, batch_rows=4, progress=False)
+    assert sorted(summary.recorded) == ["a.npy", "b.npy"] and summary.rows == 13
+    got = outputs(tmp_path / "out")
+    assert got["a.npy"].shape == (10, 1, 8, 8) and got["b.npy"].shape == (3, 1, 8, 8)
+    (tmp_path / "pieces").mkdir()
+    for i, begin in enumerate((0, 4, 8)):
+        np.save(tmp_path / "pieces" / f"a{i}.npy", images[begin:begin + 4])
+    batch_job.run(tmp_path / "pieces", tmp_path / "pieces_out", num_inference_steps=STEPS, progress=False)
+    pieces = outputs(tmp_path / "pieces_out")
+    np.testing.assert_array_equal(got["a.npy"][:8], np.concatenate([pieces["a0.npy"], pieces["a1.npy"]]))
+    np.testing.assert_array_equal(got["a.npy"][8:], pieces["a2.npy"][:2])  # padded: images 10-11 stood in for rows 2-3
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["batch_rows"] == 4
+    with pytest.raises(ValueError, match="batch_rows must be a positive integer"):
+        batch_job.run(tmp_path / "input", tmp_path / "out", batch_rows=0)

@@ -8,7 +8,8 @@ sharing the same cores), and 2 processes x 4 devices under ``jax.distributed`` o
 work is ``dpmjax.invert`` of held-out digits with the shipped model (unguided, DPM-Solver++ order
 2), the batch split over a ``data`` mesh axis. Reported: rows per second (best of 3 after a warm-up
 call), and the compiled program's memory per device (XLA's memory analysis: arguments, outputs and
-temporaries of one device's program).
+temporaries of one device's program). Then ``dpmjax invert-batch`` end to end (start-up, one
+compile per device, reading and writing included) on 1 and 8 devices and 2 processes x 4.
 """
 
 from __future__ import annotations
@@ -78,10 +79,53 @@ def launch(devices: int, processes: int, rows: int, steps: int) -> dict:
     return json.loads(outputs[0][0].strip().splitlines()[-1])
 
 
+def job(devices: int, processes: int, chunks: int, chunk_rows: int, steps: int) -> dict:
+    """``dpmjax invert-batch`` end to end (start-up, one compile per device, reading, writing) on a
+    store of ``chunks`` x ``chunk_rows`` held-out digits, in fresh processes."""
+    import tempfile
+
+    import numpy as np
+
+    from dpmjax.models import digits
+
+    images = digits.heldout()[0]
+    with tempfile.TemporaryDirectory() as root:
+        store = os.path.join(root, "input")
+        os.mkdir(store)
+        for i in range(chunks):
+            np.save(os.path.join(store, f"part-{i:04d}.npy"), np.resize(np.roll(images, i, axis=0), (chunk_rows,) + images.shape[1:]))
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        command = [sys.executable, "-m", "dpmjax", "invert-batch", store, os.path.join(root, "output"), "--steps", str(steps)]
+        if processes > 1:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            command += ["--distributed", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(processes)]
+        start = time.perf_counter()
+        jobs = [subprocess.Popen(command + (["--process-id", str(p)] if processes > 1 else []), env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in range(processes)]
+        outputs = [j.communicate() for j in jobs]
+        seconds = time.perf_counter() - start
+        for j, (_, err) in zip(jobs, outputs):
+            if j.returncode:
+                raise RuntimeError(err[-3000:])
+        written = len(os.listdir(os.path.join(root, "output", "chunks")))
+        with open(os.path.join(root, "output", "events.jsonl")) as f:
+            times = sorted(e["time"] for e in map(json.loads, f) if e["event"] == "recorded")
+    # steady state: the chunks recorded after the first one, over the time since it (start-up and
+    # the compiles are behind us by then)
+    steady = (len(times) - 1) * chunk_rows / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+    return {"devices": devices * processes, "processes": processes, "chunks": chunks, "chunk_rows": chunk_rows, "steps": steps,
+            "written": written, "seconds": seconds, "rows_per_second": chunks * chunk_rows / seconds,
+            "steady_rows_per_second": steady}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--job-chunks", type=int, default=64)
+    parser.add_argument("--job-rows", type=int, default=256)
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", nargs=3, type=int, metavar=("PROCESS", "PROCESSES", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -96,9 +140,19 @@ def main(argv=None) -> int:
         memory = "n/a" if result["bytes_per_device"] is None else f"{result['bytes_per_device'] / 2**20:.1f}"
         print(f"| {result['devices']} | {result['processes']} | {result['rows_per_second']:.0f} | "
               f"{result['rows_per_second'] / results[0]['rows_per_second']:.2f}x | {memory} |", flush=True)
+    jobs = []
+    print(f"\nthe batch job, end to end: {args.job_chunks} chunks x {args.job_rows} rows\n"
+          f"| devices | processes | seconds | rows/s | steady rows/s | vs 1 device (steady) |\n|---|---|---|---|---|---|")
+    for devices, processes in ((1, 1), (8, 1), (4, 2)):
+        result = job(devices, processes, args.job_chunks, args.job_rows, args.steps)
+        assert result["written"] == args.job_chunks, result
+        jobs.append(result)
+        print(f"| {result['devices']} | {processes} | {result['seconds']:.1f} | {result['rows_per_second']:.0f} | "
+              f"{result['steady_rows_per_second']:.0f} | "
+              f"{result['steady_rows_per_second'] / jobs[0]['steady_rows_per_second']:.2f}x |", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"cpu_count": os.cpu_count(), "results": results}, f, indent=1)
+            json.dump({"cpu_count": os.cpu_count(), "results": results, "job": jobs}, f, indent=1)
     return 0
 
 

@@ -29,15 +29,8 @@ from dpmjax.models import digits  # noqa: E402
 ROWS, N = 32, 10
 
 
-def main(out: str) -> dict:
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    rows = NamedSharding(mesh, PartitionSpec("data"))
-    images, labels = (np.asarray(a[:ROWS]) for a in digits.heldout())
-    per_process = ROWS // jax.process_count()
-    mine = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
-    x = jax.make_array_from_process_local_data(rows, images[mine], (ROWS,) + images.shape[1:])
-    y = jax.make_array_from_process_local_data(rows, labels[mine], (ROWS,))
-
+def trajectories(mesh, x, y, z) -> tuple:
+    """Everything the check compares, for rows ``x`` (labels ``y``, mixture data ``z``) on ``mesh``."""
     model = digits.load()
 
     def guided(x, t, labels):  # global arrays travel as cond: a jitted function may not close over them
@@ -48,9 +41,7 @@ def main(out: str) -> dict:
     back = dpmjax.sample(guided, inverted.sample, scheduler, N, cond=y)
     # an element-wise model (the exact denoiser of a Gaussian mixture): no matmul whose rounding
     # depends on the rows per device, so every device count must give the same bits
-    mixture = analytic.GaussianMixture()
-    z = jax.make_array_from_process_local_data(rows, np.asarray(mixture.sample(jax.random.PRNGKey(0), (ROWS, 16)))[mine], (ROWS, 16))
-    analytic_noise = dpmjax.invert(analytic.timestep_model(mixture, scheduler.config), z, scheduler, 25).sample
+    analytic_noise = dpmjax.invert(analytic.timestep_model(analytic.GaussianMixture(), scheduler.config), z, scheduler, 25).sample
 
     # the scheduler state itself on the mesh: the model-output history split along the batch
     state = scheduler.set_timesteps(scheduler.create_state(), N, x.shape)
@@ -70,14 +61,32 @@ def main(out: str) -> dict:
         return x, state
 
     stepped, final_state = loop(state, inverted.sample, y)
-    results = {"noise": inverted.sample, "path": inverted.samples, "back": back.sample, "stepped": stepped,
-               "analytic": analytic_noise}
+    return {"noise": inverted.sample, "path": inverted.samples, "back": back.sample, "stepped": stepped,
+            "analytic": analytic_noise}, final_state
+
+
+def main(out: str) -> dict:
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    images, labels = (np.asarray(a[:ROWS]) for a in digits.heldout())
+    mixture = np.asarray(analytic.GaussianMixture().sample(jax.random.PRNGKey(0), (ROWS, 16)))
+    per_process = ROWS // jax.process_count()
+    mine = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+    x, y, z = (jax.make_array_from_process_local_data(rows, a[mine], a.shape) for a in (images, labels, mixture))
+    results, final_state = trajectories(mesh, x, y, z)
+
     report = {name: str(a.sharding.spec) for name, a in results.items()}
     report["history"] = str(final_state.model_outputs.sharding.spec)
     report["devices"] = jax.device_count()
     report["processes"] = jax.process_count()
-    report["local_shards"] = len(inverted.sample.addressable_shards)
+    report["local_shards"] = len(inverted_shards := results["noise"].addressable_shards)
+    report["shard_rows"] = inverted_shards[0].data.shape[0]
     gathered = {name: np.asarray(multihost_utils.process_allgather(a, tiled=True)) for name, a in results.items()}
+    if jax.device_count() == 1:  # the 8-device split, run piece by piece on this one device
+        pieces = [trajectories(mesh, images[i:i + ROWS // 8], labels[i:i + ROWS // 8], mixture[i:i + ROWS // 8])[0]
+                  for i in range(0, ROWS, ROWS // 8)]
+        for name in results:
+            gathered[f"{name}_by_shard"] = np.concatenate([np.asarray(p[name]) for p in pieces], axis=1 if name == "path" else 0)
     if jax.process_index() == 0:
         np.savez(f"{out}/result.npz", **gathered)
     return report

@@ -9,6 +9,7 @@ Store layout (plain NumPy ``.npy`` files and JSON, no format of our own):
                              and renamed into place: it exists whole or not at all
     OUTPUT/trajectories/NAME.npy   with save_trajectory: [rows, N, *row_shape], the path noise-ward
     OUTPUT/failed/NAME.json  a quarantined chunk and why (a rerun tries it again)
+    OUTPUT/settings.json     the job's settings, written by the first run; a rerun with others is refused
     OUTPUT/events.jsonl      one line per chunk started / recorded / failed, for audits
     OUTPUT/manifest.json     at the end: the output shards and the job's settings
 
@@ -145,6 +146,23 @@ def _in_batches(invert_rows: Callable, x: np.ndarray, batch_rows: int):
     return np.concatenate(noises), (np.concatenate(paths, axis=1) if paths else None)
 
 
+def _check_same_settings(path: Path, settings: dict) -> None:
+    """A resumed job must compute what the interrupted one did: an output store holding one
+    setting's noise is never topped up with another's."""
+    if not path.exists():
+        return
+    before = json.loads(path.read_text())
+    changed = [key for key in settings if before.get(key) != settings[key]]
+    if changed:
+        detail = "; ".join(f"{key}: was {before.get(key)!r}, now {settings[key]!r}" for key in changed if key != "scheduler")
+        if "scheduler" in changed:
+            keys = sorted(k for k in set(before.get("scheduler") or {}) | set(settings["scheduler"])
+                          if (before.get("scheduler") or {}).get(k) != settings["scheduler"].get(k))
+            detail = "; ".join(filter(None, [detail, f"scheduler config differs in {', '.join(keys)}"]))
+        raise ValueError(f"output {path.parent} was started with other settings ({detail}): "
+                         f"rerun with the same settings or write to a new output folder.")
+
+
 def _atomic_write(path: Path, write) -> None:
     """``write(file)`` into a temporary file beside ``path``, fsync, rename into place, fsync the
     folder: ``path`` then exists whole or not at all, also across a crash."""
@@ -244,9 +262,14 @@ def run(
     row_shape = row_shape or majority_row_shape(shapes)
     batch_rows = batch_rows or default_batch_rows(shapes, row_shape)
     mine = names[jax.process_index():: jax.process_count()]
+    settings = {"model": model, "num_inference_steps": num_inference_steps, "exact": exact, "batch_rows": batch_rows,
+                "scheduler": json.loads(json.dumps(scheduler.config.to_dict()))}
+    _check_same_settings(output_dir / "settings.json", settings)
     model_fn = load_model(model)
     (output_dir / "chunks").mkdir(parents=True, exist_ok=True)
     _remove_dead_writers_files(output_dir)
+    if jax.process_index() == 0 and not (output_dir / "settings.json").exists():
+        _atomic_write_text(output_dir / "settings.json", json.dumps(settings, indent=1))
     events = output_dir / "events.jsonl"
 
     recorded, skipped, failed = [], [], {}
@@ -327,10 +350,7 @@ def run(
             row_shape = tuple(np.load(output_dir / "chunks" / done[0], mmap_mode="r").shape[1:])
         _atomic_write_text(output_dir / "manifest.json", json.dumps({
             "shards": done, "row_shape": list(row_shape) if row_shape else None, "of": "noise",
-            "input": str(input_dir), "model": model, "num_inference_steps": num_inference_steps, "exact": exact,
-            "batch_rows": batch_rows,
-            "scheduler": scheduler.config.to_dict(),
-            "missing": [n for n in names if n not in done]}, indent=1))
+            "input": str(input_dir), **settings, "missing": [n for n in names if n not in done]}, indent=1))
     return summary
 
 

@@ -236,3 +236,21 @@ def test_chunks_run_in_pieces_of_batch_rows(tmp_path):
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["batch_rows"] == 4
     with pytest.raises(ValueError, match="batch_rows must be a positive integer"):
         batch_job.run(tmp_path / "input", tmp_path / "out", batch_rows=0)
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path):
+    """The output store holds one job's noise: resuming it with other rows per call, steps or
+    scheduler would mix two jobs' results silently."""
+    import dpmjax
+
+    make_store(tmp_path / "input", 2)
+    batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, batch_rows=4, progress=False)
+    with pytest.raises(ValueError, match=r"batch_rows: was 4, now 2.*new output folder"):
+        batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, batch_rows=2, progress=False)
+    with pytest.raises(ValueError, match=r"num_inference_steps: was 5, now 6"):
+        batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS + 1, batch_rows=4, progress=False)
+    order_one = dpmjax.DPMSolverMultistepScheduler(final_sigmas_type="sigma_min", solver_order=1)
+    with pytest.raises(ValueError, match=r"scheduler config differs in solver_order"):
+        batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, scheduler=order_one, batch_rows=4,
+                      progress=False)
+    assert batch_job.main([str(tmp_path / "input"), str(tmp_path / "out"), "--steps", str(STEPS), "--batch-rows", "4"]) == 0

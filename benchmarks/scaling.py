@@ -111,10 +111,12 @@ def job(devices: int, processes: int, chunks: int, chunk_rows: int, steps: int) 
                 raise RuntimeError(err[-3000:])
         written = len(os.listdir(os.path.join(root, "output", "chunks")))
         with open(os.path.join(root, "output", "events.jsonl")) as f:
-            times = sorted(e["time"] for e in map(json.loads, f) if e["event"] == "recorded")
-    # steady state: the chunks recorded after the first one, over the time since it (start-up and
-    # the compiles are behind us by then)
-    steady = (len(times) - 1) * chunk_rows / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+            records = [e for e in map(json.loads, f) if e["event"] == "recorded"]
+    # steady state: from the moment every device has recorded its first chunk (start-up and the
+    # compiles are behind us) to the last record, the chunks recorded in between
+    warm = max(min(e["time"] for e in records if e["device"] == d) for d in {e["device"] for e in records})
+    later = [e["time"] for e in records if e["time"] > warm]
+    steady = len(later) * chunk_rows / (max(later) - warm) if later else float("nan")
     return {"devices": devices * processes, "processes": processes, "chunks": chunks, "chunk_rows": chunk_rows, "steps": steps,
             "written": written, "seconds": seconds, "rows_per_second": chunks * chunk_rows / seconds,
             "steady_rows_per_second": steady}

@@ -284,7 +284,7 @@ def run(
     def invert_chunk(name: str, device) -> None:
         target = output_dir / "chunks" / name
         with lock:
-            _append_event(events, chunk=name, event="started")
+            _append_event(events, chunk=name, event="started", device=device.id)
         try:
             x = _read_chunk(input_dir / name, row_shape)
 
@@ -300,14 +300,14 @@ def run(
             _atomic_write_text(output_dir / "failed" / f"{Path(name).stem}.json", json.dumps({"chunk": name, "reason": str(error)}))
             with lock:
                 failed[name] = str(error)
-                _append_event(events, chunk=name, event="failed", reason=str(error))
+                _append_event(events, chunk=name, event="failed", device=device.id, reason=str(error))
             return
         if save_trajectory:
             _atomic_save(output_dir / "trajectories" / name, np.moveaxis(samples, 0, 1))
         _atomic_save(target, noise)  # the record: from here on the chunk is done
         (output_dir / "failed" / f"{Path(name).stem}.json").unlink(missing_ok=True)
         with lock:
-            _append_event(events, chunk=name, event="recorded", rows=int(x.shape[0]))
+            _append_event(events, chunk=name, event="recorded", device=device.id, rows=int(x.shape[0]))
             recorded.append(name)
             counts["rows"] += int(x.shape[0])
             counts["done"] += 1

@@ -213,6 +213,8 @@ def test_one_device_eight_devices_and_two_hosts_write_the_same_bits(tmp_path):
     assert manifest["missing"] == [] and len(manifest["shards"]) == len(sizes)  # written after both hosts finished
     assert manifest["batch_rows"] == 8
     assert len({e["pid"] for e in events(tmp_path / "two_by_four")}) == 2
+    for run in ("eight", "two_by_four"):  # every device inverted chunks: the comparison is not vacuous
+        assert len({e["device"] for e in events(tmp_path / run) if e["event"] == "recorded"}) == 8, run
 
 
 def test_chunks_run_in_pieces_of_batch_rows(tmp_path):

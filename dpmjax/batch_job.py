@@ -223,6 +223,29 @@ def _append_event(path: Path, **event) -> None:
         os.fsync(f.fileno())
 
 
+def _log_unlogged_records(events: Path, chunks: Path, done: Sequence[str]) -> None:
+    """A run killed between writing a chunk's output (the record) and logging it leaves the chunk
+    done but unlogged: log it now (``"found": true``), so the audit has one "recorded" per chunk.
+    A line cut short by the kill is ended first, so the next event starts on a line of its own."""
+    logged = set()
+    if events.exists():
+        text = events.read_text()
+        for line in text.splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "recorded":
+                logged.add(event.get("chunk"))
+        if text and not text.endswith("\n"):
+            with open(events, "a") as f:
+                f.write("\n")
+    for name in done:
+        if name not in logged:
+            rows = int(np.load(chunks / name, mmap_mode="r").shape[0])
+            _append_event(events, chunk=name, event="recorded", rows=rows, found=True)
+
+
 def _read_chunk(path: Path, row_shape: Optional[tuple]) -> np.ndarray:
     try:
         x = np.load(path, allow_pickle=False)
@@ -276,6 +299,7 @@ def run(
     todo = []
     for name in mine:
         (skipped if (output_dir / "chunks" / name).exists() else todo).append(name)
+    _log_unlogged_records(events, output_dir / "chunks", skipped)
     lock = threading.Lock()  # guards the queue, the lists above, events.jsonl and the progress line
     counts = {"rows": 0, "done": len(skipped)}
     errors: list = []

@@ -59,6 +59,26 @@ def test_a_rerun_is_idempotent_and_the_output_store_is_plain_npy(store):
     assert noise.shape == (4, 1, 8, 8) and noise.dtype == np.float32 and np.all(np.isfinite(noise))
 
 
+def test_a_chunk_written_but_not_logged_is_logged_on_restart(store, tmp_path):
+    """The kill can land between writing a chunk's output (the record) and logging it, even in the
+    middle of the log line: the restart logs it as found and keeps the log one JSON per line."""
+    import shutil
+
+    root, names = store
+    out = tmp_path / "out"
+    shutil.copytree(root / "reference", out)
+    lines = (out / "events.jsonl").read_text().splitlines()
+    unlogged = names[7]
+    kept = [line for line in lines if not (json.loads(line)["chunk"] == unlogged and json.loads(line)["event"] == "recorded")]
+    (out / "events.jsonl").write_text("\n".join(kept) + '\n{"chunk": "part-00')  # cut short
+    summary = batch_job.run(root / "input", out, num_inference_steps=STEPS, progress=False)
+    assert summary.recorded == [] and sorted(summary.skipped) == names
+    text = (out / "events.jsonl").read_text()
+    assert text.splitlines()[len(kept)] == '{"chunk": "part-00'
+    found = [json.loads(line) for line in text.splitlines()[len(kept) + 1:]]
+    assert [(e["chunk"], e["event"], e["found"], e["rows"]) for e in found] == [(unlogged, "recorded", True, 4)]
+
+
 @pytest.mark.slow
 def test_killed_five_times_the_job_ends_equal_to_an_uninterrupted_run(store, tmp_path):
     """SIGKILL at random points (after a random number of further chunks were recorded, polled

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import subprocess
@@ -149,9 +150,9 @@ def main(argv=None) -> int:
         result = job(devices, processes, args.job_chunks, args.job_rows, args.steps)
         assert result["written"] == args.job_chunks, result
         jobs.append(result)
+        steady, ratio = result["steady_rows_per_second"], result["steady_rows_per_second"] / jobs[0]["steady_rows_per_second"]
         print(f"| {result['devices']} | {processes} | {result['seconds']:.1f} | {result['rows_per_second']:.0f} | "
-              f"{result['steady_rows_per_second']:.0f} | "
-              f"{result['steady_rows_per_second'] / jobs[0]['steady_rows_per_second']:.2f}x |", flush=True)
+              + (f"{steady:.0f} | {ratio:.2f}x |" if math.isfinite(ratio) else "n/a (too few chunks) | n/a |"), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"cpu_count": os.cpu_count(), "results": results, "job": jobs}, f, indent=1)

@@ -1,10 +1,12 @@
-"""A resumable batch inversion job: ``.npy`` shards in, noise shards out; a killed run restarts
+"""A resumable batch inversion job: an array store in, noise shards out; a killed run restarts
 where it stopped, a rerun is idempotent, a bad chunk is reported and the rest is done.
 
-Store layout (plain NumPy ``.npy`` files and JSON, no format of our own):
+Input (:mod:`dpmjax.input_stores`): a folder of ``.npy`` shards, one chunk each (every ``*.npy``
+sorted by name, or the list in ``INPUT/manifest.json``: ``{"shards": [...], "row_shape": [...]}``),
+or a zarr array ``[rows, *row_shape]`` (v2 or v3, read with tensorstore) cut into chunks of its own
+row chunking, named ``rows-BEGIN-END.npy``. Output (plain ``.npy`` files and JSON, no format of
+our own):
 
-    INPUT/manifest.json      optional: {"shards": ["a.npy", ...], "row_shape": [1, 8, 8]}
-    INPUT/*.npy              otherwise every .npy file, sorted by name; each is one chunk [rows, *row_shape]
     OUTPUT/chunks/NAME.npy   the noise of chunk NAME (float32), written to a temporary file, fsynced
                              and renamed into place: it exists whole or not at all
     OUTPUT/trajectories/NAME.npy   with save_trajectory: [rows, N, *row_shape], the path noise-ward
@@ -18,8 +20,9 @@ removes those whose process is gone.
 
 A chunk counts as recorded once its output file exists; a restarted job skips it (and never
 recomputes it). Each chunk is checked before and after: readable, ``[rows, *row_shape]`` (the
-manifest's ``row_shape``, else the shape most chunks have), finite input, finite noise. The model comes from ``module:function`` (called once with no arguments,
-returning ``model_fn(x, t)``); the built-in default is the shipped digits model without guidance.
+manifest's or the zarr array's ``row_shape``, else the shape most chunks have), finite input,
+finite noise. The model comes from ``module:function`` (called once with no arguments, returning
+``model_fn(x, t)``); the built-in default is the shipped digits model without guidance.
 
 Rows per model call: every chunk is inverted in pieces of exactly ``batch_rows`` rows (the last
 piece padded by repeating its last row; the padding is dropped), so one compiled program serves
@@ -52,6 +55,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from .input_stores import ChunkError, largest_rows, majority_row_shape, open_store
 from .scheduler import DPMSolverMultistepScheduler
 from .trajectory import invert
 
@@ -72,10 +76,6 @@ class Summary:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
-class ChunkError(ValueError):
-    """A chunk that cannot be inverted (unreadable, wrong shape, non-finite input or output)."""
-
-
 def load_model(spec: str) -> Callable:
     """``module:function`` -> ``function()``, the model_fn(x, t)."""
     module, sep, name = spec.partition(":")
@@ -88,44 +88,9 @@ def load_model(spec: str) -> Callable:
     return factory()
 
 
-def list_chunks(input_dir: Path) -> tuple:
-    """``(names, row_shape or None)`` of the input store, in job order."""
-    manifest = input_dir / "manifest.json"
-    if manifest.exists():
-        meta = json.loads(manifest.read_text())
-        names = [str(Path(f).name) for f in meta["shards"]]
-        return names, tuple(meta["row_shape"]) if meta.get("row_shape") is not None else None
-    names = sorted(p.name for p in input_dir.glob("*.npy"))
-    if not names:
-        raise ValueError(f"input {input_dir} has no manifest.json and no .npy files.")
-    return names, None
-
-
-def chunk_shapes(input_dir: Path, names: Sequence[str]) -> dict:
-    """``name -> shape`` from the .npy headers alone (unreadable chunks are left out: they are
-    reported when their turn comes)."""
-    shapes = {}
-    for name in names:
-        try:
-            shapes[name] = tuple(np.load(input_dir / name, mmap_mode="r").shape)
-        except Exception:
-            continue
-    return shapes
-
-
-def majority_row_shape(shapes: dict) -> Optional[tuple]:
-    """The row shape most chunks have: without a manifest, a malformed first chunk must not decide
-    what every other chunk is checked against."""
-    counts: dict = {}
-    for shape in shapes.values():
-        counts[shape[1:]] = counts.get(shape[1:], 0) + 1
-    return max(counts, key=counts.get) if counts else None
-
-
 def default_batch_rows(shapes: dict, row_shape: Optional[tuple]) -> int:
     """The largest well-shaped chunk's rows, at most :data:`MAX_DEFAULT_BATCH_ROWS`."""
-    rows = [shape[0] for shape in shapes.values() if len(shape) >= 2 and (row_shape is None or shape[1:] == tuple(row_shape))]
-    return max(1, min(max(rows, default=1), MAX_DEFAULT_BATCH_ROWS))
+    return max(1, min(largest_rows(shapes, row_shape), MAX_DEFAULT_BATCH_ROWS))
 
 
 def _in_batches(invert_rows: Callable, x: np.ndarray, batch_rows: int):
@@ -246,20 +211,6 @@ def _log_unlogged_records(events: Path, chunks: Path, done: Sequence[str]) -> No
             _append_event(events, chunk=name, event="recorded", rows=rows, found=True)
 
 
-def _read_chunk(path: Path, row_shape: Optional[tuple]) -> np.ndarray:
-    try:
-        x = np.load(path, allow_pickle=False)
-    except Exception as error:  # truncated, not .npy, unreadable
-        raise ChunkError(f"unreadable ({type(error).__name__}: {error})") from error
-    if x.ndim < 2 or (row_shape is not None and tuple(x.shape[1:]) != tuple(row_shape)):
-        raise ChunkError(f"shape {tuple(x.shape)} is not [rows, *{list(row_shape) if row_shape else 'row_shape'}]")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ChunkError(f"dtype {x.dtype} is not floating point")
-    if not np.all(np.isfinite(x)):
-        raise ChunkError(f"{int(np.sum(~np.isfinite(x)))} non-finite input values")
-    return x.astype(np.float32)
-
-
 def run(
     input_dir,
     output_dir,
@@ -275,14 +226,13 @@ def run(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
-    if not input_dir.is_dir():
-        raise ValueError(f"input {input_dir} is not a directory.")
     scheduler = scheduler or DPMSolverMultistepScheduler(final_sigmas_type="sigma_min")
     if batch_rows is not None and (isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1):
         raise ValueError(f"batch_rows must be a positive integer (rows per model call) or None, got {batch_rows!r}.")
-    names, row_shape = list_chunks(input_dir)
-    shapes = chunk_shapes(input_dir, names)
-    row_shape = row_shape or majority_row_shape(shapes)
+    store = open_store(input_dir)
+    names = store.names
+    shapes = store.shapes()
+    row_shape = store.row_shape or majority_row_shape(shapes)
     batch_rows = batch_rows or default_batch_rows(shapes, row_shape)
     mine = names[jax.process_index():: jax.process_count()]
     settings = {"model": model, "num_inference_steps": num_inference_steps, "exact": exact, "batch_rows": batch_rows,
@@ -310,7 +260,7 @@ def run(
         with lock:
             _append_event(events, chunk=name, event="started", device=device.id)
         try:
-            x = _read_chunk(input_dir / name, row_shape)
+            x = store.read(name, row_shape)
 
             def invert_rows(piece):
                 result = invert(model_fn, jax.device_put(piece, device), scheduler, num_inference_steps, exact=exact,
@@ -381,7 +331,7 @@ def run(
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="dpmjax invert-batch", description=__doc__.splitlines()[0])
-    parser.add_argument("input", help="directory of .npy shards (optionally with manifest.json)")
+    parser.add_argument("input", help="a directory of .npy shards (optionally with manifest.json) or a zarr array")
     parser.add_argument("output", help="output directory (created; reruns resume)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"module:function returning model_fn(x, t) (default: {DEFAULT_MODEL})")
     parser.add_argument("--steps", type=int, default=25, help="inference steps (default: 25)")

@@ -156,7 +156,7 @@ def test_bad_job_arguments_name_the_parameter(tmp_path):
         batch_job.run(tmp_path / "input", tmp_path / "out", model="dpmjax.models.digits:nothing")
     with pytest.raises(ValueError, match="num_inference_steps"):
         batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=0)
-    with pytest.raises(ValueError, match="no manifest.json and no .npy"):
+    with pytest.raises(ValueError, match="no manifest.json, no .npy files and is no zarr array"):
         batch_job.run(tmp_path, tmp_path / "out")  # a folder without shards
 
 
@@ -276,3 +276,53 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
         batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, scheduler=order_one, batch_rows=4,
                       progress=False)
     assert batch_job.main([str(tmp_path / "input"), str(tmp_path / "out"), "--steps", str(STEPS), "--batch-rows", "4"]) == 0
+
+
+def write_zarr(folder: Path, data: np.ndarray, chunk_rows: int, version: int) -> None:
+    import tensorstore as ts
+
+    chunks = [chunk_rows, *data.shape[1:]]
+    metadata = ({"shape": list(data.shape), "chunks": chunks, "dtype": "<f4"} if version == 2 else
+                {"shape": list(data.shape), "data_type": "float32",
+                 "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}}})
+    array = ts.open({"driver": "zarr" if version == 2 else "zarr3", "kvstore": {"driver": "file", "path": str(folder)},
+                     "metadata": metadata}, create=True).result()
+    array[...] = data
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_zarr_array_is_inverted_in_its_own_row_chunks(tmp_path, version):
+    """A zarr array (tensorstore) in, the same noise as .npy shards holding the same row ranges;
+    a corrupt chunk file and a NaN are reported by their row range while the rest is done."""
+    images = np.asarray(digits.heldout()[0][:20], np.float32)
+    write_zarr(tmp_path / "latents.zarr", images, chunk_rows=8, version=version)
+    (tmp_path / "shards").mkdir()
+    names = ["rows-00-08.npy", "rows-08-16.npy", "rows-16-20.npy"]
+    for name, (begin, end) in zip(names, ((0, 8), (8, 16), (16, 20))):
+        np.save(tmp_path / "shards" / name, images[begin:end])
+    summary = batch_job.run(tmp_path / "latents.zarr", tmp_path / "out", num_inference_steps=STEPS, progress=False)
+    assert sorted(summary.recorded) == names and summary.rows == 20
+    batch_job.run(tmp_path / "shards", tmp_path / "from_npy", num_inference_steps=STEPS, progress=False)
+    got, expected = outputs(tmp_path / "out"), outputs(tmp_path / "from_npy")
+    for name in names:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["row_shape"] == [1, 8, 8]
+
+    bad = images.copy()
+    bad[17, 0, 3, 3] = np.nan
+    write_zarr(tmp_path / "bad.zarr", bad, chunk_rows=8, version=version)
+    chunk_file = (tmp_path / "bad.zarr" / "1.0.0.0") if version == 2 else (tmp_path / "bad.zarr" / "c" / "1" / "0" / "0" / "0")
+    chunk_file.write_bytes(b"not a zarr chunk")
+    summary = batch_job.run(tmp_path / "bad.zarr", tmp_path / "bad_out", num_inference_steps=STEPS, progress=False)
+    assert summary.recorded == ["rows-00-08.npy"]
+    assert summary.failed["rows-08-16.npy"].startswith("unreadable")
+    assert summary.failed["rows-16-20.npy"] == "1 non-finite input values"
+
+
+def test_an_input_that_is_no_store_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="is not a directory"):
+        batch_job.run(tmp_path / "missing", tmp_path / "out")
+    (tmp_path / "broken.zarr").mkdir()
+    (tmp_path / "broken.zarr" / ".zarray").write_text("{not json")
+    with pytest.raises(ValueError, match="is not a readable zarr array"):
+        batch_job.run(tmp_path / "broken.zarr", tmp_path / "out")

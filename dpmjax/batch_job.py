@@ -192,19 +192,21 @@ def _log_unlogged_records(events: Path, chunks: Path, done: Sequence[str]) -> No
     """A run killed between writing a chunk's output (the record) and logging it leaves the chunk
     done but unlogged: log it now (``"found": true``), so the audit has one "recorded" per chunk.
     A line cut short by the kill is ended first, so the next event starts on a line of its own."""
+    if events.exists() and events.stat().st_size:
+        with open(events, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
     logged = set()
-    if events.exists():
-        text = events.read_text()
-        for line in text.splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "recorded":
-                logged.add(event.get("chunk"))
-        if text and not text.endswith("\n"):
-            with open(events, "a") as f:
-                f.write("\n")
+    if done and events.exists():  # one pass over the log, only when a rerun finds finished chunks
+        with open(events) as f:
+            for line in f:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if event.get("event") == "recorded":
+                    logged.add(event.get("chunk"))
     for name in done:
         if name not in logged:
             rows = int(np.load(chunks / name, mmap_mode="r").shape[0])

@@ -73,7 +73,10 @@ class ZarrArray:
     """A zarr array ``[rows, *row_shape]``, read with tensorstore, in chunks of its own row chunking."""
 
     def __init__(self, folder: Path):
-        import tensorstore as ts
+        try:
+            import tensorstore as ts
+        except ImportError as error:  # pragma: no cover - depends on the environment
+            raise ImportError('reading a zarr array needs tensorstore: pip install "dpmjax[zarr]"') from error
 
         self.folder = Path(folder)
         driver = "zarr3" if (self.folder / "zarr.json").exists() else "zarr"

@@ -55,7 +55,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from .input_stores import ChunkError, largest_rows, majority_row_shape, open_store
+from .input_stores import ChunkError, majority_row_shape, open_store
 from .scheduler import DPMSolverMultistepScheduler
 from .trajectory import invert
 
@@ -89,8 +89,9 @@ def load_model(spec: str) -> Callable:
 
 
 def default_batch_rows(shapes: dict, row_shape: Optional[tuple]) -> int:
-    """The largest well-shaped chunk's rows, at most :data:`MAX_DEFAULT_BATCH_ROWS`."""
-    return max(1, min(largest_rows(shapes, row_shape), MAX_DEFAULT_BATCH_ROWS))
+    """The largest well-shaped chunk's rows (1 if none), at most :data:`MAX_DEFAULT_BATCH_ROWS`."""
+    rows = [shape[0] for shape in shapes.values() if len(shape) >= 2 and (row_shape is None or shape[1:] == tuple(row_shape))]
+    return max(1, min(max(rows, default=1), MAX_DEFAULT_BATCH_ROWS))
 
 
 def _in_batches(invert_rows: Callable, x: np.ndarray, batch_rows: int):

@@ -124,9 +124,3 @@ def majority_row_shape(shapes: dict) -> Optional[tuple]:
     for shape in shapes.values():
         counts[shape[1:]] = counts.get(shape[1:], 0) + 1
     return max(counts, key=counts.get) if counts else None
-
-
-def largest_rows(shapes: dict, row_shape: Optional[tuple]) -> int:
-    """The most rows of any well-shaped chunk (1 if none)."""
-    rows = [shape[0] for shape in shapes.values() if len(shape) >= 2 and (row_shape is None or shape[1:] == tuple(row_shape))]
-    return max(rows, default=1)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.struct
 import jax
@@ -59,8 +59,9 @@ class Trajectory:
     timesteps: ``[N]``, where the model was evaluated, in the order of the steps taken.
     sigmas: ``[N + 1]``, the noise levels visited (diffusers' sigma), in order.
     Exact inversion only: round_trip: ``[rows]``, the measured ``max|sample(noise) - x| / max(1, max|x|)``
-    per row of the input ``x``; iterations: Newton iterations of the last solve (the whole-sampler
-    solve for orders >= 2, the slowest step for order 1); sweeps: history sweeps made (0 for order 1).
+    per row of the input ``x`` (one value for ``independent_rows=False``); converged: ``[rows]``,
+    whether that is within the ``tolerance`` asked for; iterations: Newton iterations of the whole-sampler
+    solve; sweeps: defect-correction sweeps made.
     """
 
     sample: Array
@@ -71,6 +72,7 @@ class Trajectory:
     round_trip: Optional[Array] = None
     iterations: Optional[Array] = None
     sweeps: Optional[Array] = None
+    converged: Optional[Array] = None
 
 
 # ----------------------------------------------------------------------------- guidance
@@ -253,114 +255,168 @@ def mirrored_state(scheduler: _DPMSolverMultistepBase, forward_state: SchedulerS
     return inverse, inverse.state_on_grid(inverse.create_state(), timesteps, sigmas, shape, dtype)
 
 
-def _exact_inversion(scheduler, model_fn, max_sweeps, handoff, max_iterations, tolerance, gmres_restart, gmres_maxiter,
-                     batch_rows, return_outputs, progress, state, data, cond, noises):
-    """First-order exact sweep, history sweeps, then the whole-sampler (shooting) solve; see the module
-    docstring. Returns the path ``[N, *shape]`` (sampler order, noise first), the model outputs,
-    the per-row round trip, the sweeps made and the Newton iterations of the last solve."""
+class ExactOptions(NamedTuple):
+    """Static settings of exact inversion (hashable: one compiled program per distinct value).
+
+    max_sweeps: defect-correction sweeps at most; max_iterations / tolerance: every Newton solve
+    (tolerance relative to max(1, max|row|)); gmres_restart / gmres_maxiter: its Krylov solves;
+    rows: independent problems along axis 0 (the batch size, or 1 for a model that couples rows).
+    """
+
+    max_sweeps: int
+    max_iterations: int
+    tolerance: float
+    gmres_restart: int
+    gmres_maxiter: int
+    rows: int
+
+
+class _Sweeps(NamedTuple):
+    """Carry of the defect-correction loop: per row the best start so far, its sample and error."""
+
+    noise: Array
+    sampled: Array
+    error: Array
+    active: Array
+    count: Array
+
+
+def _exact_inversion(scheduler, inverse, model_fn, options: ExactOptions, return_outputs, progress, state, mirror, data, cond,
+                     noises):
+    """Exact inversion of a sampler; see :func:`invert` and the module docstring. Returns the path
+    ``[N, *shape]`` (sampler order, noise first), the model outputs, the per-row round trip, the
+    defect-correction sweeps made and the Newton iterations of the whole-sampler solve."""
     config = scheduler.config
     n = state.timesteps.shape[0]
     K = config.solver_order
+    rows = options.rows
     steps = jnp.arange(n)
     cdt = solver.compute_dtype(data)
     target = data.astype(cdt)
+    scale = jnp.maximum(1.0, row_max_abs(target, rows))
+    per_row = lambda v: v.reshape((rows,) + (1,) * (data.ndim - 1)) if rows > 1 else v.reshape(())  # noqa: E731
     z = jnp.zeros((n,) + data.shape, cdt) if noises is None else noises.astype(cdt)
+    newton = dict(max_iterations=options.max_iterations, tolerance=options.tolerance / 10,
+                  gmres_restart=options.gmres_restart, gmres_maxiter=options.gmres_maxiter, rows=rows)
 
     def converted(k, y):
         out = _call(model_fn, y, state.timesteps[k], cond)
         mean = solver.mean_of_model_output(config, out, y)
         return solver.convert_model_output(config, state, k, mean, y), out
 
-    def history(M):
-        zero = jnp.zeros_like(M[:1])
-        return [jnp.concatenate([zero, M[:-1]]), jnp.concatenate([zero, zero, M[:-2]])][: K - 1]
+    def sampled(x_noise, return_samples=False):
+        return _scan_steps(scheduler, model_fn, return_samples, False, False, 1, False, "", state, x_noise, cond, None, noises)
 
-    def sweep(X, M, from_predictor, rows):
-        """Each sampler step ``x_{k+1} = F_k(x_k)`` solved for ``x_k``, from the data end, with the
-        history taken from ``M``; started from the explicit (DDIM-like) predictor anchored at the
-        just-solved end point, or from the previous sweep's ``X``."""
+    def error_of(x_sampled):
+        """Per row: max|x_sampled - data| / max(1, max|data|) (the scale of the Newton residuals)."""
+        return row_max_abs(x_sampled - target, rows) / scale
+
+    def plain(x):  # plain inversion (``inverse`` on ``mirror``): the sampler's noise levels mirrored
+        return _scan_steps(inverse, model_fn, False, False, False, 1, False, "", mirror, x, cond, None, None)[0]
+
+    def first_order_solves():
+        """Each step of the first-order sampler ``x_{k+1} = F_k(x_k)`` solved for ``x_k`` by Newton-Krylov,
+        from the data end, started from the explicit (DDIM-like) predictor: exact for order 1."""
+        rows_1 = state.update_coefficients[steps, 0]
 
         def solve(x_next, inputs):
-            k, y_previous, z_k, *hist = inputs
-            row = rows[k].astype(cdt)
+            k, z_k = inputs
+            row = rows_1[k].astype(cdt)
             noise = z_k if config.is_sde else None
-            F = lambda y: solver.linear_update(row, y, [converted(k, y)[0]] + list(hist), noise)  # noqa: E731
+            F = lambda y: solver.linear_update(row, y, [converted(k, y)[0]], noise)  # noqa: E731
             zero = jnp.zeros_like(x_next)
-            history_and_noise = solver.linear_update(row.at[:2].set(0.0), zero, [zero] + list(hist), noise)
+            noise_part = solver.linear_update(row.at[:2].set(0.0), zero, [zero], noise)
             c_x = row[0]
-            explicit = (x_next - history_and_noise - row[1] * converted(k, x_next)[0]) / jnp.where(c_x == 0, 1.0, c_x)
-            predictor = jnp.where(jnp.abs(c_x) > 1e-6, explicit, x_next)
-            y0 = jnp.where(from_predictor, predictor, y_previous)
-            result = newton_krylov(F, x_next, y0, max_iterations, tolerance, gmres_restart, gmres_maxiter, batch_rows)
-            _report_progress(progress, n - 1 - k, n, "invert (exact sweep)")
-            return result.solution, (result.solution, converted(k, result.solution)[0], result.iterations)
+            explicit = (x_next - noise_part - row[1] * converted(k, x_next)[0]) / jnp.where(c_x == 0, 1.0, c_x)
+            y0 = jnp.where(jnp.abs(c_x) > 1e-6, explicit, x_next)
+            # each step a hundredth of the tolerance: the round trip adds up every step's residual
+            result = newton_krylov(F, x_next, y0, **dict(newton, tolerance=options.tolerance / 100))
+            _report_progress(progress, n - 1 - k, n, "invert (exact, per step)")
+            return result.solution, None
 
-        _, (X, M, iterations) = lax.scan(solve, target, (steps, X, z, *history(M)), reverse=True)
-        return X, M, jnp.max(iterations)
+        return lax.scan(solve, target, (steps, z), reverse=True)[0]
 
-    def sampled(x_noise, return_samples=False):  # model outputs, if asked for, come from lax.map below
-        return _scan_steps(scheduler, model_fn, return_samples, False, False, 1, False, "", state,
-                           x_noise, cond, None, noises)
+    def sweeps(start, start_sampled, start_error):
+        """Defect correction: z <- z + I(x) - I(S(z)) with I the plain inversion, an approximate inverse
+        of the sampler S (Stetter 1978, "The defect correction principle"); it converges fast where I is
+        accurate. A row takes a sweep only where it lowers its round trip, and stops when a sweep gains
+        less than a factor of 2 (stalled at float32 cancellation, or diverging)."""
 
-    def round_trip(x_noise):
-        """Per row: max|sample(x_noise) - data| / max(1, max|data|), measured by the sampler itself
-        (the same scale as the Newton solves' residuals)."""
-        return row_max_abs(sampled(x_noise)[0] - target, batch_rows) / jnp.maximum(1.0, row_max_abs(target, batch_rows))
+        def unfinished(carry: _Sweeps):
+            return (carry.count < options.max_sweeps) & jnp.any(carry.active)
 
-    # 1. the exact inversion of the first-order sampler: no history, one sweep (exact for order 1)
-    X = jnp.broadcast_to(target, (n,) + target.shape)
-    X, M, iterations = sweep(X, jnp.zeros_like(X), True, state.update_coefficients[steps, 0])
-    sweeps = jnp.asarray(0)
-    if K > 1:
-        # 2. the history makes the sweeps a fixed-point iteration M = G(M); Anderson acceleration
-        # (Walker & Ni 2011, SIAM J. Numer. Anal. 49) over the last `window` sweeps, until the round
-        # trip is within `handoff` (the best sweep is kept: Anderson steps can overshoot)
-        rows = solver.trajectory_rows(state)
-        window = 3
+        def correct(carry: _Sweeps) -> _Sweeps:
+            trial = carry.noise + plain_noise - plain(carry.sampled)
+            trial_sampled = sampled(trial)[0]
+            trial_error = error_of(trial_sampled)
+            better = carry.active & (trial_error < carry.error)
+            _report_progress(progress, carry.count, options.max_sweeps, "invert (exact, sweeps)")
+            return _Sweeps(
+                noise=jnp.where(per_row(better), trial, carry.noise),
+                sampled=jnp.where(per_row(better), trial_sampled, carry.sampled),
+                error=jnp.where(better, trial_error, carry.error),
+                active=better & (trial_error < 0.5 * carry.error) & (trial_error > options.tolerance / 10),
+                count=carry.count + 1,
+            )
 
-        def unfinished(carry):
-            *_, count, best = carry
-            return (count < max_sweeps) & (best > handoff)
+        done = lax.while_loop(unfinished, correct, _Sweeps(start, start_sampled, start_error,
+                                                             start_error > options.tolerance / 10, jnp.asarray(0)))
+        return done.noise, done.error, done.count
 
-        def one(carry):
-            X, M, G_hist, F_hist, X_best, count, best = carry
-            X, G, _ = sweep(X, M, count == 0, rows)
-            f = (G - M).reshape(-1).astype(jnp.float32)
-            G_hist = jnp.roll(G_hist, -1, axis=0).at[-1].set(G.reshape(-1).astype(jnp.float32))
-            F_hist = jnp.roll(F_hist, -1, axis=0).at[-1].set(f)
-            valid = jnp.arange(window) >= window - count  # differences between sweeps actually made
-            dF = jnp.where(valid[None, :], (F_hist[1:] - F_hist[:-1]).T, 0.0)
-            dG = jnp.where(valid[None, :], (G_hist[1:] - G_hist[:-1]).T, 0.0)
-            gamma = jnp.linalg.lstsq(dF, f)[0]
-            M_next = (G.reshape(-1) - (dG @ gamma).astype(G.dtype)).reshape(G.shape)
-            error = jnp.max(round_trip(X[0]))
-            X_best = jnp.where(error < best, X, X_best)
-            return X, M_next, G_hist, F_hist, X_best, count + 1, jnp.minimum(error, best)
-
-        hist = jnp.zeros((window + 1, M.size), jnp.float32)
-        best0 = jnp.max(round_trip(X[0]))
-        *_, X, sweeps, _ = lax.while_loop(unfinished, one, (X, M, hist, hist, X, jnp.asarray(0), best0))
-
-        # 3. a multistep sampler is a function of its start alone: solve sample(x_N) = data for x_N
-        # (shooting) with Newton-Krylov through the whole scan; near the solution it converges
-        # quadratically where the history sweeps crawl. Rows it leaves worse keep their sweep.
+    def shooting(start, start_error):
+        """Newton-Krylov on the whole sampler, S(z) = x (a multistep sampler is a function of its start
+        alone), for the rows not yet within the tolerance; right-preconditioned by the plain inversion's
+        Jacobian at S(z), close to S's inverse Jacobian, so GMRES needs a few products where it needs
+        dozens unpreconditioned. A row keeps its start where the solve did not improve it."""
+        preconditioner = lambda y, value, v: jax.jvp(plain, (value,), (v,))[1]  # noqa: E731
         _report_progress(progress, n - 1, n, "invert (exact, whole sampler)")
-        before = round_trip(X[0])
-        result = newton_krylov(lambda x_noise: sampled(x_noise)[0], target, X[0], max_iterations, tolerance,
-                               gmres_restart, gmres_maxiter, batch_rows)
-        improved = result.residual < before
-        start = jnp.where(improved.reshape((batch_rows,) + (1,) * (data.ndim - 1)), result.solution, X[0])
-        _, later, _ = sampled(start, True)
-        X = jnp.concatenate([start[None], later[:-1]])
-        errors = jnp.where(improved, result.residual, before)
-        iterations = result.iterations
+        result = newton_krylov(lambda x_noise: sampled(x_noise)[0], target, start, preconditioner=preconditioner,
+                               solve_rows=start_error > options.tolerance, **newton)
+        improved = result.residual < start_error
+        return (jnp.where(per_row(improved), result.solution, start), jnp.where(improved, result.residual, start_error),
+                result.iterations)
+
+    def solved_from(start, start_sampled, start_error):
+        count = jnp.asarray(0)
+        if K > 1:
+            start, start_error, count = sweeps(start, start_sampled, start_error)
+        noise, error, iterations = shooting(start, start_error)
+        return noise, error, count, iterations
+
+    def better_of(a, b):
+        """Per row, the result with the smaller round trip (noise, error); counts add up."""
+        take_b = b[1] < a[1]
+        return (jnp.where(per_row(take_b), b[0], a[0]), jnp.where(take_b, b[1], a[1]), a[2] + b[2], a[3] + b[3])
+
+    if noises is not None:  # a first-order SDE sampler given its noises: the per-step solves are exact
+        noise = first_order_solves()
+        errors, sweep_count, iterations = error_of(sampled(noise)[0]), jnp.asarray(0), jnp.asarray(0)
     else:
-        errors = round_trip(X[0])
+        plain_noise = plain(target)
+        plain_error = error_of(sampled(plain_noise)[0])
+        plain_result = (plain_noise, plain_error, jnp.asarray(0), jnp.asarray(0))
+
+        def from_first_order_solves(result):
+            """The first-order sampler's per-step solves as the start (exact for order 1; a second start
+            for rows that plain inversion could not lead to a solution at orders >= 2)."""
+            start = first_order_solves()
+            start_sampled = sampled(start)[0]
+            return better_of(result, solved_from(start, start_sampled, error_of(start_sampled)))
+
+        if K == 1:
+            result = from_first_order_solves(plain_result)
+        else:
+            result = better_of(plain_result, solved_from(plain_noise, sampled(plain_noise)[0], plain_error))
+            result = lax.cond(jnp.any(result[1] > options.tolerance), from_first_order_solves, lambda r: r, result)
+        # never worse than plain inversion on any row, as better_of keeps it where nothing beat it
+        noise, errors, sweep_count, iterations = result
+    _, later, _ = sampled(noise, True)
+    X = jnp.concatenate([noise[None], later[:-1]])
     outputs = lax.map(lambda k: converted(k, X[k])[1], steps) if return_outputs else None
-    return X, outputs, errors, sweeps, iterations
+    return X, outputs, errors, sweep_count, iterations
 
 
-_exact_inversion_jit = jax.jit(_exact_inversion, static_argnums=tuple(range(11)))
+_exact_inversion_jit = jax.jit(_exact_inversion, static_argnums=(0, 1, 2, 3, 4, 5))
 
 
 def invert(
@@ -372,12 +428,11 @@ def invert(
     cond: Any = None,
     exact: bool = False,
     noises: Optional[Array] = None,
-    max_sweeps: int = 50,
-    sweep_tolerance: float = 1e-2,
+    max_sweeps: int = 10,
     max_iterations: int = 30,
-    tolerance: float = 1e-6,
-    gmres_restart: int = 20,
-    gmres_maxiter: int = 3,
+    tolerance: float = 1e-5,
+    gmres_restart: int = 5,
+    gmres_maxiter: int = 1,
     independent_rows: bool = True,
     return_samples: bool = False,
     return_model_outputs: bool = False,
@@ -388,14 +443,16 @@ def invert(
     """Invert ``sample`` (data) to noise; see the module docstring for the semantics.
 
     ``exact=True`` needs a sampler (``DPMSolverMultistepScheduler``); stochastic samplers also need
-    the ``noises`` (``[N, *shape]``) they used. ``max_iterations``/``tolerance`` bound every
-    Newton solve (relative to max(1, max|row|)), ``gmres_restart``/``gmres_maxiter`` its linear
-    solves. Orders >= 2: history sweeps run until the round trip is within ``sweep_tolerance`` or
-    ``max_sweeps`` were made, then the whole sampler is solved for its start.
+    the ``noises`` (``[N, *shape]``) they used. It starts from the first-order per-step solves
+    (order 1) or plain inversion (orders >= 2), makes up to ``max_sweeps`` defect-correction sweeps
+    and then solves the whole sampler for its start with preconditioned Newton-Krylov.
+    ``max_iterations``/``tolerance`` bound every Newton solve (relative to max(1, max|row|)),
+    ``gmres_restart``/``gmres_maxiter`` its linear solves.
     ``independent_rows=True`` treats the rows (axis 0) of ``sample`` as independent problems, as
     they are for any model that does not mix the batch (each row gets its own Krylov space, step
     length and stopping test); pass False for a model that couples rows. The result's
-    ``round_trip`` is the measured per-row ``max|sample(noise) - sample| / max(1, max|sample|)``.
+    ``round_trip`` is the measured per-row ``max|sample(noise) - sample| / max(1, max|sample|)``
+    and ``converged`` says which rows are within ``tolerance``.
     """
     _check_scheduler(scheduler)
     _check_unroll(unroll)
@@ -443,19 +500,23 @@ def invert(
                                            unroll, progress, "invert", mirror, x, cond, None, None)
         return Trajectory(y, path, outputs, mirror.timesteps, _visited_sigmas(mirror, n))
 
-    for name, value in (("max_iterations", max_iterations), ("gmres_restart", gmres_restart),
-                        ("gmres_maxiter", gmres_maxiter), ("max_sweeps", max_sweeps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    for name, value in (("tolerance", tolerance), ("sweep_tolerance", sweep_tolerance)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}.")
-    if x.ndim == 0:
-        raise ValueError("sample must have at least one axis (the batch) for exact inversion.")
-    rows = x.shape[0] if independent_rows else 1
+    for name, value, least in (("max_iterations", max_iterations, 1), ("gmres_restart", gmres_restart, 1),
+                               ("gmres_maxiter", gmres_maxiter, 1), ("max_sweeps", max_sweeps, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}.")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+        raise ValueError(f"tolerance must be a number in (0, 1), got {tolerance!r}.")
+    if checkpoint or unroll != 1:
+        raise ValueError("checkpoint and unroll apply to plain inversion's scan; exact=True runs its own solves "
+                         "and takes neither.")
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(f"exact inversion needs a batch axis with at least one row, got shape {tuple(x.shape)}.")
+    options = ExactOptions(max_sweeps=max_sweeps, max_iterations=max_iterations, tolerance=float(tolerance),
+                           gmres_restart=gmres_restart, gmres_maxiter=gmres_maxiter,
+                           rows=x.shape[0] if independent_rows else 1)
+    inverse, mirror = mirrored_state(scheduler, forward_state, x.shape, solver.compute_dtype(x))
     X, outputs, round_trip, sweeps, iterations = _exact_inversion_jit(
-        scheduler, model_fn, max_sweeps, float(sweep_tolerance), max_iterations, float(tolerance), gmres_restart,
-        gmres_maxiter, rows, return_model_outputs, progress, forward_state, x, cond, noises)
+        scheduler, inverse, model_fn, options, return_model_outputs, progress, forward_state, mirror, x, cond, noises)
     return Trajectory(
         X[0].astype(x.dtype),
         X[::-1].astype(x.dtype) if return_samples else None,
@@ -465,4 +526,5 @@ def invert(
         round_trip,
         iterations,
         sweeps,
+        round_trip <= options.tolerance,
     )

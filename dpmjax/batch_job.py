@@ -59,6 +59,10 @@ from .input_stores import ChunkError, majority_row_shape, open_store
 from .scheduler import DPMSolverMultistepScheduler
 from .trajectory import invert
 
+# exact inversion: a row whose measured round trip max|sample(noise) - x| / max(1, max|x|) exceeds this
+# is reported (events.jsonl, the summary); every row's round trip is kept in round_trips/
+EXACT_TOLERANCE = 1e-5
+
 DEFAULT_MODEL = "dpmjax.models.digits:unguided_model"
 MAX_DEFAULT_BATCH_ROWS = 256  # rows per model call when the job is not told: memory stays bounded
 
@@ -70,6 +74,8 @@ class Summary:
     failed: dict  # chunk -> reason
     rows: int  # rows computed by this run
     seconds: float
+    not_converged: dict = dataclasses.field(default_factory=dict)  # exact inversion: chunk -> rows whose round trip missed
+
 
     @property
     def rows_per_second(self) -> float:
@@ -98,18 +104,21 @@ def _in_batches(invert_rows: Callable, x: np.ndarray, batch_rows: int):
     """``invert_rows`` on pieces of exactly ``batch_rows`` rows (the last one padded by repeating its
     last row, the padding dropped after): one compiled program for every chunk, and a row's noise
     depends on the row and ``batch_rows`` alone (XLA's CPU matmul rounds differently for different
-    row counts). Returns ``(noise [rows, ...], samples [N, rows, ...] or None)``."""
-    noises, paths = [], []
+    row counts). Returns ``(noise [rows, ...], samples [N, rows, ...] or None, round_trip [rows] or None)``."""
+    noises, paths, round_trips = [], [], []
     for begin in range(0, x.shape[0], batch_rows):
         piece = x[begin: begin + batch_rows]
         rows = piece.shape[0]
         if rows < batch_rows:
             piece = np.concatenate([piece, np.repeat(piece[-1:], batch_rows - rows, axis=0)])
-        noise, samples = invert_rows(piece)
+        noise, samples, round_trip = invert_rows(piece)
         noises.append(np.asarray(noise, np.float32)[:rows])
         if samples is not None:
             paths.append(np.asarray(samples, np.float32)[:, :rows])
-    return np.concatenate(noises), (np.concatenate(paths, axis=1) if paths else None)
+        if round_trip is not None:
+            round_trips.append(np.asarray(round_trip, np.float32)[:rows])
+    return (np.concatenate(noises), np.concatenate(paths, axis=1) if paths else None,
+            np.concatenate(round_trips) if round_trips else None)
 
 
 def _check_same_settings(path: Path, settings: dict) -> None:
@@ -248,7 +257,7 @@ def run(
         _atomic_write_text(output_dir / "settings.json", json.dumps(settings, indent=1))
     events = output_dir / "events.jsonl"
 
-    recorded, skipped, failed = [], [], {}
+    recorded, skipped, failed, not_converged = [], [], {}, {}
     todo = []
     for name in mine:
         (skipped if (output_dir / "chunks" / name).exists() else todo).append(name)
@@ -267,10 +276,10 @@ def run(
 
             def invert_rows(piece):
                 result = invert(model_fn, jax.device_put(piece, device), scheduler, num_inference_steps, exact=exact,
-                                return_samples=save_trajectory)
-                return result.sample, result.samples if save_trajectory else None
+                                return_samples=save_trajectory, **({"tolerance": EXACT_TOLERANCE} if exact else {}))
+                return result.sample, result.samples if save_trajectory else None, result.round_trip
 
-            noise, samples = _in_batches(invert_rows, x, batch_rows)
+            noise, samples, round_trip = _in_batches(invert_rows, x, batch_rows)
             if not np.all(np.isfinite(noise)):
                 raise ChunkError("the inversion produced non-finite noise")
         except ChunkError as error:
@@ -281,11 +290,18 @@ def run(
             return
         if save_trajectory:
             _atomic_save(output_dir / "trajectories" / name, np.moveaxis(samples, 0, 1))
+        missed = []
+        if round_trip is not None:  # exact inversion: every row's measured round trip, and the rows that missed
+            _atomic_save(output_dir / "round_trips" / name, round_trip)
+            missed = np.flatnonzero(~(round_trip <= EXACT_TOLERANCE)).tolist()
         _atomic_save(target, noise)  # the record: from here on the chunk is done
         (output_dir / "failed" / f"{Path(name).stem}.json").unlink(missing_ok=True)
         with lock:
-            _append_event(events, chunk=name, event="recorded", device=device.id, rows=int(x.shape[0]))
+            _append_event(events, chunk=name, event="recorded", device=device.id, rows=int(x.shape[0]),
+                          **({"rows_not_converged": missed} if round_trip is not None else {}))
             recorded.append(name)
+            if missed:
+                not_converged[name] = missed
             counts["rows"] += int(x.shape[0])
             counts["done"] += 1
             if progress:
@@ -320,7 +336,8 @@ def run(
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("dpmjax invert-batch: all chunks done")
-    summary = Summary(recorded, skipped, failed, counts["rows"], time.perf_counter() - start)
+    summary = Summary(recorded=recorded, skipped=skipped, failed=failed, rows=counts["rows"],
+                      seconds=time.perf_counter() - start, not_converged=not_converged)
     if jax.process_index() == 0:
         done = sorted(p.name for p in (output_dir / "chunks").glob("*.npy"))
         if row_shape is None and done:  # nothing read by this run: the recorded outputs say it
@@ -359,17 +376,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--coordinator-address, --num-processes and --process-id need --distributed")
     if args.distributed:
         jax.distributed.initialize(**cluster)
+    # without a config: diffusers' default grid, but uniform in log-SNR for exact inversion, where every
+    # step of the shipped model's sampler inverts (the default grid's last step folds)
     scheduler = (DPMSolverMultistepScheduler.from_pretrained(args.config) if args.config
-                 else DPMSolverMultistepScheduler(final_sigmas_type="sigma_min"))
+                 else DPMSolverMultistepScheduler(final_sigmas_type="sigma_min", use_lu_lambdas=args.exact))
     if args.order:
         scheduler = DPMSolverMultistepScheduler(scheduler.config.replace(solver_order=args.order))
     try:
-        summary = run(args.input, args.output, args.model, args.steps, scheduler, args.exact, args.save_trajectory,
-                      batch_rows=args.batch_rows)
+        summary = run(args.input, args.output, model=args.model, num_inference_steps=args.steps, scheduler=scheduler,
+                      exact=args.exact, save_trajectory=args.save_trajectory, batch_rows=args.batch_rows)
     except ValueError as error:
         parser.error(str(error))
     print(f"invert-batch: {len(summary.recorded)} chunks inverted ({summary.rows} rows, {summary.rows_per_second:.0f} rows/s), "
           f"{len(summary.skipped)} already done, {len(summary.failed)} failed")
     for name, reason in summary.failed.items():
         print(f"  FAILED {name}: {reason}")
+    if args.exact:
+        missed = sum(len(rows) for rows in summary.not_converged.values())
+        print(f"exact inversion: {summary.rows - missed} of {summary.rows} rows within round trip {EXACT_TOLERANCE:g}"
+              + (f"; not converged (rows by chunk, round trips in round_trips/): {summary.not_converged}" if missed else ""))
     return 1 if summary.failed else 0

@@ -26,6 +26,9 @@ from .scheduler import DPMSolverMultistepScheduler
 from .trajectory import classifier_free_guidance, invert, sample
 
 
+GRIDS = {"lu": {"use_lu_lambdas": True}, "default": {}}
+
+
 def psnr(x: jax.Array, reference: jax.Array) -> float:
     """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2), over the whole batch."""
     mse = float(jnp.mean((jnp.asarray(x, jnp.float32) - jnp.asarray(reference, jnp.float32)) ** 2))
@@ -39,9 +42,16 @@ def guided_model(model: digits.Digits, labels: jax.Array, scale: float):
 
 def reconstruct(model, images, labels, scheduler, n: int, scale: float, exact: bool, progress: bool = False):
     """``(noise, reconstruction)`` of ``images`` through ``n``-step inversion and sampling at guidance ``scale``."""
+    noise, recon, _ = reconstruct_counted(model, images, labels, scheduler, n, scale, exact, progress)
+    return noise, recon
+
+
+def reconstruct_counted(model, images, labels, scheduler, n: int, scale: float, exact: bool, progress: bool = False):
+    """:func:`reconstruct` and the number of rows whose round trip converged (exact inversion; None for plain)."""
     fn = guided_model(model, labels, scale)
-    noise = invert(fn, images, scheduler, n, exact=exact, progress=progress).sample
-    return noise, sample(fn, noise, scheduler, n, progress=progress).sample
+    result = invert(fn, images, scheduler, n, exact=exact, progress=progress)
+    converged = int(jnp.sum(result.converged)) if exact else None
+    return result.sample, sample(fn, result.sample, scheduler, n, progress=progress).sample, converged
 
 
 def reconstruct_null_text(model, images, labels, scheduler, n: int, scale: float, inner_steps: int, progress: bool = False):
@@ -92,8 +102,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 25], help="inference steps (default: 10 25)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 7.5], help="guidance scales (default: 1 7.5)")
     parser.add_argument("--count", type=int, default=100, help="held-out digits to invert (default: 100)")
-    parser.add_argument("--order", type=int, default=1, choices=(1, 2, 3),
-                        help="solver order (default: 1, exact in one sweep; orders 2-3 take minutes per setting)")
+    parser.add_argument("--order", type=int, default=2, choices=(1, 2, 3), help="solver order (default: 2)")
+    parser.add_argument("--grid", default="lu", choices=tuple(GRIDS),
+                        help="noise levels: lu = uniform in log-SNR (default: every step of this model's sampler inverts), "
+                             "default = diffusers' default (uniform in t; its last step folds, so exact inversion misses rows)")
     parser.add_argument("--no-exact", action="store_true", help="no exact inversion (it takes longer)")
     parser.add_argument("--null-text-steps", type=int, default=20,
                         help="Adam steps per sampler step of null-text inversion (default: 20; the paper's 10 are too few for "
@@ -111,15 +123,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     images, labels = digits.heldout()
     images, labels = jnp.asarray(images[: args.count]), jnp.asarray(labels[: args.count])
     # The sampler ends at the smallest training noise level, not at zero: a final step to zero noise
-    # returns the denoiser's output, whose range need not contain a real held-out image (measured:
-    # exact round trips of 55 / 45 dB instead of 74 / 61 dB at N = 10 / 25).
-    scheduler = DPMSolverMultistepScheduler(solver_order=args.order, final_sigmas_type="sigma_min")
+    # returns the denoiser's output, whose range need not contain a real held-out image.
+    scheduler = DPMSolverMultistepScheduler(solver_order=args.order, final_sigmas_type="sigma_min", **GRIDS[args.grid])
     print(f"dpmjax on {jax.default_backend()} (jax {jax.__version__}): {images.shape[0]} held-out 8x8 digits, "
-          f"DPM-Solver++ order {args.order}, default grid ending at sigma_min, float32")
+          f"DPM-Solver++ order {args.order}, {args.grid} grid ending at sigma_min, float32")
     print("round trip PSNR (dB) of sample(invert(x)) against x, guided by the true label at scale w")
     methods = ["plain"] + ([] if args.no_exact else ["exact"]) + (["null-text"] if args.null_text_steps else [])
-    print("| N | w | " + " | ".join(methods) + " |")
-    print("|---|---|" + "---|" * len(methods))
+    columns = [c for m in methods for c in ([m, "rows exact"] if m == "exact" else [m])]
+    print("| N | w | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
     start = time.perf_counter()
     table = {}
     shown = None
@@ -130,9 +142,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if method == "null-text":
                     noise, recon = reconstruct_null_text(model, images, labels, scheduler, n, w, args.null_text_steps, True)
                 else:
-                    noise, recon = reconstruct(model, images, labels, scheduler, n, w, method == "exact", progress=True)
+                    noise, recon, converged = reconstruct_counted(model, images, labels, scheduler, n, w, method == "exact",
+                                                                  progress=True)
                 table[(n, w, method)] = psnr(recon, images)
                 cells.append(f"{table[(n, w, method)]:.1f}")
+                if method == "exact":
+                    cells.append(f"{converged}/{images.shape[0]}")
                 if n == args.steps[len(args.steps) // 2] and w == args.guidance[-1]:
                     shown = (shown or {}) | {method: (noise, recon)}
             print(f"| {n} | {w:g} | " + " | ".join(cells) + " |", flush=True)

@@ -120,7 +120,7 @@ def digits_batch():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("order, n, w", [(1, 25, 1.0), (2, 25, 1.0), (2, 10, 3.0), (3, 50, 1.0)])
+@pytest.mark.parametrize("order, n, w", [(1, 25, 1.0), (2, 25, 1.0), (2, 25, 3.0), (2, 50, 3.0), (3, 50, 1.0)])
 def test_real_held_out_digits_invert_exactly_on_a_log_snr_grid(digits_batch, order, n, w):
     """Real data on a grid whose every step inverts: every row converged, >= 100 dB."""
     model, images, labels = digits_batch

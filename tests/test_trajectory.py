@@ -68,14 +68,14 @@ def test_exact_inversion_reconstructs_a_gaussian_mixture(order, n):
     assert exact * 100 <= plain, f"exact {exact:.1e} vs plain {plain:.1e}"
     # the reported per-row round trip is the measured one (scale: max(1, max|row|) vs max|x0| here)
     assert result.round_trip.shape == (256,) and float(jnp.max(result.round_trip)) < 1e-4
-    assert int(result.sweeps) == 0 if order == 1 else int(result.sweeps) >= 1
+    assert bool(jnp.all(result.converged))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("order, n", [(3, 25), (2, 50)])
-def test_exact_inversion_where_history_sweeps_stagnate(order, n):
-    """Order 3 at N=25 and order 2 at N=50: the history sweeps alone stagnated at 9e-4 and 3e-4;
-    the whole-sampler Newton solve takes them to float32 precision."""
+def test_exact_inversion_at_higher_orders_and_more_steps(order, n):
+    """Order 3 at N=25 and order 2 at N=50 (where the history sweeps of an earlier design stagnated
+    at 9e-4 and 3e-4)."""
     exact, result = round_trip(order, n, exact=True)
     assert exact < 1e-4, f"exact round trip {exact:.1e}"
 
@@ -83,7 +83,7 @@ def test_exact_inversion_where_history_sweeps_stagnate(order, n):
 def test_exact_inversion_of_order_three_on_ten_steps():
     exact, result = round_trip(3, 10, exact=True)
     assert exact < 1e-4
-    assert int(result.iterations) >= 1
+    assert bool(jnp.all(result.converged))
 
 
 def test_exact_inversion_of_a_model_that_couples_the_batch():
@@ -267,7 +267,7 @@ def test_bad_trajectory_arguments():
     with pytest.raises(ValueError, match="unroll"):
         dpmjax.sample(model, x, fwd, 5, unroll=0)
     with pytest.raises(ValueError, match="max_sweeps"):
-        dpmjax.invert(model, x, fwd, 5, exact=True, max_sweeps=0)
+        dpmjax.invert(model, x, fwd, 5, exact=True, max_sweeps=-1)
     with pytest.raises(ValueError, match="num_inference_steps"):
         dpmjax.sample(model, x, fwd, 0)
     with pytest.raises(ValueError, match="dpmjax scheduler"):

@@ -28,6 +28,19 @@ from .krylov import gmres, row_norm
 Array = jax.Array
 
 
+class _Iterate(NamedTuple):
+    """The Newton loop's carry: the iterate and its residual, rows still solving, iterations made,
+    each row's best iterate so far and its max residual, consecutive non-monotone steps per row."""
+
+    y: Array
+    r: Array
+    active: Array
+    count: Array
+    best_y: Array
+    best_max: Array
+    leaps: Array
+
+
 class NewtonResult(NamedTuple):
     solution: Array
     residual: Array  # [rows]: max|F(y) - target| / max(1, max|target|) per row at the solution
@@ -39,6 +52,8 @@ class NewtonResult(NamedTuple):
 # search (a whole batched evaluation of F per halving) would chase noise.
 _NEAR = 100.0
 _NEAR_BACKTRACKS = 3
+# consecutive full steps a row takes without a decrease before it stops
+_MAX_LEAPS = 3
 
 
 def row_max_abs(x: Array, rows: int) -> Array:
@@ -74,12 +89,11 @@ def newton_krylov(
     def residual(y):
         return F(y) - target
 
-    def unconverged(carry):
-        _, _, active, it = carry
-        return (it < max_iterations) & jnp.any(active)
+    def unconverged(carry: _Iterate):
+        return (carry.count < max_iterations) & jnp.any(carry.active)
 
-    def iterate(carry):
-        y, r, active, it = carry
+    def iterate(carry: _Iterate) -> _Iterate:
+        y, r, active = carry.y, carry.r, carry.active
         if preconditioner is None:
             matvec = lambda v: jax.jvp(residual, (y,), (v,))[1]  # noqa: E731
             d = gmres(matvec, -r, rows=rows, restart=gmres_restart, cycles=gmres_maxiter, rtol=1e-6).solution
@@ -111,16 +125,33 @@ def newton_krylov(
         r_full = residual(y + d)
         step, r_new, r_norm_new, _ = lax.while_loop(insufficient, halve, (ones, r_full, row_norm(r_full, rows), 0))
         better = active & (r_norm_new < r_norm)
-        y = jnp.where(_broadcast(better, y), y + _broadcast(step, d).astype(d.dtype) * d, y)
-        r = jnp.where(_broadcast(better, r), r_new, r)
+        # a row far from its solution whose line search found no decrease takes the full step anyway
+        # (non-monotone, Grippo et al. 1986, SIAM J. Numer. Anal. 23): a nonlinear map can raise the
+        # residual on the way to its solution; the best iterate is kept
+        leap = active & ~better & ~near & jnp.all(jnp.isfinite(r_full.reshape(rows, -1)), axis=1)
+        step = jnp.where(leap, 1.0, step)
+        moved = better | leap
+        y = jnp.where(_broadcast(moved, y), y + _broadcast(step, d).astype(d.dtype) * d, y)
+        r = jnp.where(_broadcast(better, r), r_new, jnp.where(_broadcast(leap, r), r_full, r))
         r_max_new = row_max_abs(r, rows)
+        improved = r_max_new < carry.best_max
         stalled = near & (r_max_new > 0.9 * r_max)  # a Newton step near the solution gains far more
-        active = better & ~stalled & (r_max_new > threshold)
-        return y, r, active, it + 1
+        leaps = jnp.where(leap, carry.leaps + 1, 0)
+        return _Iterate(
+            y=y, r=r,
+            active=moved & ~stalled & (r_max_new > threshold) & (leaps <= _MAX_LEAPS),
+            count=carry.count + 1,
+            best_y=jnp.where(_broadcast(improved, y), y, carry.best_y),
+            best_max=jnp.where(improved, r_max_new, carry.best_max),
+            leaps=leaps,
+        )
 
     r0 = residual(y0)
-    active0 = row_max_abs(r0, rows) > threshold
+    r0_max = row_max_abs(r0, rows)
+    active0 = r0_max > threshold
     if solve_rows is not None:
         active0 = active0 & solve_rows
-    y, r, _, iterations = lax.while_loop(unconverged, iterate, (y0, r0, active0, jnp.asarray(0)))
-    return NewtonResult(y, row_max_abs(r, rows) / scale, iterations)
+    start = _Iterate(y=y0, r=r0, active=active0, count=jnp.asarray(0), best_y=y0,
+                     best_max=jnp.where(jnp.isfinite(r0_max), r0_max, jnp.inf), leaps=jnp.zeros(r0_max.shape, jnp.int32))
+    done = lax.while_loop(unconverged, iterate, start)
+    return NewtonResult(done.best_y, jnp.minimum(done.best_max, r0_max) / scale, done.count)

@@ -314,27 +314,71 @@ def _exact_inversion(scheduler, inverse, model_fn, options: ExactOptions, return
     def plain(x):  # plain inversion (``inverse`` on ``mirror``): the sampler's noise levels mirrored
         return _scan_steps(inverse, model_fn, False, False, False, 1, False, "", mirror, x, cond, None, None)[0]
 
-    def first_order_solves():
-        """Each step of the first-order sampler ``x_{k+1} = F_k(x_k)`` solved for ``x_k`` by Newton-Krylov,
-        from the data end, started from the explicit (DDIM-like) predictor: exact for order 1."""
-        rows_1 = state.update_coefficients[steps, 0]
+    def step_solves(X, M, update_rows, from_predictor):
+        """Each sampler step ``x_{k+1} = F_k(x_k)`` solved for ``x_k`` by Newton-Krylov, from the data end,
+        with the older model outputs (history) taken from ``M`` (sampler order, noise first); started
+        from the explicit (DDIM-like) predictor or from ``X``. With first-order update rows there is no
+        history and one pass is the exact inversion of the first-order sampler. Returns ``(X, M)``."""
 
         def solve(x_next, inputs):
-            k, z_k = inputs
-            row = rows_1[k].astype(cdt)
+            k, y_previous, z_k, *history = inputs
+            row = update_rows[k].astype(cdt)
             noise = z_k if config.is_sde else None
-            F = lambda y: solver.linear_update(row, y, [converted(k, y)[0]], noise)  # noqa: E731
+            F = lambda y: solver.linear_update(row, y, [converted(k, y)[0]] + history, noise)  # noqa: E731
             zero = jnp.zeros_like(x_next)
-            noise_part = solver.linear_update(row.at[:2].set(0.0), zero, [zero], noise)
+            rest = solver.linear_update(row.at[:2].set(0.0), zero, [zero] + history, noise)
             c_x = row[0]
-            explicit = (x_next - noise_part - row[1] * converted(k, x_next)[0]) / jnp.where(c_x == 0, 1.0, c_x)
-            y0 = jnp.where(jnp.abs(c_x) > 1e-6, explicit, x_next)
+            explicit = (x_next - rest - row[1] * converted(k, x_next)[0]) / jnp.where(c_x == 0, 1.0, c_x)
+            y0 = jnp.where(from_predictor & (jnp.abs(c_x) > 1e-6), explicit, jnp.where(from_predictor, x_next, y_previous))
             # each step a hundredth of the tolerance: the round trip adds up every step's residual
             result = newton_krylov(F, x_next, y0, **dict(newton, tolerance=options.tolerance / 100))
             _report_progress(progress, n - 1 - k, n, "invert (exact, per step)")
-            return result.solution, None
+            return result.solution, (result.solution, converted(k, result.solution)[0])
 
-        return lax.scan(solve, target, (steps, z), reverse=True)[0]
+        zero = jnp.zeros_like(M[:1])
+        history = [jnp.concatenate([zero, M[:-1]]), jnp.concatenate([zero, zero, M[:-2]])][: K - 1]
+        return lax.scan(solve, target, (steps, X, z, *history), reverse=True)[1]
+
+    def first_order_path():
+        X = jnp.broadcast_to(target, (n,) + target.shape)
+        return step_solves(X, jnp.zeros_like(X), state.update_coefficients[steps, 0], True)
+
+    def history_sweeps(X, M):
+        """Orders >= 2: the per-step solves with the history from the previous sweep, a fixed-point
+        iteration ``M = G(M)`` that converges where the defect correction cannot (plain inversion
+        crossing between modes of the data), Anderson-accelerated per row over the last 3 sweeps
+        (Walker & Ni 2011, SIAM J. Numer. Anal. 49); each row keeps its best sweep."""
+        window = 3
+        trajectory_rows = solver.trajectory_rows(state)
+        by_row = lambda A: jnp.moveaxis(A, 1, 0).reshape(rows, -1).astype(jnp.float32)  # noqa: E731
+        from_rows = lambda v, like: jnp.moveaxis(v.reshape((like.shape[1],) + like.shape[:1] + like.shape[2:]), 0, 1)  # noqa: E731
+
+        def unfinished(carry):
+            *_, active, count = carry
+            return (count < options.max_sweeps) & jnp.any(active)
+
+        def sweep(carry):
+            X, M, G_hist, F_hist, best_noise, best, active, count = carry
+            X, G = step_solves(X, M, trajectory_rows, count == 0)
+            g, f = by_row(G), by_row(G) - by_row(M)
+            G_hist = jnp.roll(G_hist, -1, axis=0).at[-1].set(g)
+            F_hist = jnp.roll(F_hist, -1, axis=0).at[-1].set(f)
+            valid = jnp.arange(window) >= window - count  # differences between sweeps actually made
+            dF = jnp.where(valid[None, None, :], jnp.moveaxis(F_hist[1:] - F_hist[:-1], 0, 2), 0.0)  # [rows, D, window]
+            dG = jnp.where(valid[None, None, :], jnp.moveaxis(G_hist[1:] - G_hist[:-1], 0, 2), 0.0)
+            gamma = jax.vmap(lambda A, b: jnp.linalg.lstsq(A, b)[0])(dF, f)
+            mixed = g - jnp.einsum("rdw,rw->rd", dG, gamma)
+            M_next = from_rows(jnp.where(jnp.isfinite(mixed), mixed, g).astype(G.dtype), G)
+            error = error_of(sampled(X[0])[0])
+            better = error < best
+            return (X, M_next, G_hist, F_hist, jnp.where(per_row(better), X[0], best_noise), jnp.where(better, error, best),
+                    active & (jnp.minimum(error, best) > options.tolerance), count + 1)
+
+        error = error_of(sampled(X[0])[0])
+        hist = jnp.zeros((window + 1,) + by_row(M).shape, jnp.float32)
+        *_, best_noise, best, _, count = lax.while_loop(
+            unfinished, sweep, (X, M, hist, hist, X[0], error, error > options.tolerance, jnp.asarray(0)))
+        return best_noise, best, count
 
     def sweeps(start, start_sampled, start_error):
         """Defect correction: z <- z + I(x) - I(S(z)) with I the plain inversion, an approximate inverse
@@ -363,23 +407,26 @@ def _exact_inversion(scheduler, inverse, model_fn, options: ExactOptions, return
                                                              start_error > options.tolerance / 10, jnp.asarray(0)))
         return done.noise, done.error, done.count
 
-    def shooting(start, start_error):
+    def shooting(start, start_error, preconditioned=True):
         """Newton-Krylov on the whole sampler, S(z) = x (a multistep sampler is a function of its start
         alone), for the rows not yet within the tolerance; right-preconditioned by the plain inversion's
-        Jacobian at S(z), close to S's inverse Jacobian, so GMRES needs a few products where it needs
-        dozens unpreconditioned. A row keeps its start where the solve did not improve it."""
-        preconditioner = lambda y, value, v: jax.jvp(plain, (value,), (v,))[1]  # noqa: E731
+        Jacobian at S(z), close to S's inverse Jacobian where plain inversion is accurate, so GMRES needs
+        a few products where it needs dozens unpreconditioned (without it: GMRES(20), 3 cycles). A row
+        keeps its start where the solve did not improve it."""
+        if preconditioned:
+            settings = dict(newton, preconditioner=lambda y, value, v: jax.jvp(plain, (value,), (v,))[1])
+        else:
+            settings = dict(newton, gmres_restart=max(20, options.gmres_restart), gmres_maxiter=max(3, options.gmres_maxiter))
         _report_progress(progress, n - 1, n, "invert (exact, whole sampler)")
-        result = newton_krylov(lambda x_noise: sampled(x_noise)[0], target, start, preconditioner=preconditioner,
-                               solve_rows=start_error > options.tolerance, **newton)
+        result = newton_krylov(lambda x_noise: sampled(x_noise)[0], target, start, solve_rows=start_error > options.tolerance,
+                               **settings)
         improved = result.residual < start_error
         return (jnp.where(per_row(improved), result.solution, start), jnp.where(improved, result.residual, start_error),
                 result.iterations)
 
-    def solved_from(start, start_sampled, start_error):
-        count = jnp.asarray(0)
-        if K > 1:
-            start, start_error, count = sweeps(start, start_sampled, start_error)
+    def fast(start, start_sampled, start_error):
+        """Orders >= 2 from plain inversion: defect-correction sweeps, then the preconditioned solve."""
+        start, start_error, count = sweeps(start, start_sampled, start_error)
         noise, error, iterations = shooting(start, start_error)
         return noise, error, count, iterations
 
@@ -389,26 +436,31 @@ def _exact_inversion(scheduler, inverse, model_fn, options: ExactOptions, return
         return (jnp.where(per_row(take_b), b[0], a[0]), jnp.where(take_b, b[1], a[1]), a[2] + b[2], a[3] + b[3])
 
     if noises is not None:  # a first-order SDE sampler given its noises: the per-step solves are exact
-        noise = first_order_solves()
+        noise = first_order_path()[0][0]
         errors, sweep_count, iterations = error_of(sampled(noise)[0]), jnp.asarray(0), jnp.asarray(0)
     else:
         plain_noise = plain(target)
-        plain_error = error_of(sampled(plain_noise)[0])
+        plain_sampled = sampled(plain_noise)[0]
+        plain_error = error_of(plain_sampled)
         plain_result = (plain_noise, plain_error, jnp.asarray(0), jnp.asarray(0))
 
-        def from_first_order_solves(result):
-            """The first-order sampler's per-step solves as the start (exact for order 1; a second start
-            for rows that plain inversion could not lead to a solution at orders >= 2)."""
-            start = first_order_solves()
-            start_sampled = sampled(start)[0]
-            return better_of(result, solved_from(start, start_sampled, error_of(start_sampled)))
+        def robust(result):
+            """The exact first-order path (exact for order 1), history sweeps (orders >= 2) and the
+            whole-sampler solve, for rows the fast path left unconverged (order 1: all rows)."""
+            X, M = first_order_path()
+            if K == 1:
+                start, start_error, count = X[0], error_of(sampled(X[0])[0]), jnp.asarray(0)
+            else:
+                start, start_error, count = history_sweeps(X, M)
+            noise, error, iterations = shooting(start, start_error, preconditioned=K == 1)
+            return better_of(result, (noise, error, count, iterations))
 
         if K == 1:
-            result = from_first_order_solves(plain_result)
+            result = robust(plain_result)
         else:
-            result = better_of(plain_result, solved_from(plain_noise, sampled(plain_noise)[0], plain_error))
-            result = lax.cond(jnp.any(result[1] > options.tolerance), from_first_order_solves, lambda r: r, result)
-        # never worse than plain inversion on any row, as better_of keeps it where nothing beat it
+            result = better_of(plain_result, fast(plain_noise, plain_sampled, plain_error))
+            result = lax.cond(jnp.any(result[1] > options.tolerance), robust, lambda r: r, result)
+        # never worse than plain inversion on any row: better_of keeps it where nothing beat it
         noise, errors, sweep_count, iterations = result
     _, later, _ = sampled(noise, True)
     X = jnp.concatenate([noise[None], later[:-1]])

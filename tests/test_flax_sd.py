@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from test_flax_compat import OLD_VERSION, old_diffusers  # noqa: F401  (the fixture)
@@ -41,11 +43,17 @@ def test_our_sampler_reproduces_diffusers_039_flax_pipeline_loop(report):
 
 
 def test_bf16_params_run_and_match_the_reference_with_bf16_params(report):
+    """Both loops evaluate the same bf16 UNet; they may round in a different order (XLA keeps bf16
+    intermediates on CPUs with native bf16 arithmetic, e.g. AVX512-BF16, and upcasts elsewhere), so
+    they agree to a fraction of bf16's precision, not float32's: measured 1.0e-2 on samples of
+    magnitude 48 with native bf16 (2.8% of eps_bf16 * scale), 4e-5 without. Running the float32
+    weights instead lands 0.17 away (44%), outside the band: the bf16 weights are what ran."""
     bf16 = report["bf16"]
     assert bf16["params_dtype"] == "bfloat16" and bf16["out_dtype"] == "float32" and bf16["finite"]
     scale = report["sampling"]["order2-w7.5-N10"]["scale"]
-    assert bf16["max_abs_diff"] <= 1e-5 * scale, bf16
-    assert bf16["max_abs_diff_to_f32"] > 100 * bf16["max_abs_diff"], "bf16 weights must actually be used"
+    band = 0.1 * float(np.finfo(jnp.bfloat16).eps) * scale
+    assert bf16["max_abs_diff"] <= band, (bf16, band)
+    assert bf16["max_abs_diff_to_f32"] > 2 * band, ("bf16 weights must actually be used", bf16, band)
 
 
 def test_exact_inversion_round_trips_through_the_guided_unet(report):

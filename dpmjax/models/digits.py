@@ -71,20 +71,22 @@ class DigitsDenoiser(nn.Module):
 
 
 class Digits(NamedTuple):
-    """The shipped model: ``denoiser`` params and the classifier's ``(weights, bias)``."""
+    """A shipped model: the denoiser ``net`` (a Flax module) with its ``params``, and the
+    classifier's ``(weights, bias)``."""
 
     params: dict
     classifier: tuple
+    net: nn.Module = DigitsDenoiser()
 
     def model_fn(self, label):
         """``model_fn(x, t)`` for a fixed label batch ``[B]`` (use :func:`dpmjax.classifier_free_guidance`
         with :meth:`conditional` for guidance)."""
-        return lambda x, t: DigitsDenoiser().apply(self.params, x, t, label)
+        return lambda x, t: self.net.apply(self.params, x, t, label)
 
     def conditional(self, x, t, label):
         """``model(x, t, label)``: the form :func:`dpmjax.classifier_free_guidance` takes. ``label`` is
         ``[B]`` int or a ``[B, width]`` float embedding (see :meth:`embed`)."""
-        return DigitsDenoiser().apply(self.params, x, t, label)
+        return self.net.apply(self.params, x, t, label)
 
     def embed(self, labels) -> jax.Array:
         """The learned label embeddings ``[B, width]`` of ``labels`` (``NULL_LABEL`` gives the null one)."""
@@ -101,15 +103,34 @@ def init_params(key) -> dict:
     return DigitsDenoiser().init(key, jnp.zeros((1,) + SHAPE), jnp.zeros(()), jnp.zeros((1,), jnp.int32))
 
 
-@functools.lru_cache(maxsize=1)
-def load() -> Digits:
-    """The shipped weights (flax msgpack)."""
-    if not os.path.exists(WEIGHTS):
-        raise FileNotFoundError(f"{WEIGHTS} is missing: run python -m dpmjax.models.train_digits")
+MODELS = ("mlp", "unet")
+
+
+def weights_path(model: str) -> str:
+    return WEIGHTS if model == "mlp" else os.path.join(HERE, "digits_unet_weights.msgpack")
+
+
+@functools.lru_cache(maxsize=2)
+def load(model: str = "mlp") -> Digits:
+    """A shipped model from its weights (flax msgpack): ``"mlp"``, the residual MLP above, or
+    ``"unet"``, the Stable-Diffusion-style UNet of :mod:`dpmjax.models.digits_unet`. Both score
+    samples with the same classifier (stored with the MLP)."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}.")
+    from . import digits_unet
+
+    path = weights_path(model)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: run python -m dpmjax.models.train_digits --model {model}")
     template = {"params": init_params(jax.random.PRNGKey(0)), "classifier": (np.zeros((64, 10), np.float32), np.zeros(10, np.float32))}
     with open(WEIGHTS, "rb") as f:
         restored = flax.serialization.from_bytes(template, f.read())
-    return Digits(restored["params"], tuple(jnp.asarray(a) for a in restored["classifier"]))
+    classifier = tuple(jnp.asarray(a) for a in restored["classifier"])
+    if model == "mlp":
+        return Digits(restored["params"], classifier)
+    with open(path, "rb") as f:
+        params = flax.serialization.from_bytes(digits_unet.init_params(jax.random.PRNGKey(0)), f.read())
+    return Digits(params, classifier, digits_unet.DigitsUNet())
 
 
 def heldout():

@@ -23,7 +23,7 @@ import optax
 
 from ..config import SchedulerConfig
 from ..noise_schedule import training_schedule
-from . import digits
+from . import digits, digits_unet
 
 LABEL_DROPOUT = 0.15
 
@@ -44,14 +44,14 @@ def load_split(test_fraction: float = 0.2, seed: int = 0):
 
 
 def train_denoiser(images, labels, steps: int, batch: int = 256, learning_rate: float = 2e-3, seed: int = 0,
-                   log_every: int = 1000):
+                   log_every: int = 1000, model: str = "mlp"):
     alphas_cumprod = jnp.asarray(training_schedule(SchedulerConfig()).alphas_cumprod, jnp.float32)
     key = jax.random.PRNGKey(seed)
-    params = digits.init_params(key)
+    params = (digits.init_params if model == "mlp" else digits_unet.init_params)(key)
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(500, steps // 10 + 1), steps, learning_rate * 0.01)
     optimiser = optax.adamw(schedule, weight_decay=1e-4)
     opt_state = optimiser.init(params)
-    net = digits.DigitsDenoiser()
+    net = digits.DigitsDenoiser() if model == "mlp" else digits_unet.DigitsUNet()
     images, labels = jnp.asarray(images), jnp.asarray(labels)
 
     def loss_fn(params, key):
@@ -112,15 +112,27 @@ def train_classifier(images, labels, steps: int = 2000):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpmjax.models.train_digits", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20000, help="optimiser steps (default 20000)")
+    parser.add_argument("--model", default="mlp", choices=digits.MODELS,
+                        help="mlp (the residual MLP) or unet (the Stable-Diffusion-style UNet); default mlp")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: mlp 20000, unet 6000)")
     parser.add_argument("--out", default=digits.HERE, help="folder for digits_weights.msgpack and digits_heldout.npz")
     args = parser.parse_args(argv)
-    if args.steps < 1:
+    steps = args.steps if args.steps is not None else (20000 if args.model == "mlp" else 6000)
+    if steps < 1:
         parser.error("--steps must be positive")
     train_x, train_y, test_x, test_y = load_split()
-    print(f"digits: {len(train_y)} training images, {len(test_y)} held out")
-    log_every = min(1000, args.steps)
-    params = train_denoiser(train_x, train_y, -(-args.steps // log_every) * log_every, log_every=log_every)
+    print(f"digits: {len(train_y)} training images, {len(test_y)} held out; model {args.model}")
+    log_every = min(1000 if args.model == "mlp" else 250, steps)
+    batch = 256 if args.model == "mlp" else 128
+    params = train_denoiser(train_x, train_y, -(-steps // log_every) * log_every, batch=batch, log_every=log_every,
+                            model=args.model)
+    if args.model == "unet":  # scored by the MLP's classifier: same data, same split
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, os.path.basename(digits.weights_path("unet")))
+        with open(path, "wb") as f:
+            f.write(flax.serialization.to_bytes(params))
+        print(f"wrote {path}")
+        return 0
     classifier = train_classifier(train_x, train_y)
     accuracy = float(jnp.mean(digits.classify(classifier, jnp.asarray(test_x)) == test_y))
     print(f"classifier accuracy on the held-out digits: {accuracy:.3f}")

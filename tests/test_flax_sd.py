@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from test_flax_compat import OLD_VERSION, old_diffusers  # noqa: F401  (the fixture)
@@ -51,7 +50,7 @@ def test_bf16_params_run_and_match_the_reference_with_bf16_params(report):
     bf16 = report["bf16"]
     assert bf16["params_dtype"] == "bfloat16" and bf16["out_dtype"] == "float32" and bf16["finite"]
     scale = report["sampling"]["order2-w7.5-N10"]["scale"]
-    band = 0.1 * float(np.finfo(jnp.bfloat16).eps) * scale
+    band = 0.1 * float(jnp.finfo(jnp.bfloat16).eps) * scale
     assert bf16["max_abs_diff"] <= band, (bf16, band)
     assert bf16["max_abs_diff_to_f32"] > 2 * band, ("bf16 weights must actually be used", bf16, band)
 

@@ -1,7 +1,7 @@
 """Exact inversion on the shipped digits model: rows exact, PSNR, noise NMSE, model calls and seconds
 per step beside plain inversion (one model call per step), per order, steps, guidance and grid.
 
-    python -m benchmarks.exact_inversion [--rows 32] [--quick] [--out benchmarks/results/exact_inversion.json]
+    python -m benchmarks.exact_inversion [--model mlp unet] [--rows 32] [--quick] [--out benchmarks/results/exact_inversion.json]
 
 Real data: held-out digits (never seen in training). Generated data: the sampler's own outputs from
 known noise, so the noise-space error (NMSE = |z - z_true|^2 / |z_true|^2, as Hong et al. report) is
@@ -27,7 +27,7 @@ from dpmjax.models import digits
 GRIDS = {"lu": dict(use_lu_lambdas=True), "default": {}}
 
 
-def measure(model, images, labels, order, n, w, grid, data):
+def measure(model, images, labels, order, n, w, grid, data, name="mlp"):
     fwd = dpmjax.DPMSolverMultistepScheduler(solver_order=order, final_sigmas_type="sigma_min", **GRIDS[grid])
     base = guided_model(model, labels, w)
     calls = [0]
@@ -53,7 +53,7 @@ def measure(model, images, labels, order, n, w, grid, data):
     steady = time.perf_counter() - start
     dpmjax.invert(counted, images, fwd, n, exact=True).sample.block_until_ready()
     row = {
-        "order": order, "steps": n, "guidance": w, "grid": grid, "data": data, "rows": int(images.shape[0]),
+        "model": name, "order": order, "steps": n, "guidance": w, "grid": grid, "data": data, "rows": int(images.shape[0]),
         "rows_exact": int(jnp.sum(exact.converged)), "round_trip_max": float(jnp.max(exact.round_trip)),
         "psnr_plain": psnr(dpmjax.sample(base, plain, fwd, n).sample, images),
         "psnr_exact": psnr(dpmjax.sample(base, exact.sample, fwd, n).sample, images),
@@ -68,11 +68,11 @@ def measure(model, images, labels, order, n, w, grid, data):
 
 
 def table(rows) -> str:
-    lines = ["| data | grid | order | N | w | rows exact | PSNR plain / exact (dB) | noise NMSE plain / exact | "
-             "model calls per step | s first / steady | steady / plain |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | data | grid | order | N | w | rows exact | PSNR plain / exact (dB) | noise NMSE plain / exact | "
+             "model calls per step | s first / steady | steady / plain |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         nmse = f"{r['nmse_plain']:.1e} / {r['nmse_exact']:.1e}" if "nmse_exact" in r else "-"
-        lines.append(f"| {r['data']} | {r['grid']} | {r['order']} | {r['steps']} | {r['guidance']:g} | {r['rows_exact']}/{r['rows']} | "
+        lines.append(f"| {r['model']} | {r['data']} | {r['grid']} | {r['order']} | {r['steps']} | {r['guidance']:g} | {r['rows_exact']}/{r['rows']} | "
                      f"{r['psnr_plain']:.1f} / {r['psnr_exact']:.1f} | {nmse} | {r['calls_per_step']:.0f} | "
                      f"{r['seconds_first']:.1f} / {r['seconds_steady']:.2f} | {r['ratio']:.0f}x |")
     return "\n".join(lines)
@@ -80,23 +80,31 @@ def table(rows) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.exact_inversion", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", default=list(digits.MODELS), choices=digits.MODELS)
     parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--orders", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
+    parser.add_argument("--append", action="store_true", help="add to the rows already in --out")
     parser.add_argument("--quick", action="store_true", help="two settings only (CI)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "exact_inversion.json"))
     args = parser.parse_args(argv)
-    model = digits.load()
     images, labels = digits.heldout()
     images, labels = jnp.asarray(images[: args.rows]), jnp.asarray(labels[: args.rows])
-    settings = [(o, n, w, "lu", d) for d in ("real", "generated") for o in (1, 2, 3) for n in (10, 25, 50) for w in (1.0, 3.0)]
-    settings += [(o, n, 1.0, "default", d) for d in ("real", "generated") for o in (1, 2) for n in (25, 50)]
+    settings = [(o, n, w, "lu", d) for d in ("real", "generated") for o in args.orders for n in args.steps for w in (1.0, 3.0)]
+    settings += [(o, n, 1.0, "default", d) for d in ("real", "generated") for o in (1, 2) for n in (25, 50)
+                 if o in args.orders and n in args.steps]
     if args.quick:
         settings = [(2, 10, 1.0, "lu", "real"), (1, 10, 1.0, "default", "generated")]
-    rows = []
-    for order, n, w, grid, data in settings:
-        rows.append(measure(model, images, labels, order, n, w, grid, data))
-        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    rows = json.load(open(args.out))["rows"] if args.append and os.path.exists(args.out) else []
+    for name in args.model:
+        model = digits.load(name)
+        for order, n, w, grid, data in settings:
+            rows.append(measure(model, images, labels, order, n, w, grid, data, name=name))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
     if not args.quick:
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(table(rows) + "\n")
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"jax": jax.__version__, "backend": jax.default_backend(), "rows": rows}, f, indent=1)

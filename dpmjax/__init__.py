@@ -10,6 +10,7 @@ from .scheduler import (
 )
 from .null_text import NullTextInversion, null_text_inversion, sample_with_null_embeddings
 from .state import SchedulerState
+from .step_inversion_check import StepInversionCheck, check_step_inversion
 from .trajectory import Trajectory, classifier_free_guidance, invert, sample
 
 __all__ = [
@@ -21,7 +22,9 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerOutput",
     "SchedulerState",
+    "StepInversionCheck",
     "Trajectory",
+    "check_step_inversion",
     "classifier_free_guidance",
     "invert",
     "null_text_inversion",

@@ -42,7 +42,8 @@ def guided_model(model: digits.Digits, labels: jax.Array, scale: float):
 
 def reconstruct(model, images, labels, scheduler, n: int, scale: float, exact: bool, progress: bool = False):
     """``(noise, reconstruction)`` of ``images`` through ``n``-step inversion and sampling at guidance ``scale``."""
-    noise, recon, _ = reconstruct_counted(model, images, labels, scheduler, n, scale, exact, progress)
+    noise, recon, _ = reconstruct_counted(model, images, labels, scheduler=scheduler, n=n, scale=scale, exact=exact,
+                                          progress=progress)
     return noise, recon
 
 
@@ -102,6 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 25], help="inference steps (default: 10 25)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 7.5], help="guidance scales (default: 1 7.5)")
     parser.add_argument("--count", type=int, default=100, help="held-out digits to invert (default: 100)")
+    parser.add_argument("--model", default="mlp", choices=digits.MODELS,
+                        help="the shipped network: mlp (residual MLP, default) or unet (Stable-Diffusion-style UNet)")
     parser.add_argument("--order", type=int, default=2, choices=(1, 2, 3), help="solver order (default: 2)")
     parser.add_argument("--grid", default="lu", choices=tuple(GRIDS),
                         help="noise levels: lu = uniform in log-SNR (default: every step of this model's sampler inverts), "
@@ -119,14 +122,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(not w >= 1.0 for w in args.guidance):
         parser.error("--guidance scales must be >= 1")
 
-    model = digits.load()
+    model = digits.load(args.model)
     images, labels = digits.heldout()
     images, labels = jnp.asarray(images[: args.count]), jnp.asarray(labels[: args.count])
     # The sampler ends at the smallest training noise level, not at zero: a final step to zero noise
     # returns the denoiser's output, whose range need not contain a real held-out image.
     scheduler = DPMSolverMultistepScheduler(solver_order=args.order, final_sigmas_type="sigma_min", **GRIDS[args.grid])
     print(f"dpmjax on {jax.default_backend()} (jax {jax.__version__}): {images.shape[0]} held-out 8x8 digits, "
-          f"DPM-Solver++ order {args.order}, {args.grid} grid ending at sigma_min, float32")
+          f"{args.model} model, DPM-Solver++ order {args.order}, {args.grid} grid ending at sigma_min, float32")
     print("round trip PSNR (dB) of sample(invert(x)) against x, guided by the true label at scale w")
     methods = ["plain"] + ([] if args.no_exact else ["exact"]) + (["null-text"] if args.null_text_steps else [])
     columns = [c for m in methods for c in ([m, "rows exact"] if m == "exact" else [m])]
@@ -142,8 +145,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if method == "null-text":
                     noise, recon = reconstruct_null_text(model, images, labels, scheduler, n, w, args.null_text_steps, True)
                 else:
-                    noise, recon, converged = reconstruct_counted(model, images, labels, scheduler, n, w, method == "exact",
-                                                                  progress=True)
+                    noise, recon, converged = reconstruct_counted(model, images, labels, scheduler=scheduler, n=n, scale=w,
+                                                                  exact=method == "exact", progress=True)
                 table[(n, w, method)] = psnr(recon, images)
                 cells.append(f"{table[(n, w, method)]:.1f}")
                 if method == "exact":

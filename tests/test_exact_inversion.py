@@ -163,3 +163,22 @@ def test_on_the_default_grid_no_row_is_worse_than_plain_and_failures_are_flagged
     assert np.all(exact_rt <= plain_rt + 4 * EPS32)
     np.testing.assert_allclose(np.asarray(result.round_trip), exact_rt, atol=4 * EPS32, rtol=0)
     np.testing.assert_array_equal(np.asarray(result.converged), exact_rt <= 1e-5)
+
+
+@pytest.mark.slow
+def test_the_step_check_finds_the_default_grids_fold_and_none_on_the_log_snr_grid(digits_batch):
+    """diffusers' default grid ends with one long jump (sigma 0.14 -> 0.01 at N = 25) whose map folds
+    for this trained model: solves from the predictor land on other inputs with the same output, or
+    fail. On the log-SNR grid every step of every row comes back to its true input."""
+    model, _, labels = digits_batch
+    fn = guided_model(model, labels, 1.0)
+    noise = jax.random.normal(jax.random.PRNGKey(7), (16,) + digits.SHAPE)
+    default = dpmjax.check_step_inversion(fn, noise, sampler(2), 25)
+    lu = dpmjax.check_step_inversion(fn, noise, sampler(2, use_lu_lambdas=True), 25)
+    assert lu.injective and lu.rows == 16, lu.table()
+    assert not default.injective
+    assert default.on_true_input[-1] < 16 and np.all(default.on_true_input[:-1] == 16), default.table()
+    assert abs(default.sigma_from[-1] - 0.144) < 0.01 and abs(default.sigma_to[-1] - 0.01) < 0.001
+    assert "| 25 |" in default.table()
+    with pytest.raises(ValueError, match="deterministic DPMSolverMultistepScheduler"):
+        dpmjax.check_step_inversion(fn, noise, dpmjax.DPMSolverMultistepInverseScheduler(), 25)

@@ -65,16 +65,29 @@ def train_denoiser(images, labels, steps: int, batch: int = 256, learning_rate: 
         y = jnp.where(jax.random.uniform(k_drop, (batch,)) < LABEL_DROPOUT, digits.NULL_LABEL, y)
         return jnp.mean((net.apply(params, xt, t, y) - eps) ** 2)
 
-    @jax.jit
-    def run(params, opt_state, key):
-        def one(carry, k):
-            params, opt_state = carry
-            loss, grads = jax.value_and_grad(loss_fn)(params, k)
-            updates, opt_state = optimiser.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
+    def one(carry, k):
+        params, opt_state = carry
+        loss, grads = jax.value_and_grad(loss_fn)(params, k)
+        updates, opt_state = optimiser.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
 
+    @jax.jit
+    def run_scanned(params, opt_state, key):
         (params, opt_state), losses = jax.lax.scan(one, (params, opt_state), jax.random.split(key, log_every))
         return params, opt_state, jnp.mean(losses)
+
+    step = jax.jit(one)
+
+    def run_looped(params, opt_state, key):
+        # XLA:CPU runs the UNet's convolutions ~20x slower inside a scan's loop body than as a
+        # top-level program (measured: 1.2 s vs 0.057 s per step at batch 128), so one call per step
+        losses = []
+        for k in jax.random.split(key, log_every):
+            (params, opt_state), loss = step((params, opt_state), k)
+            losses.append(loss)
+        return params, opt_state, jnp.mean(jnp.stack(losses))
+
+    run = run_scanned if model == "mlp" else run_looped
 
     start = time.perf_counter()
     done = 0

@@ -83,3 +83,26 @@ def test_the_main_job_prints_the_psnr_table_and_writes_the_grid(tmp_path, capsys
     assert "order 2, lu grid" in printed
     assert "accuracy" in printed
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_unet_is_a_trained_sd_style_network_whose_guided_samples_are_digits():
+    unet = digits.load("unet")
+    names = str(jax.tree_util.tree_structure(unet.params))
+    assert "GroupNorm" in names and "MultiHeadDotProductAttention" in names and "Conv" in names
+    accuracy, _, images = sample_quality(unet, dpmjax.DPMSolverMultistepScheduler().config, 100, 25, 3.0, False)
+    assert accuracy >= 0.9, accuracy
+    assert unet.embed(jnp.array([1, 10])).shape == (2, 128)
+    with pytest.raises(ValueError, match="model must be one of"):
+        digits.load("vit")
+
+
+@pytest.mark.slow
+def test_the_unet_training_script_runs_and_its_weights_load(tmp_path, monkeypatch):
+    assert train_digits.main(["--model", "unet", "--steps", "3", "--out", str(tmp_path)]) == 0
+    from flax import serialization
+    from dpmjax.models import digits_unet
+
+    params = serialization.from_bytes(digits_unet.init_params(jax.random.PRNGKey(1)),
+                                      (tmp_path / "digits_unet_weights.msgpack").read_bytes())
+    out = digits_unet.DigitsUNet().apply(params, jnp.zeros((2, 1, 8, 8)), 500, jnp.array([3, 10]))
+    assert out.shape == (2, 1, 8, 8) and bool(jnp.all(jnp.isfinite(out)))

@@ -119,11 +119,20 @@ def digits_batch():
     return digits.load(), jnp.asarray(images[:16]), jnp.asarray(labels[:16])
 
 
+@pytest.fixture(scope="module")
+def unet_batch():
+    images, labels = digits.heldout()
+    return digits.load("unet"), jnp.asarray(images[:16]), jnp.asarray(labels[:16])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("order, n, w", [(1, 25, 1.0), (2, 25, 1.0), (2, 25, 3.0), (2, 50, 3.0), (3, 50, 1.0)])
-def test_real_held_out_digits_invert_exactly_on_a_log_snr_grid(digits_batch, order, n, w):
-    """Real data on a grid whose every step inverts: every row converged, >= 100 dB."""
-    model, images, labels = digits_batch
+@pytest.mark.parametrize("network, order, n, w", [("mlp", 1, 25, 1.0), ("mlp", 2, 25, 1.0), ("mlp", 2, 25, 3.0),
+                                                  ("mlp", 2, 50, 3.0), ("mlp", 3, 50, 1.0), ("unet", 1, 25, 1.0),
+                                                  ("unet", 2, 25, 1.0), ("unet", 2, 50, 3.0)])
+def test_real_held_out_digits_invert_exactly_on_a_log_snr_grid(request, network, order, n, w):
+    """Real data on a grid whose every step inverts, on both shipped networks: every row converged,
+    >= 100 dB."""
+    model, images, labels = request.getfixturevalue("digits_batch" if network == "mlp" else "unet_batch")
     fwd = sampler(order, use_lu_lambdas=True)
     fn = guided_model(model, labels, w)
     result = dpmjax.invert(fn, images, fwd, n, exact=True)
@@ -136,10 +145,11 @@ def test_real_held_out_digits_invert_exactly_on_a_log_snr_grid(digits_batch, ord
 
 
 @pytest.mark.slow
-def test_the_samplers_own_outputs_invert_to_the_noise_that_made_them(digits_batch):
-    model, _, labels = digits_batch
+@pytest.mark.parametrize("network, w", [("mlp", 3.0), ("unet", 1.0)])
+def test_the_samplers_own_outputs_invert_to_the_noise_that_made_them(request, network, w):
+    model, _, labels = request.getfixturevalue("digits_batch" if network == "mlp" else "unet_batch")
     fwd = sampler(2, use_lu_lambdas=True)
-    fn = guided_model(model, labels, 3.0)
+    fn = guided_model(model, labels, w)
     noise = jax.random.normal(jax.random.PRNGKey(6), (16,) + digits.SHAPE)
     generated = dpmjax.sample(fn, noise, fwd, 25).sample
     result = dpmjax.invert(fn, generated, fwd, 25, exact=True)

@@ -11,21 +11,21 @@ Inversion semantics:
   mirrored. Plain inversion evaluates the model at the known end of each step (DDIM inversion
   generalised to multistep DPM-Solver). A final zero-noise level is entered at the smallest
   training noise level (timestep 0), where the model can be evaluated.
-* ``exact=True`` (sampler only): each sampler step ``x_{k+1} = F_k(x_k)`` is solved for ``x_k``
-  with a damped Newton-Krylov method (:mod:`dpmjax.newton`), so that sampling the result gives back
-  the input to solver precision (Hong et al. 2024, "On Exact Inversion of DPM-Solvers", CVPR).
-  A multistep update of order p also uses model outputs at the p - 1 *noisier* points, which are
-  not known yet when the step is inverted. Three stages: (1) the exact inversion of the first-order
-  sampler on the same grid (one sweep, no history; exact for order 1); (2) sweeps that take the
-  history from the previous sweep, Anderson-accelerated, until sampling the result gives back the
-  input within ``sweep_tolerance`` (a fixed-point iteration that crawls near its solution);
-  (3) the sampler is a function of its start alone, so ``sample(x_N) = x_0`` is solved for ``x_N``
-  with Newton-Krylov through the whole scan ("shooting"), which converges fast from stage 2.
+* ``exact=True`` (sampler only): find the start ``z`` of the sampler ``S`` with ``S(z) = x`` to
+  float32 precision (Hong et al. 2024, "On Exact Inversion of DPM-Solvers", CVPR, solve the
+  implicit steps one by one; a multistep sampler is a function of its start alone, so here the
+  whole sampler is the equation). Fast path (orders >= 2): plain inversion ``I``, defect-correction
+  sweeps ``z <- z + I(x) - I(S(z))`` (Stetter 1978), then Newton-Krylov on ``S(z) = x`` with GMRES
+  right-preconditioned by ``I``'s Jacobian. Robust path (order 1, and rows the fast path leaves):
+  each step of the first-order sampler solved with Newton-Krylov (:mod:`dpmjax.newton`; exact for
+  order 1), history sweeps that feed each step the older model outputs of the previous sweep
+  (Anderson-accelerated per row), then the unpreconditioned whole-sampler solve. Each row keeps the
+  best of plain inversion and the two paths and reports its measured round trip.
 * A first-order ``sde-dpmsolver++`` sampler is inverted exactly given the per-step noises it used
-  (``noises``), by the per-step solves of stage 1 with the noise held fixed. Other stochastic
+  (``noises``), by the first-order per-step solves with the noise held fixed. Other stochastic
   samplers are refused: an SDE step shrinks its input (``c_x = sigma_t / sigma_s e^{-h}``), so its
-  inverse amplifies every error, and with a multistep history neither stage 2 nor stage 3 reaches
-  float32 precision (see ``invert``).
+  inverse amplifies every error, and with a multistep history neither the sweeps nor the
+  whole-sampler solve reach float32 precision (see ``invert``).
 """
 
 from __future__ import annotations

@@ -81,8 +81,9 @@ def check_step_inversion(
     path = sample(model_fn, noise, scheduler, num_inference_steps, cond=cond, return_samples=True)
     state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape, solver.compute_dtype(noise))
     inputs = jnp.concatenate([noise[None], path.samples[:-1]])  # the true input of each step
-    found, residual = _solve_steps(scheduler, model_fn, float(tolerance), int(max_iterations), state, inputs,
-                                   path.samples, cond)
+    found, residual = _solve_steps(scheduler=scheduler, model_fn=model_fn, tolerance=float(tolerance),
+                                   max_iterations=int(max_iterations), state=state, inputs=inputs,
+                                   outputs=path.samples, cond=cond)
     rows = noise.shape[0]
     scale = np.maximum(1.0, np.asarray(jax.vmap(lambda x: row_max_abs(x, rows))(path.samples)))
     distance = np.asarray(jax.vmap(lambda a, b: row_max_abs(a - b, rows))(found, inputs)) / scale
@@ -126,4 +127,4 @@ def _solve_steps(scheduler, model_fn, tolerance, max_iterations, state, inputs, 
     return lax.scan(solve, None, jnp.arange(n))[1]
 
 
-_solve_steps = jax.jit(_solve_steps, static_argnums=(0, 1, 2, 3))
+_solve_steps = jax.jit(_solve_steps, static_argnames=("scheduler", "model_fn", "tolerance", "max_iterations"))

@@ -217,10 +217,14 @@ def inverse_grid(config: SchedulerConfig, train: TrainingSchedule, num_inference
     if duplicate_last:
         s = np.concatenate([s, s[-1:]])
     sig = s.astype(np.float32)
-    ts = np.asarray(ts).astype(np.int64)
+    ts = np.asarray(ts)
     if config.use_lu_lambdas:  # our own grid: every noise level is a step, even where timesteps repeat
-        return Grid(ts, sig)
-    # Several noise levels can round to one timestep (e.g. num_inference_steps == num_train_timesteps);
-    # diffusers keeps the first of each and leaves the sigmas as they are.
+        return Grid(ts.astype(np.int64), sig)
+    # Several noise levels can give one timestep (e.g. num_inference_steps == num_train_timesteps);
+    # diffusers keeps the first of each and leaves the sigmas as they are. It de-duplicates the
+    # timesteps *before* its final integer cast: integer grids (spacings, Karras) lose their repeats,
+    # but the fractional timesteps of exponential, beta and flow grids are all distinct, so those
+    # keep every step even where several of them truncate to one integer (the cosine schedule's
+    # noisiest sigmas all give 998).
     _, first = np.unique(ts, return_index=True)
-    return Grid(ts[np.sort(first)], sig)
+    return Grid(ts[np.sort(first)].astype(np.int64), sig)

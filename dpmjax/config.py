@@ -17,6 +17,8 @@ import math
 import os
 from typing import Any, Mapping, Optional, Tuple
 
+import numpy as np
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
@@ -46,9 +48,58 @@ def _boolean(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
-def _integer(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+def integer_value(name: str, value: Any, allowed: str) -> int:
+    """``value`` as a Python ``int`` when it is an integer (Python or NumPy, not a bool), else a
+    ValueError naming ``name`` and ``allowed`` (e.g. ``"an integer >= 0"``). NumPy integers become
+    Python ints, so that configs and cache keys hash alike whichever was passed."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be {allowed} (not a bool, float or string), got {value!r}.")
+    return int(value)
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    """An integer ``>= minimum`` (as a Python int), else a ValueError naming ``name``."""
+    allowed = f"an integer >= {minimum}"
+    number = integer_value(name, value, allowed)
+    if number < minimum:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+    return number
+
+
+def _integer_choice(name: str, value: Any, allowed: Tuple[int, ...]) -> int:
+    """One of the integers ``allowed`` (as a Python int), else a ValueError naming ``name``."""
+    description = f"an integer, one of {', '.join(map(str, allowed))}"
+    number = integer_value(name, value, description)
+    if number not in allowed:
+        raise ValueError(f"{name} must be {description}, got {value!r}.")
+    return number
+
+
+def check_num_inference_steps(value: Any) -> int:
+    """``num_inference_steps`` as a Python int (NumPy integers accepted); bools, floats (also
+    integral ones such as ``10.0``) and anything else are a ValueError. The range is checked
+    where the grid is built."""
+    return integer_value("num_inference_steps", value, "an integer")
+
+
+def _lambda_min_clipped(config: "SchedulerConfig") -> float:
+    """``lambda_min_clipped`` as a float: -inf (no clipping) or a finite log-SNR that keeps at
+    least one training timestep (the least noisy one's log-SNR is the largest allowed); +inf, NaN
+    or a larger value would clip every timestep and give the grid negative timesteps."""
+    clip = _real("lambda_min_clipped", config.lambda_min_clipped)
+    if clip == -math.inf:
+        return clip
+    if not math.isfinite(clip):
+        raise ValueError(f"lambda_min_clipped must be a finite number or -inf (no clipping), got {clip!r}.")
+    from .noise_schedule import training_schedule  # here: noise_schedule imports this module
+
+    largest = float(np.max(training_schedule(config).lambda_t))
+    if np.float32(clip) > np.float32(largest):
+        raise ValueError(
+            f"lambda_min_clipped must be -inf or at most {largest:.6g} (the largest log-SNR of this training "
+            f"schedule; above it every timestep is clipped), got {clip!r}."
+        )
+    return clip
 
 
 def _real(name: str, value: Any) -> float:
@@ -129,7 +180,7 @@ class SchedulerConfig:
         set_("algorithm_type", _ALGORITHM_ALIASES.get(self.algorithm_type, self.algorithm_type))
         set_("solver_type", _SOLVER_ALIASES.get(self.solver_type, self.solver_type))
 
-        _integer("num_train_timesteps", self.num_train_timesteps, 2)
+        set_("num_train_timesteps", _integer("num_train_timesteps", self.num_train_timesteps, 2))
         set_("beta_start", _real("beta_start", self.beta_start))
         set_("beta_end", _real("beta_end", self.beta_end))
         _choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
@@ -148,7 +199,7 @@ class SchedulerConfig:
                 raise ValueError(
                     f"beta_start={self.beta_start} and beta_end={self.beta_end} must lie in the open interval (0, 1)."
                 )
-        _choice("solver_order", self.solver_order, (1, 2, 3))
+        set_("solver_order", _integer_choice("solver_order", self.solver_order, (1, 2, 3)))
         _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         _boolean("thresholding", self.thresholding)
         ratio = _real("dynamic_thresholding_ratio", self.dynamic_thresholding_ratio)
@@ -183,16 +234,11 @@ class SchedulerConfig:
             raise ValueError(f"flow_shift must be > 0, got {shift}.")
         set_("flow_shift", shift)
         _choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
-        clip = _real("lambda_min_clipped", self.lambda_min_clipped)
-        if math.isnan(clip):
-            raise ValueError("lambda_min_clipped must not be NaN.")
-        set_("lambda_min_clipped", clip)
         _choice("variance_type", self.variance_type, VARIANCE_TYPES)
         _choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
-        _integer("steps_offset", self.steps_offset, 0)
+        set_("steps_offset", _integer("steps_offset", self.steps_offset, 0))
         _choice("time_shift_type", self.time_shift_type, TIME_SHIFT_TYPES)
-        if isinstance(self.channel_axis, bool) or not isinstance(self.channel_axis, int):
-            raise ValueError(f"channel_axis must be an integer axis index, got {self.channel_axis!r}.")
+        set_("channel_axis", integer_value("channel_axis", self.channel_axis, "an integer axis index"))
         if self.prediction_type == "flow_prediction" and self.algorithm_type not in DATA_PREDICTION_ALGORITHMS:
             raise ValueError(
                 f"prediction_type='flow_prediction' needs a data-prediction algorithm_type "
@@ -205,6 +251,7 @@ class SchedulerConfig:
             )
         if self.use_dynamic_shifting and not self.use_flow_sigmas:
             raise ValueError("use_dynamic_shifting=True needs use_flow_sigmas=True.")
+        set_("lambda_min_clipped", _lambda_min_clipped(self))  # last: it needs the training schedule
 
     SIGMA_GRID_OPTIONS = (
         "use_karras_sigmas",

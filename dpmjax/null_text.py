@@ -27,12 +27,15 @@ they then enter the compiled program as an argument rather than as constants.
 
 from __future__ import annotations
 
+import enum
 import functools
+import types
 from typing import Any, Callable, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -144,9 +147,118 @@ def _guided_scan(scheduler, model, guidance_scale, optimizer, inner_steps, toler
     return x, used, errors, taken
 
 
-_NO_OPTIMIZER = optax.identity()
+# ----------------------------------------------------------------------------- optimiser cache keys
+# jit hashes a static argument; an optax transformation hashes by identity, and ``optax.adam(1e-2)``
+# builds new closures on every call, so each call would compile the whole inversion again. The key
+# below describes a transformation by what determines its behaviour: the code of its functions and
+# the values they close over (learning rates, betas, nested transformations, schedules).
+
+_MAX_DEPTH = 64
+_MAX_ARRAY_BYTES = 1 << 16
+_ATOMS = (type(None), bool, int, str, bytes, type(Ellipsis))
+
+
+class _Unrecognised(Exception):
+    """A part of the transformation whose behaviour its value does not pin down."""
+
+
+def _array_key(value) -> tuple:
+    """A small concrete array (NumPy or JAX; not a tracer) by dtype, shape and bytes."""
+    if isinstance(value, jax.core.Tracer):
+        raise _Unrecognised(value)
+    array = np.asarray(value)
+    if array.dtype == object or array.nbytes > _MAX_ARRAY_BYTES:
+        raise _Unrecognised(value)
+    return ("array", type(value), array.dtype.str, array.shape, array.tobytes())
+
+
+def _cell_key(cell, path: tuple):
+    """A closure cell by its contents (an empty cell, not yet assigned, as such)."""
+    try:
+        contents = cell.cell_contents
+    except ValueError:
+        return ("empty cell",)
+    return _describe(contents, path)
+
+
+def _function_key(fn, path: tuple) -> tuple:
+    """A Python function by its code, module globals, defaults and closed-over values."""
+    cells = tuple(_cell_key(cell, path) for cell in (fn.__closure__ or ()))
+    return ("function", fn.__code__, id(fn.__globals__), _describe(fn.__defaults__, path),
+            _describe(fn.__kwdefaults__, path), cells)
+
+
+def _has_identity_equality(value) -> bool:
+    """True for objects that compare (and hash) by identity, so using them in a key is exact."""
+    cls = type(value)
+    return cls.__eq__ is object.__eq__ and cls.__hash__ is object.__hash__
+
+
+def _describe(value, path: tuple = ()):
+    """A hashable description of ``value`` equal for behaviourally identical optax parts; raises
+    :class:`_Unrecognised` for a part it cannot pin down (a tracer, a large array, an object with
+    its own equality)."""
+    if len(path) > _MAX_DEPTH:
+        raise _Unrecognised(value)
+    if id(value) in path:
+        return ("cycle", path.index(id(value)))
+    path = path + (id(value),)
+    if isinstance(value, _ATOMS):
+        return (type(value), value)
+    if isinstance(value, (float, complex)):
+        return (type(value), repr(value))  # repr: NaN equals itself and -0.0 differs from 0.0
+    if isinstance(value, (tuple, list)):  # also NamedTuples such as GradientTransformation
+        return (type(value), tuple(_describe(v, path) for v in value))
+    if isinstance(value, dict):
+        return (type(value), tuple((_describe(k, path), _describe(v, path)) for k, v in value.items()))
+    if isinstance(value, types.FunctionType):
+        return _function_key(value, path)
+    if isinstance(value, functools.partial):
+        return ("partial", type(value), _describe(value.func, path), _describe(value.args, path),
+                _describe(value.keywords, path))
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        return _array_key(value)
+    if isinstance(value, (type, types.BuiltinFunctionType, types.ModuleType, types.CodeType, np.dtype, enum.Enum)):
+        return ("object", value)
+    if _has_identity_equality(value):
+        return ("identity", value)
+    raise _Unrecognised(value)
+
+
+class _KeyedOptimizer:
+    """An optax transformation as a static jit argument, equal to another when their descriptions
+    are (then either compiled program is the other's), else only to itself."""
+
+    def __init__(self, optimizer: optax.GradientTransformation):
+        self.optimizer = optimizer
+        try:
+            self.key = ("described", _describe(optimizer))
+            hash(self.key)
+        except (_Unrecognised, TypeError):
+            self.key = ("identity", id(optimizer))
+
+    def __eq__(self, other):
+        return isinstance(other, _KeyedOptimizer) and self.key == other.key and (
+            self.key[0] == "described" or self.optimizer is other.optimizer)
+
+    def __hash__(self):
+        return hash(self.key)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_optimizer() -> optax.GradientTransformation:
+    """The paper's optimiser, Adam with learning rate 1e-2 (one object: one compiled program)."""
+    return optax.adam(1e-2)
+
+
+def _guided_scan_keyed(scheduler, model, guidance_scale, optimizer: _KeyedOptimizer, *args):
+    """:func:`_guided_scan` with the optimiser unwrapped from its cache key."""
+    return _guided_scan(scheduler, model, guidance_scale, optimizer.optimizer, *args)
+
+
+_NO_OPTIMIZER = _KeyedOptimizer(optax.identity())
 _STATIC = ("scheduler", "model", "guidance_scale", "optimizer", "inner_steps", "tolerance", "optimize", "progress")
-_guided_scan_jit = jax.jit(_guided_scan, static_argnums=tuple(range(len(_STATIC))))
+_guided_scan_jit = jax.jit(_guided_scan_keyed, static_argnums=tuple(range(len(_STATIC))))
 
 
 def _checked(scheduler, guidance_scale, inner_steps, tolerance):
@@ -193,9 +305,16 @@ def null_text_inversion(
     docstring. ``uncond`` is the initial unconditional input (e.g. the embedding of the empty
     prompt), ``optimizer`` any optax transformation (default ``optax.adam(1e-2)``).
     ``exact_pivot=True`` retraces the *exact* inversion at ``w = 1`` (:func:`dpmjax.invert` with
-    ``exact=True``), whose reconstruction is exact, instead of the plain one."""
+    ``exact=True``), whose reconstruction is exact, instead of the plain one.
+
+    The inversion compiles once per shape and optimiser *settings*: a fresh ``optax.adam(1e-2)``
+    on every call reuses the program, because the optimiser is recognised by the code of its
+    functions and the values they close over (numbers, strings, dtypes, small concrete arrays,
+    nested transformations and schedules). An optimiser closing over anything else (a traced
+    value, an array over 64 KiB, an object with its own ``__eq__``) is recognised by identity
+    only: pass the same object again to reuse its program."""
     _checked(scheduler, guidance_scale, inner_steps, tolerance)
-    optimizer = optax.adam(1e-2) if optimizer is None else optimizer
+    optimizer = _KeyedOptimizer(_default_optimizer() if optimizer is None else optimizer)
     x = jnp.asarray(data)
     if x.ndim == 0:
         raise ValueError("data must have a batch axis.")

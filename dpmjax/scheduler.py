@@ -32,7 +32,7 @@ import numpy as np
 
 from . import solver
 from .coefficients import step_tables
-from .config import SchedulerConfig, read_config_file, write_config_file
+from .config import SchedulerConfig, check_num_inference_steps, read_config_file, write_config_file
 from .grids import forward_grid, inverse_grid
 from .noise_schedule import training_schedule
 from .state import SchedulerState
@@ -197,7 +197,19 @@ class _DPMSolverMultistepBase:
         """The state before ``set_timesteps``: training tables and the full training grid."""
         return _initial_state(self._config, self.forward)
 
+    def _check_channel_axis(self, ndim: int) -> None:
+        """Refuse a ``channel_axis`` outside samples of ``ndim`` axes (negative indices count from the
+        end). Only the learned-variance split reads it, so only ``variance_type`` configs check it."""
+        axis = self._config.channel_axis
+        if self._config.variance_type is not None and ndim > 0 and not -ndim <= axis < ndim:
+            raise ValueError(
+                f"channel_axis={axis} must lie in [{-ndim}, {ndim - 1}] for samples with {ndim} axes "
+                f"(variance_type={self._config.variance_type!r} splits the model output on it)."
+            )
+
     def _grid(self, num_inference_steps, timesteps, mu):
+        if num_inference_steps is not None:  # before the grid cache, where 10.0 would find the grid of 10
+            num_inference_steps = check_num_inference_steps(num_inference_steps)
         if self.forward:
             shift = None
             if mu is not None:
@@ -258,6 +270,7 @@ class _DPMSolverMultistepBase:
         n = len(timesteps)
         if n < 1 or sigmas.ndim != 1 or len(sigmas) < n + 1:
             raise ValueError(f"a grid needs N >= 1 timesteps and at least N + 1 sigmas, got {n} and {sigmas.shape}.")
+        self._check_channel_axis(len(tuple(shape)))
         direction = self.forward if forward is None else forward
         fields = _state_fields(self._config, timesteps.astype(np.int64).tobytes(), sigmas.tobytes(), n, direction,
                                tuple(shape), jnp.dtype(dtype).name)
@@ -285,6 +298,7 @@ class _DPMSolverMultistepBase:
     ):
         """One step; returns ``SchedulerOutput(prev_sample, state)`` or, with ``return_dict=False``,
         the pair ``(prev_sample, state)``. SDE types need ``key`` or ``variance_noise``."""
+        self._check_channel_axis(jnp.ndim(sample))
         prev_sample, new_state = solver.step(self._config, state, model_output, timestep, sample, key, variance_noise)
         if not return_dict:
             return prev_sample, new_state
@@ -320,6 +334,7 @@ class _DPMSolverMultistepBase:
     def convert_model_output(self, state: SchedulerState, model_output: Array, sample: Array) -> Array:
         """Model output -> data prediction x0 (DPM-Solver++) or noise prediction (DPM-Solver) at the
         state's current step, thresholded if configured."""
+        self._check_channel_axis(jnp.ndim(sample))
         model_output = solver.mean_of_model_output(self._config, model_output, sample)
         return solver.convert_model_output(self._config, state, self._index_of(state), model_output, sample).astype(sample.dtype)
 

@@ -217,15 +217,21 @@ def sample(
     """Sample from ``noise`` with a forward scheduler, the whole trajectory in one jitted scan.
 
     SDE types draw their per-step noise from ``key`` (split per step) or take ``noises``
-    (``[N, *shape]``). ``checkpoint=True`` rematerialises each step in the backward pass, so
-    ``jax.grad`` keeps one sample (and the model-output history) per step instead of every
-    activation of the model. ``unroll`` unrolls the scan by that factor. ``donate=True`` lets the
-    result reuse ``noise``'s device buffer (``noise`` is then deleted): one sample less in memory.
+    (``[N, *shape]``); deterministic (ODE) samplers refuse both. ``checkpoint=True``
+    rematerialises each step in the backward pass, so ``jax.grad`` keeps one sample (and the
+    model-output history) per step instead of every activation of the model. ``unroll`` unrolls
+    the scan by that factor. ``donate=True`` lets the result reuse ``noise``'s device buffer
+    (``noise`` is then deleted): one sample less in memory.
     """
     _check_scheduler(scheduler)
     _check_unroll(unroll)
     if not scheduler.forward:
         raise ValueError("sample needs a forward scheduler (DPMSolverMultistepScheduler); use invert for inversion.")
+    if not scheduler.config.is_sde and (key is not None or noises is not None):
+        raise ValueError(
+            f"key/noises apply to stochastic samplers (algorithm_type sde-dpmsolver or sde-dpmsolver++); this one is "
+            f"deterministic (algorithm_type={scheduler.config.algorithm_type!r}): pass neither."
+        )
     noise = _as_array(noise)
     state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape, solver.compute_dtype(noise))
     n = state.num_inference_steps

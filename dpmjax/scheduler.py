@@ -97,7 +97,7 @@ def _state_fields(config, timestep_bytes: bytes, sigma_bytes: bytes, num_steps: 
             convert_coefficients=jnp.asarray(tables.convert),
             update_coefficients=jnp.asarray(tables.update),
             order_cap=jnp.asarray(tables.order_cap, jnp.int32),
-            model_outputs=jnp.zeros((config.solver_order,) + shape, dtype),
+            model_outputs=jnp.zeros((solver.history_length(config.solver_order),) + shape, dtype),
             lower_order_nums=jnp.asarray(0, jnp.int32),
             step_index=jnp.asarray(-1, jnp.int32),
         )

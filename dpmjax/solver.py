@@ -80,13 +80,18 @@ def locate_step(timesteps: Array, timestep) -> Array:
     schedule's own first timestep is step 0 even when it repeats (Karras or Lu grids of the cosine
     schedule start 998, 998, ...), where diffusers skips step 0 and runs off the end (IndexError).
     """
-    match = timesteps == jnp.asarray(timestep)
     n = timesteps.shape[0]
-    positions = jnp.arange(n)
-    first = jnp.argmax(match)
-    second = jnp.argmax(match & (positions > first))
-    count = jnp.sum(match)
-    index = jnp.where(count == 0, n - 1, jnp.where((count > 1) & (first > 0), second, first))
+    none = jnp.int32(n)
+    positions = jnp.where(timesteps == jnp.asarray(timestep), jnp.arange(n, dtype=jnp.int32), none)
+
+    def two_smallest(a, b):  # associative: the two smallest positions of the union
+        (first_a, second_a), (first_b, second_b) = a, b
+        return (jnp.minimum(first_a, first_b),
+                jnp.minimum(jnp.maximum(first_a, first_b), jnp.minimum(second_a, second_b)))
+
+    # one pass (a single kernel in a loop body): the first and second matches, n where there are none
+    first, second = lax.reduce((positions, jnp.full_like(positions, none)), (none, none), two_smallest, (0,))
+    index = jnp.where(first == none, n - 1, jnp.where((second < none) & (first > 0), second, first))
     return index.astype(jnp.int32)
 
 
@@ -196,10 +201,13 @@ def step(
         )
     index = current_step_index(state, timestep)
     n = state.timesteps.shape[0]
-    K = history.shape[0]
+    K = state.update_coefficients.shape[1]  # the solver order (the history holds history_length(K) slots)
     in_schedule = jnp.minimum(index, n - 1)
-    order = jnp.minimum(jnp.minimum(state.lower_order_nums + 1, K), state.order_cap[in_schedule])
-    row = state.update_coefficients[index, order - 1]
+    if K == 1:  # every step is first order: no warm-up or order cap to look up
+        row = state.update_coefficients[index, 0]
+    else:
+        order = jnp.minimum(jnp.minimum(state.lower_order_nums + 1, K), state.order_cap[in_schedule])
+        row = state.update_coefficients[index, order - 1]
     m0 = convert_model_output(config, state, in_schedule, model_output, sample)
     history, previous = push_history(history, m0, index)
     prev_sample = update(config, row, sample, m0, previous, key, variance_noise)
@@ -211,11 +219,21 @@ def step(
     return prev_sample, new_state
 
 
+def history_length(solver_order: int) -> int:
+    """Slots of a state's model-output history: ``solver_order`` (the ring buffer), none at order 1,
+    where no step reads an older output (the state then carries a ``[0, *shape]`` array)."""
+    return 0 if solver_order == 1 else solver_order
+
+
 def push_history(history: Array, converted: Array, index) -> tuple:
     """Write step ``index``'s converted output into the ``[K, ...]`` ring buffer (slot ``index % K``)
     and read the ``K - 1`` older ones, newest first: ``(history, previous)``. The read follows the
-    write so that XLA updates the buffer in place."""
+    write so that XLA updates the buffer in place. A buffer of fewer than two slots is never read
+    back (first order uses no older output), so nothing is written to it: the order-1 step moves
+    no history."""
     K = history.shape[0]
+    if K < 2:
+        return history, []
     history = lax.dynamic_update_index_in_dim(history, converted.astype(history.dtype), index % K, 0)
     previous = [lax.dynamic_index_in_dim(history, (index - k) % K, 0, keepdims=False) for k in range(1, K)]
     return history, previous

@@ -30,7 +30,8 @@ class SchedulerState:
         update_coefficients: ``[N+1, K, K+2]``, the order-k update of step i (row N: identity).
         order_cap: int32 ``[N]``, the highest order each step may use.
     Progress:
-        model_outputs: ``[K, *shape]``, ring buffer of converted model outputs (step i in slot i % K).
+        model_outputs: ``[K, *shape]``, ring buffer of converted model outputs (step i in slot i % K);
+            ``[0, *shape]`` (no history) for a first-order solver, whose steps read no older output.
         lower_order_nums: int32, steps taken since ``set_timesteps`` (saturating at K): the warm-up.
         step_index: int32, the next step; -1 until the first ``step`` locates it from its timestep.
     """
@@ -61,8 +62,11 @@ class SchedulerState:
         return None if self.update_coefficients is None else self.update_coefficients.shape[1]
 
     def ordered_model_outputs(self) -> Array:
-        """The model-output history oldest first, newest last (diffusers' ``model_outputs`` order)."""
+        """The model-output history oldest first, newest last (diffusers' ``model_outputs`` order);
+        empty for a first-order solver, which keeps none."""
         K = self.model_outputs.shape[0]
+        if K == 0:
+            return self.model_outputs
         newest = jnp.maximum(self.step_index - 1, 0)
         slots = (newest - jnp.arange(K - 1, -1, -1)) % K
         return self.model_outputs[slots]

@@ -1,28 +1,41 @@
 """A resumable batch inversion job: an array store in, noise shards out; a killed run restarts
 where it stopped, a rerun is idempotent, a bad chunk is reported and the rest is done.
 
-Input (:mod:`dpmjax.input_stores`): a folder of ``.npy`` shards, one chunk each (every ``*.npy``
-sorted by name, or the list in ``INPUT/manifest.json``: ``{"shards": [...], "row_shape": [...]}``),
-or a zarr array ``[rows, *row_shape]`` (v2 or v3, read with tensorstore) cut into chunks of its own
-row chunking, named ``rows-BEGIN-END.npy``. Output (plain ``.npy`` files and JSON, no format of
-our own):
+Input (:mod:`dpmjax.input_stores`, only ever read): a folder of ``.npy`` shards, one chunk each
+(every ``*.npy`` sorted by name, or exactly the files listed in ``INPUT/manifest.json``:
+``{"shards": [...], "row_shape": [...]}``, relative paths, subfolders kept), or a zarr array
+``[rows, *row_shape]`` (v2 or v3, read with tensorstore) cut into chunks of its own row chunking,
+named ``rows-BEGIN-END.npy``. Output (plain ``.npy`` files and JSON, no format of our own):
 
+    OUTPUT/settings.json     the job's settings and input shards, created atomically by the first run
+                             (O_EXCL): the output belongs to that job; a run with others is refused
+    OUTPUT/inputs/NAME.json  the fingerprint (size + SHA-256) of input shard NAME the job started on;
+                             a resume on a changed shard is refused (a quarantined shard may be fixed)
     OUTPUT/chunks/NAME.npy   the noise of chunk NAME (float32), written to a temporary file, fsynced
                              and renamed into place: it exists whole or not at all
     OUTPUT/trajectories/NAME.npy   with save_trajectory: [rows, N, *row_shape], the path noise-ward
     OUTPUT/failed/NAME.json  a quarantined chunk and why (a rerun tries it again)
-    OUTPUT/settings.json     the job's settings, written by the first run; a rerun with others is refused
+    OUTPUT/claims/HASH       a chunk being computed, locked (flock) by its process while it works
     OUTPUT/events.jsonl      one line per chunk started / recorded / failed, for audits
-    OUTPUT/manifest.json     at the end: the output shards and the job's settings
+    OUTPUT/manifest.json     at the end: the output shards, the settings and the inputs' fingerprints
 
-A run killed while writing leaves a hidden ``.NAME.HOST.PID.*.tmp`` file; the next run on that host
-removes those whose process is gone.
+Nothing is written before every setting is checked: the paths (OUTPUT neither is, nor lies inside,
+nor contains INPUT), the input (its manifest), the scheduler and steps, and the model on one batch
+of the rows' shape (traced, not run).
+
+A run killed while writing leaves a hidden ``.HASH.HOST.PID.*.tmp`` file; the next run removes
+those of dead processes of its host, and any untouched for an hour before it started.
 
 A chunk counts as recorded once its output file exists; a restarted job skips it (and never
-recomputes it). Each chunk is checked before and after: readable, ``[rows, *row_shape]`` (the
-manifest's or the zarr array's ``row_shape``, else the shape most chunks have), finite input,
-finite noise. The model comes from ``module:function`` (called once with no arguments, returning
-``model_fn(x, t)``); the built-in default is the shipped digits model without guidance.
+recomputes it). Each chunk is checked before and after: readable .npy, ``[rows, *row_shape]`` (the
+manifest's or the zarr array's ``row_shape``, else the shape most chunks have) with at least one
+row, finite input within float32's range, every zarr chunk file present, finite noise. The model
+comes from ``module:function`` (called once with no arguments, returning ``model_fn(x, t)``); the
+built-in default is the shipped digits model without guidance.
+
+Concurrent runs with the same settings share the output: a process takes a chunk only under its
+claim (an flock on ``claims/HASH``, released by the kernel when the process dies), so no chunk is
+computed twice; a chunk another process is computing is left to it and waited for at the end.
 
 Rows per model call: every chunk is inverted in pieces of exactly ``batch_rows`` rows (the last
 piece padded by repeating its last row; the padding is dropped), so one compiled program serves
@@ -35,15 +48,20 @@ therefore depends on the chunk and ``batch_rows``, not on the number of devices 
 one CPU, on 8 devices and on 2 hosts x 4 devices writes the same bits.
 (Splitting rows over the devices would not: XLA's CPU matmul rounds 1, 2-48 and 64 rows
 differently, ~1e-6 per layer.)
+
+Stopping: ``stop`` (an event; the CLI sets it on SIGINT and SIGTERM) makes every worker finish the
+write it is in and leave its chunk at the next piece boundary; the store stays resumable.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -53,11 +71,17 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from .input_stores import ChunkError, majority_row_shape, open_store
+from .input_stores import ChunkError, majority_row_shape, open_store, read_json
 from .scheduler import DPMSolverMultistepScheduler
 from .trajectory import invert
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: chunks are not claimed
+    fcntl = None
 
 # exact inversion: a row whose measured round trip max|sample(noise) - x| / max(1, max|x|) exceeds this
 # is reported (events.jsonl, the summary); every row's round trip is kept in round_trips/
@@ -65,21 +89,32 @@ EXACT_TOLERANCE = 1e-5
 
 DEFAULT_MODEL = "dpmjax.models.digits:unguided_model"
 MAX_DEFAULT_BATCH_ROWS = 256  # rows per model call when the job is not told: memory stays bounded
+STALE_TEMP_SECONDS = 3600  # a temporary file untouched this long before a run starts is a dead writer's
+MAX_NAME_BYTES = 255  # the longest file name most file systems take
+CLAIM_POLL_SECONDS = 0.05  # how often a run looks again at chunks other processes are computing
+
+# settings added after outputs were first written: an older settings.json without them is not refused
+LATER_SETTINGS = ("fill_value_is_data", "input_shards")
 
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
     recorded: list  # chunks computed by this run
-    skipped: list  # chunks already recorded before this run
+    skipped: list  # chunks already recorded before this run (or meanwhile by a concurrent process)
     failed: dict  # chunk -> reason
     rows: int  # rows computed by this run
     seconds: float
     not_converged: dict = dataclasses.field(default_factory=dict)  # exact inversion: chunk -> rows whose round trip missed
+    stopped: bool = False  # stopped by ``stop`` (a signal) before every chunk was done
 
 
     @property
     def rows_per_second(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Stopped(Exception):
+    """Raised inside a chunk when the job is asked to stop: the chunk is left for the next run."""
 
 
 def load_model(spec: str) -> Callable:
@@ -100,13 +135,16 @@ def default_batch_rows(shapes: dict, row_shape: Optional[tuple]) -> int:
     return max(1, min(max(rows, default=1), MAX_DEFAULT_BATCH_ROWS))
 
 
-def _in_batches(invert_rows: Callable, x: np.ndarray, batch_rows: int):
+def _in_batches(invert_rows: Callable, x: np.ndarray, batch_rows: int, stop: Optional[threading.Event] = None):
     """``invert_rows`` on pieces of exactly ``batch_rows`` rows (the last one padded by repeating its
     last row, the padding dropped after): one compiled program for every chunk, and a row's noise
     depends on the row and ``batch_rows`` alone (XLA's CPU matmul rounds differently for different
-    row counts). Returns ``(noise [rows, ...], samples [N, rows, ...] or None, round_trip [rows] or None)``."""
+    row counts). Raises :class:`_Stopped` between pieces once ``stop`` is set.
+    Returns ``(noise [rows, ...], samples [N, rows, ...] or None, round_trip [rows] or None)``."""
     noises, paths, round_trips = [], [], []
     for begin in range(0, x.shape[0], batch_rows):
+        if stop is not None and stop.is_set():
+            raise _Stopped()
         piece = x[begin: begin + batch_rows]
         rows = piece.shape[0]
         if rows < batch_rows:
@@ -121,28 +159,229 @@ def _in_batches(invert_rows: Callable, x: np.ndarray, batch_rows: int):
             np.concatenate(round_trips) if round_trips else None)
 
 
-def _check_same_settings(path: Path, settings: dict) -> None:
-    """A resumed job must compute what the interrupted one did: an output store holding one
-    setting's noise is never topped up with another's."""
-    if not path.exists():
+# ----------------------------------------------------------------------------- checks before writing
+def _positive_int(name: str, value, optional: bool = False) -> None:
+    """Refuse anything but a positive int (``None`` too, when ``optional``)."""
+    if optional and value is None:
         return
-    before = json.loads(path.read_text())
-    changed = [key for key in settings if before.get(key) != settings[key]]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' (rows per model call) or None' if optional else ''}, got {value!r}.")
+
+
+def _check_paths(input_dir: Path, output_dir: Path) -> None:
+    """OUTPUT must be a folder (or not exist yet) apart from INPUT: the job never writes into its input."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output {output_dir} is a file, not a folder: name a folder (it is created if missing).")
+    source, target = input_dir.resolve(), output_dir.resolve()
+    if source == target:
+        relation = "is the input"
+    elif target.is_relative_to(source):
+        relation = "lies inside the input"
+    elif source.is_relative_to(target):
+        relation = "contains the input"
+    else:
+        return
+    raise ValueError(f"output {output_dir} {relation} {input_dir}: the job never writes into its input, "
+                     f"so name an output folder outside it.")
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message, first line, at most ``limit`` characters."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_job_runs(model_fn: Callable, model: str, scheduler, num_inference_steps: int, batch_rows: int,
+                    row_shape: Optional[tuple]) -> None:
+    """The steps on this scheduler and the model on ``[batch_rows, *row_shape]`` rows, traced
+    (``jax.eval_shape``: nothing is compiled or run), so a job that cannot run writes nothing."""
+    if scheduler.config.is_sde:
+        raise ValueError(f"algorithm_type={scheduler.config.algorithm_type!r} is a stochastic sampler: the batch job "
+                         f"inverts deterministic ones ('dpmsolver++', 'dpmsolver').")
+    shape = (batch_rows, *(row_shape or (1,)))
+    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, shape)  # a bad step count: ValueError
+    if row_shape is None:
+        return  # no readable chunk: nothing to try the model on (every chunk will be reported)
+    rows = jax.ShapeDtypeStruct(shape, jnp.float32)
+    try:
+        out = jax.eval_shape(model_fn, rows, state.timesteps[0])
+    except Exception as error:
+        raise ValueError(f"model {model} cannot take rows of shape {tuple(row_shape)} "
+                         f"({type(error).__name__}: {_first_line(error)}).") from None
+    if getattr(out, "shape", None) != shape:
+        raise ValueError(f"model {model} returns {getattr(out, 'shape', type(out).__name__)} for input of shape {shape}: "
+                         f"it must return one value per input value.")
+
+
+# ----------------------------------------------------------------------------- claiming the output
+def _create_exclusive(path: Path, text: str, durable: bool = True) -> bool:
+    """Create ``path`` holding ``text`` if it does not exist, atomically: a temporary file (fsynced
+    if ``durable``), hard-linked into place (the link fails if ``path`` exists), so ``path`` is never
+    seen half written. Returns whether this call created it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system: an exclusive create, written in place
+            try:
+                with open(path, "xb") as f:
+                    f.write(text.encode())
+            except FileExistsError:
+                return False
+        if durable:
+            _fsync_folder(path.parent)
+        return True
+    finally:
+        os.unlink(tmp)
+
+
+def _read_settings(path: Path) -> dict:
+    """An existing ``settings.json``: a JSON object, or a ``ValueError`` naming the file. A file
+    another process is creating right now (the no-hard-link fallback) is given a moment."""
+    for _ in range(20):
+        try:
+            before = json.loads(path.read_text())
+            break
+        except ValueError:
+            time.sleep(0.1)
+    else:
+        before = read_json(path, "output settings")
+    if not isinstance(before, dict):
+        raise ValueError(f"output settings {path} is not a JSON object: this folder was not written by this job, "
+                         f"so write to a new output folder.")
+    return before
+
+
+def _check_same_settings(before: dict, settings: dict, output_dir: Path) -> None:
+    """A resumed job must compute what the interrupted one did: an output store holding one
+    setting's noise is never topped up with another's (nor with another input's shards)."""
+    _check_same_shards(before, settings, output_dir)
+    compared = [key for key in settings if key not in ("input", "input_shards")
+                and not (key in LATER_SETTINGS and key not in before)]
+    changed = [key for key in compared if before.get(key) != settings[key]]
     if changed:
         detail = "; ".join(f"{key}: was {before.get(key)!r}, now {settings[key]!r}" for key in changed if key != "scheduler")
         if "scheduler" in changed:
             keys = sorted(k for k in set(before.get("scheduler") or {}) | set(settings["scheduler"])
                           if (before.get("scheduler") or {}).get(k) != settings["scheduler"].get(k))
             detail = "; ".join(filter(None, [detail, f"scheduler config differs in {', '.join(keys)}"]))
-        raise ValueError(f"output {path.parent} was started with other settings ({detail}): "
+        raise ValueError(f"output {output_dir} was started with other settings ({detail}): "
                          f"rerun with the same settings or write to a new output folder.")
+
+
+def _check_same_shards(before: dict, settings: dict, output_dir: Path) -> None:
+    """The input's shard names must be those the output was started on."""
+    if "input_shards" not in before:
+        return
+    was, now = set(before["input_shards"] or []), set(settings["input_shards"])
+    added, gone = sorted(now - was), sorted(was - now)
+    if added or gone:
+        name, what = (added[0], "is new") if added else (gone[0], "is gone")
+        more = len(added) + len(gone) - 1
+        raise ValueError(f"the input is not the one output {output_dir} was started on: its shard {name} {what}"
+                         f"{f' (and {more} more shards differ)' if more else ''}; restore that input or write to a new output folder.")
+
+
+def _claim_output(output_dir: Path, settings: dict) -> None:
+    """Make ``output_dir`` this job's: create ``settings.json`` exclusively, or, if some run created
+    it first, require the same settings (processes of one job share the output; two jobs never do)."""
+    path = output_dir / "settings.json"
+    if not _create_exclusive(path, json.dumps(settings, indent=1)):
+        _check_same_settings(_read_settings(path), settings, output_dir)
+
+
+def _check_input_fingerprints(store, names: Sequence[str], output_dir: Path) -> None:
+    """Each shard's bytes must be those the job started on (``inputs/NAME.json``); a shard not yet
+    recorded whose earlier version was quarantined or unreadable may have been fixed. Fingerprints
+    of shards seen for the first time are written once every shard has passed."""
+    new, fixed = {}, {}
+    for name in names:
+        now = store.fingerprint(name)
+        path = _side_path(output_dir / "inputs", name)
+        before = _fingerprint_record(path)
+        if before is None:
+            (fixed if path.exists() else new)[path] = {"chunk": name, "fingerprint": now}  # a record lost to a crash: anew
+            continue
+        if before.get("fingerprint") == now:
+            continue
+        if _may_be_fixed(output_dir, name, before.get("fingerprint")):
+            fixed[path] = {"chunk": name, "fingerprint": now}
+            continue
+        raise ValueError(f"input shard {name} is not the one output {output_dir} was started on (its bytes changed: "
+                         f"was {_short(before.get('fingerprint'))}, now {_short(now)}); restore it or write to a new output folder.")
+    for path, record in new.items():  # one small file per shard: not fsynced (a record lost to a crash is made anew)
+        _create_exclusive(path, json.dumps(record), durable=False)
+    for path, record in fixed.items():
+        _atomic_write_text(path, json.dumps(record))
+
+
+def _fingerprint_record(path: Path) -> Optional[dict]:
+    """``inputs/NAME.json`` as written, or ``None`` if it is missing or unreadable."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "fingerprint" in record else None
+
+
+def _may_be_fixed(output_dir: Path, name: str, before) -> bool:
+    """A shard may change under a resumed job only while its chunk is not recorded and it was
+    quarantined (or unreadable when the job started): that change is its fix."""
+    if (output_dir / "chunks" / name).exists():
+        return False
+    return _side_path(output_dir / "failed", name).exists() or (isinstance(before, dict) and "error" in before)
+
+
+def _short(fingerprint) -> str:
+    """A fingerprint in a few words, for messages."""
+    if isinstance(fingerprint, dict) and "sha256" in fingerprint:
+        return f"{fingerprint['size']} bytes, sha256 {fingerprint['sha256'][:12]}"
+    return json.dumps(fingerprint)[:120]
+
+
+# ----------------------------------------------------------------------------- files, atomically
+def _short_hash(text: str, length: int = 16) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+_HOST_TAG = _short_hash(socket.gethostname(), 8)  # in temporary names: whose host they are
+
+
+def _temp_prefix(path: Path) -> str:
+    """A short temporary name beside ``path``: ``.HASH.HOST.PID.`` (a 255-byte shard name must not
+    make its temporary name too long)."""
+    return f".{_short_hash(path.name, 10)}.{_HOST_TAG}.{os.getpid()}."
+
+
+def _side_path(folder: Path, name: str) -> Path:
+    """``folder/NAME.json`` for chunk ``NAME.npy`` (subfolders kept); a name too long for that gets
+    a hash instead (the JSON inside names the chunk)."""
+    base = name[:-len(".npy")] if name.endswith(".npy") else name
+    path = folder / f"{base}.json"
+    return path if len(path.name.encode()) <= MAX_NAME_BYTES else path.parent / f"{_short_hash(name)}.json"
+
+
+def _fsync_folder(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _atomic_write(path: Path, write) -> None:
     """``write(file)`` into a temporary file beside ``path``, fsync, rename into place, fsync the
     folder: ``path`` then exists whole or not at all, also across a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_WRITER}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -153,34 +392,47 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_folder(path.parent)
+
+
+def _pid_is_dead(pid: int) -> bool:
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
 
 
-_WRITER = f"{socket.gethostname()}.{os.getpid()}"  # in temporary names: whose they are
+def _is_dead_writers(tmp: Path, started: float) -> bool:
+    """Whether temporary file ``tmp`` is left over: written by a process of this host that is gone,
+    or untouched for :data:`STALE_TEMP_SECONDS` before this run started (any host). A live
+    process' file, here or elsewhere, is left alone: it may be writing it."""
+    parts = tmp.name.split(".")  # "", hash, host, pid, random, "tmp" (older runs: "", name..., host..., pid, random, "tmp")
+    try:
+        pid = int(parts[-3])
+    except (ValueError, IndexError):
+        return False
+    if pid == os.getpid():
+        return False
+    this_host = parts[-4] == _HOST_TAG or f".{socket.gethostname()}.{pid}." in tmp.name
+    if this_host and _pid_is_dead(pid):
+        return True
+    try:
+        return tmp.stat().st_mtime < started - STALE_TEMP_SECONDS
+    except FileNotFoundError:
+        return False
 
 
-def _remove_dead_writers_files(output_dir: Path) -> None:
-    """Temporary files left by a killed run of this host (its pid no longer alive). Other hosts'
-    and live processes' files are left alone: they may still be writing them."""
-    host = socket.gethostname()
-    for tmp in output_dir.glob("*/.*.tmp"):
-        parts = tmp.name.split(".")  # "", name..., host..., pid, random, "tmp"
-        try:
-            pid = int(parts[-3])
-        except (ValueError, IndexError):
-            continue
-        if f".{host}.{pid}." not in tmp.name or pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except PermissionError:  # alive, someone else's
-            pass
+def _remove_dead_writers_files(output_dir: Path, started: float) -> None:
+    """Temporary files left by killed runs, anywhere the job writes (the output root and every folder
+    below it); see :func:`_is_dead_writers`."""
+    for folder, _, files in os.walk(output_dir):
+        for file in files:
+            tmp = Path(folder) / file
+            if file.startswith(".") and file.endswith(".tmp") and _is_dead_writers(tmp, started):
+                tmp.unlink(missing_ok=True)
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
@@ -198,9 +450,41 @@ def _append_event(path: Path, **event) -> None:
         os.fsync(f.fileno())
 
 
-def _log_unlogged_records(events: Path, chunks: Path, done: Sequence[str]) -> None:
+# ----------------------------------------------------------------------------- chunk claims
+def _claim_chunk(output_dir: Path, name: str) -> Optional[int]:
+    """Try to take chunk ``name`` for this process: an exclusive, non-blocking flock on
+    ``claims/HASH`` (the kernel drops it when the process dies, so a killed run's claims are never
+    stale). Returns the open descriptor, or ``None`` when another process holds the chunk. Where the
+    file system has no locks the chunk is taken unclaimed."""
+    path = output_dir / "claims" / _short_hash(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:  # no locks here (some network file systems): unclaimed
+        return fd
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{name}\n{socket.gethostname()} {os.getpid()}\n".encode())
+    return fd
+
+
+def _release_chunk(output_dir: Path, name: str, fd: int, done: bool) -> None:
+    """Give a chunk's claim back; a recorded chunk's claim file is removed (whoever takes the
+    file later finds the chunk recorded and leaves it)."""
+    if done:
+        (output_dir / "claims" / _short_hash(name)).unlink(missing_ok=True)
+    os.close(fd)
+
+
+def _log_unlogged_records(events: Path, output_dir: Path, done: Sequence[str]) -> None:
     """A run killed between writing a chunk's output (the record) and logging it leaves the chunk
     done but unlogged: log it now (``"found": true``), so the audit has one "recorded" per chunk.
+    A chunk still claimed is being logged by its live process and is left to it.
     A line cut short by the kill is ended first, so the next event starts on a line of its own."""
     if events.exists() and events.stat().st_size:
         with open(events, "rb+") as f:
@@ -215,14 +499,22 @@ def _log_unlogged_records(events: Path, chunks: Path, done: Sequence[str]) -> No
                     event = json.loads(line)
                 except ValueError:
                     continue
-                if event.get("event") == "recorded":
+                if isinstance(event, dict) and event.get("event") == "recorded":
                     logged.add(event.get("chunk"))
     for name in done:
-        if name not in logged:
-            rows = int(np.load(chunks / name, mmap_mode="r").shape[0])
+        if name in logged:
+            continue
+        fd = _claim_chunk(output_dir, name)
+        if fd is None:
+            continue
+        try:
+            rows = int(np.load(output_dir / "chunks" / name, mmap_mode="r").shape[0])
             _append_event(events, chunk=name, event="recorded", rows=rows, found=True)
+        finally:
+            _release_chunk(output_dir, name, fd, done=True)
 
 
+# ----------------------------------------------------------------------------- the job
 def run(
     input_dir,
     output_dir,
@@ -233,120 +525,276 @@ def run(
     save_trajectory: bool = False,
     progress: bool = True,
     batch_rows: Optional[int] = None,
+    fill_value_is_data: bool = False,
+    stop: Optional[threading.Event] = None,
 ) -> Summary:
-    """Invert every chunk of ``input_dir`` not yet recorded in ``output_dir``; see the module docstring."""
+    """Invert every chunk of ``input_dir`` not yet recorded in ``output_dir``; see the module docstring.
+    Every argument, the input and the model are checked before anything is written."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+    started = time.time()
+    _positive_int("num_inference_steps", num_inference_steps)
+    _positive_int("batch_rows", batch_rows, optional=True)
+    _check_paths(input_dir, output_dir)
     scheduler = scheduler or DPMSolverMultistepScheduler(final_sigmas_type="sigma_min")
-    if batch_rows is not None and (isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1):
-        raise ValueError(f"batch_rows must be a positive integer (rows per model call) or None, got {batch_rows!r}.")
-    store = open_store(input_dir)
+    store = open_store(input_dir, fill_value_is_data=fill_value_is_data)
     names = store.names
     shapes = store.shapes()
     row_shape = store.row_shape or majority_row_shape(shapes)
     batch_rows = batch_rows or default_batch_rows(shapes, row_shape)
-    mine = names[jax.process_index():: jax.process_count()]
-    settings = {"model": model, "num_inference_steps": num_inference_steps, "exact": exact, "batch_rows": batch_rows,
-                "scheduler": json.loads(json.dumps(scheduler.config.to_dict()))}
-    _check_same_settings(output_dir / "settings.json", settings)
     model_fn = load_model(model)
+    _check_job_runs(model_fn, model, scheduler, num_inference_steps, batch_rows, row_shape)
+    settings = {"model": model, "num_inference_steps": num_inference_steps, "exact": exact, "batch_rows": batch_rows,
+                "scheduler": json.loads(json.dumps(scheduler.config.to_dict())), "fill_value_is_data": fill_value_is_data,
+                "input": store.describe(), "input_shards": list(names)}
+
+    _claim_output(output_dir, settings)
+    mine = names[jax.process_index():: jax.process_count()]
+    _check_input_fingerprints(store, mine, output_dir)
     (output_dir / "chunks").mkdir(parents=True, exist_ok=True)
-    _remove_dead_writers_files(output_dir)
-    if jax.process_index() == 0 and not (output_dir / "settings.json").exists():
-        _atomic_write_text(output_dir / "settings.json", json.dumps(settings, indent=1))
-    events = output_dir / "events.jsonl"
-
-    recorded, skipped, failed, not_converged = [], [], {}, {}
-    todo = []
-    for name in mine:
-        (skipped if (output_dir / "chunks" / name).exists() else todo).append(name)
-    _log_unlogged_records(events, output_dir / "chunks", skipped)
-    lock = threading.Lock()  # guards the queue, the lists above, events.jsonl and the progress line
-    counts = {"rows": 0, "done": len(skipped)}
-    errors: list = []
-    start = time.perf_counter()
-
-    def invert_chunk(name: str, device) -> None:
-        target = output_dir / "chunks" / name
-        with lock:
-            _append_event(events, chunk=name, event="started", device=device.id)
-        try:
-            x = store.read(name, row_shape)
-
-            def invert_rows(piece):
-                result = invert(model_fn, jax.device_put(piece, device), scheduler, num_inference_steps, exact=exact,
-                                return_samples=save_trajectory, **({"tolerance": EXACT_TOLERANCE} if exact else {}))
-                return result.sample, result.samples if save_trajectory else None, result.round_trip
-
-            noise, samples, round_trip = _in_batches(invert_rows, x, batch_rows)
-            if not np.all(np.isfinite(noise)):
-                raise ChunkError("the inversion produced non-finite noise")
-        except ChunkError as error:
-            _atomic_write_text(output_dir / "failed" / f"{Path(name).stem}.json", json.dumps({"chunk": name, "reason": str(error)}))
-            with lock:
-                failed[name] = str(error)
-                _append_event(events, chunk=name, event="failed", device=device.id, reason=str(error))
-            return
-        if save_trajectory:
-            _atomic_save(output_dir / "trajectories" / name, np.moveaxis(samples, 0, 1))
-        missed = []
-        if round_trip is not None:  # exact inversion: every row's measured round trip, and the rows that missed
-            _atomic_save(output_dir / "round_trips" / name, round_trip)
-            missed = np.flatnonzero(~(round_trip <= EXACT_TOLERANCE)).tolist()
-        _atomic_save(target, noise)  # the record: from here on the chunk is done
-        (output_dir / "failed" / f"{Path(name).stem}.json").unlink(missing_ok=True)
-        with lock:
-            _append_event(events, chunk=name, event="recorded", device=device.id, rows=int(x.shape[0]),
-                          **({"rows_not_converged": missed} if round_trip is not None else {}))
-            recorded.append(name)
-            if missed:
-                not_converged[name] = missed
-            counts["rows"] += int(x.shape[0])
-            counts["done"] += 1
-            if progress:
-                elapsed = time.perf_counter() - start
-                sys.stderr.write(f"\rinvert-batch [{counts['done']}/{len(mine)} chunks] {counts['rows']} rows, "
-                                 f"{counts['rows'] / max(elapsed, 1e-9):.0f} rows/s, {len(failed)} failed")
-                sys.stderr.flush()
-
-    def worker(device) -> None:  # one per local device: whole chunks, the same single-device program
-        while True:
-            with lock:
-                if errors or not todo:
-                    return
-                name = todo.pop(0)
-            try:
-                invert_chunk(name, device)
-            except BaseException as error:  # not the chunk's fault (the model, the disk): stop the job
-                with lock:
-                    errors.append(error)
-                return
-
-    threads = [threading.Thread(target=worker, args=(device,), daemon=True) for device in jax.local_devices()]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    if progress:
-        sys.stderr.write("\n")
+    _remove_dead_writers_files(output_dir, started)
+    job = _Job(store=store, output_dir=output_dir, model_fn=model_fn, scheduler=scheduler,
+               num_inference_steps=num_inference_steps, exact=exact, save_trajectory=save_trajectory,
+               progress=progress, batch_rows=batch_rows, row_shape=row_shape, stop=stop or threading.Event(), mine=mine)
+    summary = job.run()
+    if summary.stopped:
+        return summary  # no barrier, no manifest: the other processes may still be working
     if jax.process_count() > 1:  # the manifest is written once every process has finished its chunks
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("dpmjax invert-batch: all chunks done")
-    summary = Summary(recorded=recorded, skipped=skipped, failed=failed, rows=counts["rows"],
-                      seconds=time.perf_counter() - start, not_converged=not_converged)
     if jax.process_index() == 0:
-        done = sorted(p.name for p in (output_dir / "chunks").glob("*.npy"))
-        if row_shape is None and done:  # nothing read by this run: the recorded outputs say it
-            row_shape = tuple(np.load(output_dir / "chunks" / done[0], mmap_mode="r").shape[1:])
-        _atomic_write_text(output_dir / "manifest.json", json.dumps({
-            "shards": done, "row_shape": list(row_shape) if row_shape else None, "of": "noise",
-            "input": str(input_dir), **settings, "missing": [n for n in names if n not in done]}, indent=1))
+        _write_manifest(output_dir, names, row_shape, settings)
     return summary
 
+
+def _write_manifest(output_dir: Path, names: Sequence[str], row_shape: Optional[tuple], settings: dict) -> None:
+    """``manifest.json``: the recorded shards in job order, the settings, each recorded shard's input
+    fingerprint, and the shards still missing."""
+    done = [name for name in names if (output_dir / "chunks" / name).exists()]
+    if row_shape is None and done:  # nothing read by this run: the recorded outputs say it
+        row_shape = tuple(np.load(output_dir / "chunks" / done[0], mmap_mode="r").shape[1:])
+    fingerprints = {}
+    for name in done:
+        record = _fingerprint_record(_side_path(output_dir / "inputs", name))
+        fingerprints[name] = record["fingerprint"] if record else None
+    job_settings = {key: value for key, value in settings.items() if key != "input_shards"}
+    _atomic_write_text(output_dir / "manifest.json", json.dumps({
+        "shards": done, "row_shape": list(row_shape) if row_shape else None, "of": "noise", **job_settings,
+        "input_fingerprints": fingerprints, "missing": [n for n in names if n not in set(done)]}, indent=1))
+
+
+@dataclasses.dataclass
+class _Job:
+    """One run's chunks, inverted by a worker thread per local device."""
+
+    store: object
+    output_dir: Path
+    model_fn: Callable
+    scheduler: DPMSolverMultistepScheduler
+    num_inference_steps: int
+    exact: bool
+    save_trajectory: bool
+    progress: bool
+    batch_rows: int
+    row_shape: Optional[tuple]
+    stop: threading.Event
+    mine: list
+    interrupted: bool = False  # a chunk was left part-way because of ``stop``
+
+    def run(self) -> Summary:
+        """Every chunk of ``mine`` not yet recorded, then the summary."""
+        self.events = self.output_dir / "events.jsonl"
+        self.recorded, self.skipped, self.failed, self.not_converged = [], [], {}, {}
+        self.todo, self.busy = [], []  # busy: chunks another process was computing when we came to them
+        for name in self.mine:
+            (self.skipped if (self.output_dir / "chunks" / name).exists() else self.todo).append(name)
+        _log_unlogged_records(self.events, self.output_dir, self.skipped)
+        self.lock = threading.Lock()  # guards the queues, the lists above, events.jsonl and the progress line
+        self.counts = {"rows": 0, "done": len(self.skipped)}
+        self.errors: list = []
+        self.start = time.perf_counter()
+        self.started = time.time()
+        threads = [threading.Thread(target=self.worker, args=(device,), daemon=True) for device in jax.local_devices()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if self.progress:
+            sys.stderr.write("\n")
+        if self.errors:
+            raise self.errors[0]
+        stopped = self.stop.is_set() and bool(self.todo or self.busy or self.interrupted)
+        return Summary(recorded=self.recorded, skipped=self.skipped, failed=self.failed, rows=self.counts["rows"],
+                       seconds=time.perf_counter() - self.start, not_converged=self.not_converged, stopped=stopped)
+
+    def next_chunk(self) -> Optional[tuple]:
+        """``(name, fd)`` of the next chunk this worker holds the claim of, or ``None`` when none is
+        left (or the job stops). A chunk another process holds is looked at again later."""
+        while True:
+            with self.lock:
+                if self.errors or self.stop.is_set():
+                    return None
+                queue = self.todo or self.busy
+                if not queue:
+                    return None
+                name = queue.pop(0)
+                retry = queue is self.busy
+            fd = _claim_chunk(self.output_dir, name)
+            if fd is None:
+                with self.lock:
+                    self.busy.append(name)
+                if retry:
+                    time.sleep(CLAIM_POLL_SECONDS)
+                continue
+            if (self.output_dir / "chunks" / name).exists():  # recorded meanwhile by another process
+                _release_chunk(self.output_dir, name, fd, done=True)
+                with self.lock:
+                    self.skipped.append(name)
+                    self.counts["done"] += 1
+                continue
+            if retry and self.failed_meanwhile(name):  # quarantined meanwhile by another process
+                _release_chunk(self.output_dir, name, fd, done=False)
+                continue
+            return name, fd
+
+    def failed_meanwhile(self, name: str) -> bool:
+        """Whether another process quarantined chunk ``name`` after this run began (then its
+        reason is taken over instead of failing the chunk a second time)."""
+        report = _side_path(self.output_dir / "failed", name)
+        try:
+            if report.stat().st_mtime < self.started:
+                return False
+            reason = json.loads(report.read_text())["reason"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        with self.lock:
+            self.failed[name] = reason
+        return True
+
+    def worker(self, device) -> None:
+        """One per local device: whole chunks, the same single-device program."""
+        while True:
+            claimed = self.next_chunk()
+            if claimed is None:
+                return
+            name, fd = claimed
+            done = False
+            try:
+                done = self.invert_chunk(name, device)
+            except _Stopped:
+                with self.lock:
+                    self.interrupted = True
+            except BaseException as error:  # not the chunk's fault (the model, the disk): stop the job
+                with self.lock:
+                    self.errors.append(error)
+                return
+            finally:
+                _release_chunk(self.output_dir, name, fd, done=done)
+
+    def invert_chunk(self, name: str, device) -> bool:
+        """Invert one claimed chunk and record it (or quarantine it); returns whether it is recorded."""
+        with self.lock:
+            _append_event(self.events, chunk=name, event="started", device=device.id)
+        try:
+            x = self.store.read(name, self.row_shape)
+            noise, samples, round_trip = _in_batches(self.invert_rows(device), x, self.batch_rows, self.stop)
+            if not np.all(np.isfinite(noise)):
+                raise ChunkError("the inversion produced non-finite noise")
+        except ChunkError as error:
+            self.quarantine(name, device, str(error))
+            return False
+        self.record(name=name, device=device, noise=noise, samples=samples, round_trip=round_trip)
+        return True
+
+    def invert_rows(self, device) -> Callable:
+        """``piece -> (noise, samples or None, round_trip or None)`` on ``device``."""
+        def invert_rows(piece):
+            result = invert(self.model_fn, jax.device_put(piece, device), self.scheduler, self.num_inference_steps,
+                            exact=self.exact, return_samples=self.save_trajectory,
+                            **({"tolerance": EXACT_TOLERANCE} if self.exact else {}))
+            return result.sample, result.samples if self.save_trajectory else None, result.round_trip
+        return invert_rows
+
+    def quarantine(self, name: str, device, reason: str) -> None:
+        _atomic_write_text(_side_path(self.output_dir / "failed", name), json.dumps({"chunk": name, "reason": reason}))
+        with self.lock:
+            self.failed[name] = reason
+            _append_event(self.events, chunk=name, event="failed", device=device.id, reason=reason)
+
+    def record(self, name: str, device, noise: np.ndarray, samples, round_trip) -> None:
+        """Write a chunk's outputs, the noise last (the record), log it and show progress."""
+        if self.save_trajectory:
+            _atomic_save(self.output_dir / "trajectories" / name, np.moveaxis(samples, 0, 1))
+        missed = []
+        if round_trip is not None:  # exact inversion: every row's measured round trip, and the rows that missed
+            _atomic_save(self.output_dir / "round_trips" / name, round_trip)
+            missed = np.flatnonzero(~(round_trip <= EXACT_TOLERANCE)).tolist()
+        _atomic_save(self.output_dir / "chunks" / name, noise)  # the record: from here on the chunk is done
+        _side_path(self.output_dir / "failed", name).unlink(missing_ok=True)
+        rows = int(noise.shape[0])
+        with self.lock:
+            _append_event(self.events, chunk=name, event="recorded", device=device.id, rows=rows,
+                          **({"rows_not_converged": missed} if round_trip is not None else {}))
+            self.recorded.append(name)
+            if missed:
+                self.not_converged[name] = missed
+            self.counts["rows"] += rows
+            self.counts["done"] += 1
+            if self.progress:
+                elapsed = time.perf_counter() - self.start
+                sys.stderr.write(f"\rinvert-batch [{self.counts['done']}/{len(self.mine)} chunks] {self.counts['rows']} rows, "
+                                 f"{self.counts['rows'] / max(elapsed, 1e-9):.0f} rows/s, {len(self.failed)} failed")
+                sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------- the command
+def _scheduler(args) -> DPMSolverMultistepScheduler:
+    """The scheduler the options ask for; a config that cannot be used is a ``ValueError`` naming it."""
+    # without a config: diffusers' default grid, but uniform in log-SNR for exact inversion, where every
+    # step of the shipped model's sampler inverts (the default grid's last step folds)
+    try:
+        scheduler = (DPMSolverMultistepScheduler.from_pretrained(args.config) if args.config
+                     else DPMSolverMultistepScheduler(final_sigmas_type="sigma_min", use_lu_lambdas=args.exact))
+        if args.order:
+            scheduler = DPMSolverMultistepScheduler(scheduler.config.replace(solver_order=args.order))
+    except Exception as error:
+        if not args.config:
+            raise
+        raise ValueError(f"scheduler config {args.config} cannot be used ({type(error).__name__}: {_first_line(error)}).") from None
+    return scheduler
+
+
+class _StopOnSignals:
+    """While active, SIGINT and SIGTERM set ``event`` (the job stops cleanly, resumable); a second
+    signal ends the process at once (the store stays resumable: every write is atomic)."""
+
+    def __init__(self, event: threading.Event):
+        self.event, self.received, self.previous = event, [], {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self.handle)
+        return self
+
+    def handle(self, number, frame) -> None:
+        if self.received:
+            sys.stderr.write(f"\ninvert-batch: {signal.Signals(number).name} again: stopped at once; "
+                             f"rerun the same command to resume.\n")
+            sys.stderr.flush()
+            os._exit(128 + number)
+        self.received.append(number)
+        self.event.set()
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def _error(message: str) -> int:
+    """A user's mistake: one line on stderr, exit status 2."""
+    sys.stderr.write(f"dpmjax invert-batch: error: {message}\n")
+    return 2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -362,6 +810,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-rows", type=int,
                         help=f"rows per model call: chunks are inverted in pieces of exactly this many rows, the last padded "
                              f"(default: the largest chunk's rows, at most {MAX_DEFAULT_BATCH_ROWS})")
+    parser.add_argument("--fill-value-is-data", action="store_true",
+                        help="zarr input: a missing chunk file means its rows hold the fill value (default: such rows are quarantined)")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() first (multi-host; on TPU and SLURM it reads the cluster from the environment)")
     parser.add_argument("--coordinator-address", help="with --distributed: HOST:PORT of process 0 (elsewhere than TPU/SLURM)")
@@ -374,19 +824,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  ("process_id", args.process_id)) if v is not None}
     if cluster and not args.distributed:
         parser.error("--coordinator-address, --num-processes and --process-id need --distributed")
-    if args.distributed:
-        jax.distributed.initialize(**cluster)
-    # without a config: diffusers' default grid, but uniform in log-SNR for exact inversion, where every
-    # step of the shipped model's sampler inverts (the default grid's last step folds)
-    scheduler = (DPMSolverMultistepScheduler.from_pretrained(args.config) if args.config
-                 else DPMSolverMultistepScheduler(final_sigmas_type="sigma_min", use_lu_lambdas=args.exact))
-    if args.order:
-        scheduler = DPMSolverMultistepScheduler(scheduler.config.replace(solver_order=args.order))
-    try:
-        summary = run(args.input, args.output, model=args.model, num_inference_steps=args.steps, scheduler=scheduler,
-                      exact=args.exact, save_trajectory=args.save_trajectory, batch_rows=args.batch_rows)
-    except ValueError as error:
-        parser.error(str(error))
+    stop = threading.Event()
+    with _StopOnSignals(stop) as signals:
+        try:
+            if args.distributed:
+                jax.distributed.initialize(**cluster)
+            summary = run(args.input, args.output, model=args.model, num_inference_steps=args.steps, scheduler=_scheduler(args),
+                          exact=args.exact, save_trajectory=args.save_trajectory, batch_rows=args.batch_rows,
+                          fill_value_is_data=args.fill_value_is_data, stop=stop)
+        except (ValueError, OSError) as error:
+            return _error(_first_line(error, limit=1000))
+    if summary.stopped:
+        number = signals.received[0] if signals.received else signal.SIGINT
+        sys.stderr.write(f"invert-batch: stopped by {signal.Signals(number).name} after recording {len(summary.recorded)} "
+                         f"chunks; rerun the same command to resume.\n")
+        return 128 + number
     print(f"invert-batch: {len(summary.recorded)} chunks inverted ({summary.rows} rows, {summary.rows_per_second:.0f} rows/s), "
           f"{len(summary.skipped)} already done, {len(summary.failed)} failed")
     for name, reason in summary.failed.items():

@@ -156,8 +156,9 @@ def test_bad_job_arguments_name_the_parameter(tmp_path):
         batch_job.run(tmp_path / "input", tmp_path / "out", model="dpmjax.models.digits:nothing")
     with pytest.raises(ValueError, match="num_inference_steps"):
         batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=0)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no manifest.json, no .npy files and is no zarr array"):
-        batch_job.run(tmp_path, tmp_path / "out")  # a folder without shards
+        batch_job.run(tmp_path / "empty", tmp_path / "out")  # a folder without shards
 
 
 def test_trajectories_are_saved_beside_the_noise(tmp_path):

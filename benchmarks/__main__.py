@@ -4,7 +4,9 @@ and against the hardware floor, in one process, on the same shapes.
     python -m benchmarks            # the full CPU suite (minutes)
     python -m benchmarks --quick    # under a minute; CI runs it so the suite cannot rot
 
-Prints a markdown table, writes ``benchmarks/results/<device>.json`` and a PNG plot. Ratios are the
+Prints markdown tables, writes ``benchmarks/results/<device>.json`` and a PNG plot, and
+``<device>-flax_loop.json``: dpmjax's Flax class against diffusers 0.39's in the same ``fori_loop``
+(see ``benchmarks/flax_loop.py``; skipped without diffusers 0.39). Ratios are the
 headline (absolute times on a shared machine are noise); each figure is the best and the median of
 several repeats. Nothing here asserts a speed.
 """
@@ -24,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import dpmjax
+
+from . import flax_loop
 
 
 def trivial_model(x, t):
@@ -249,11 +253,15 @@ def main(argv=None):
         share = max(0.0, with_model[0] - alone[0]) / with_model[0]
         conv_rows.append(dict(order=order, model_alone=alone, invert=with_model, scheduler_share=share))
         print(f"| {order} | {fmt(alone)} | {fmt(with_model)} | {100 * share:.0f}% |")
+
+    print("\n6. the Flax call pattern: dpmjax's Flax class vs diffusers 0.39's in the same fori_loop (identity model)", end="")
     os.makedirs(args.out, exist_ok=True)
     name = f"{label}{'-quick' if args.quick else ''}"
+    flax_rows = flax_loop.compare(quick=args.quick, out=os.path.join(args.out, f"{name}-flax_loop.json"))
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(dict(device=device.device_kind, platform=device.platform, jax=jax.__version__, steps=steps, rows=rows,
-                       compile=compile_rows, gradient=grad_rows, dtypes=dtype_rows, conv_model=conv_rows), f, indent=1)
+                       compile=compile_rows, gradient=grad_rows, dtypes=dtype_rows, conv_model=conv_rows,
+                       flax_loop=flax_rows), f, indent=1)
     plot(rows, os.path.join(args.out, f"{name}.png"), f"{device.device_kind}: per-step cost, {steps}-step inversion")
     print(f"wrote {args.out}/{name}.json and .png")
     return 0

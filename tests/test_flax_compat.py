@@ -57,6 +57,8 @@ SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 CASES = {
     "sd-default-25": (dict(SD), 25),
     "sd-default-50": (dict(SD), 50),
+    "order1-20": (dict(solver_order=1), 20),
+    "order1-sd-trailing-12": (dict(SD, solver_order=1, timestep_spacing="trailing"), 12),
     "order3-10": (dict(solver_order=3), 10),
     "order3-no-lower-final-20": (dict(solver_order=3, lower_order_final=False), 20),
     "dpmsolver-heun-12": (dict(algorithm_type="dpmsolver", solver_type="heun"), 12),
@@ -113,6 +115,8 @@ def test_same_loop_same_numbers_as_diffusers_039(old_diffusers, tmp_path):
             return scheduler.step(state, out, t, x).to_tuple()
 
         x, state = jax.lax.fori_loop(0, n, body, (x, state))
+        if scheduler.config.solver_order == 1:  # a first-order loop carries no model-output history
+            assert state.model_outputs.size == 0
         old = np.load(tmp_path / f"{name}.npy.out.npy")
         err = float(np.max(np.abs(np.asarray(x) - old)) / max(1.0, np.max(np.abs(old))))
         assert err < 1e-4, f"{name}: {err:.2e}"
@@ -135,3 +139,26 @@ def test_from_pretrained_returns_scheduler_and_state(tmp_path):
     prev, state = scheduler.step(state, 0.1 * x, state.timesteps[0], x, return_dict=False)
     assert prev.shape == x.shape and int(state.step_index) == 1
     assert scheduler.scale_model_input(state, x, 999) is x
+
+
+def test_first_order_state_has_no_history_in_the_fori_loop():
+    """Order 1 keeps no model-output history (diffusers 0.39 kept a sample-sized one it never read)."""
+    scheduler = FlaxDPMSolverMultistepScheduler(solver_order=1)
+    shape = (2, 4, 8, 8)
+    state = scheduler.set_timesteps(scheduler.create_state(), 10, shape)
+    assert state.model_outputs.shape == (0,) + shape
+    sample_sized = [leaf.shape for leaf in jax.tree_util.tree_leaves(state) if leaf.size and leaf.shape[-len(shape):] == shape]
+    assert not sample_sized
+
+    @jax.jit
+    def run(x, state):
+        def body(i, args):
+            x, state = args
+            t = jnp.array(state.timesteps, dtype=jnp.int32)[i]
+            return scheduler.step(state=state, model_output=0.5 * jnp.tanh(x), timestep=t, sample=x).to_tuple()
+
+        return jax.lax.fori_loop(lower=0, upper=10, body_fun=body, init_val=(x, state))
+
+    x, final = run(jnp.ones(shape), state)
+    assert final.model_outputs.shape == (0,) + shape and int(final.step_index) == 10
+    assert bool(jnp.all(jnp.isfinite(x)))

@@ -21,6 +21,7 @@ from conftest import (
     assert_matches_diffusers,
     draw,
     jitted_step,
+    jax_model,
     make_diffusers,
     relative_error,
     torch_model,
@@ -206,3 +207,59 @@ def test_training_tables_match_diffusers(kind):
         for name in ("alpha_t", "sigma_t", "lambda_t"):
             np.testing.assert_allclose(np.asarray(getattr(state, name)), getattr(d, name).numpy(), rtol=5e-7, atol=1e-6)
         np.testing.assert_allclose(np.asarray(state.sigmas), d.sigmas.numpy(), rtol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["forward", "inverse"])
+@pytest.mark.parametrize("config", [dict(solver_order=1), dict(solver_order=1, algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+                                    dict(solver_order=1, use_karras_sigmas=True, prediction_type="v_prediction")],
+                         ids=["dpmsolver++", "dpmsolver", "karras-v"])
+def test_first_order_state_carries_no_history(kind, config):
+    """A first-order step reads no older model output, so its state holds none: a ``[0, *shape]``
+    history, through jit, a user's scan, vmap and grad; the results are diffusers'."""
+    import jax
+
+    n = 10
+    s = dpmjax_class(kind)(**config)
+    state = s.set_timesteps(s.create_state(), n, SHAPE)
+    assert state.model_outputs.shape == (0,) + SHAPE and state.model_outputs.size == 0
+    assert not [leaf.shape for leaf in jax.tree_util.tree_leaves(state) if leaf.size and leaf.shape[-len(SHAPE):] == SHAPE]
+    assert state.ordered_model_outputs().shape == (0,) + SHAPE
+
+    def body(carry, t):
+        x, st = carry
+        x, st = s.step(state=st, model_output=jax_model(x, t), timestep=t, sample=x, return_dict=False)
+        return (x, st), x
+
+    run = jax.jit(lambda x, st: jax.lax.scan(f=body, init=(x, st), xs=st.timesteps))
+    x0 = draw(SHAPE, 0)
+    (x, final), path = run(jnp.asarray(x0), state)
+    assert final.model_outputs.shape == (0,) + SHAPE and int(final.step_index) == n
+    ref32 = diffusers_trajectory(kind=kind, config=config, n=n, x0=x0)
+    ref64 = diffusers_trajectory(kind=kind, config=config, n=n, x0=x0, float64=True)
+    for i, (a, b32, b64) in enumerate(zip(np.asarray(path), ref32, ref64)):
+        assert_matches_diffusers(ours=a, ref32=b32, ref64=b64, where=f"step {i}")
+    # the step-by-step (jitted) path is the scan's, and vmap / grad see no history either
+    ours = dpmjax_trajectory(kind=kind, config=config, n=n, x0=x0)
+    for a, b in zip(ours, np.asarray(path)):
+        assert relative_error(a, b) < 1e-5
+    batch = jnp.stack([jnp.asarray(x0), jnp.asarray(draw(SHAPE, 1))])
+    (xs, states), _ = jax.vmap(fun=run, in_axes=(0, None))(batch, state)
+    assert states.model_outputs.shape == (2, 0) + SHAPE
+    np.testing.assert_allclose(actual=np.asarray(xs[0]), desired=np.asarray(x), rtol=1e-6, atol=1e-6)
+    grad = jax.grad(fun=lambda x: jnp.sum(run(x, state)[0][0] ** 2))(jnp.asarray(x0))
+    assert grad.shape == SHAPE and bool(jnp.all(jnp.isfinite(grad)))
+
+
+def test_first_order_step_matches_the_step_with_a_history_slot():
+    """The order-1 step without a history is the same arithmetic as with one: the same sample,
+    bit for bit, whether the state holds a ``[0, ...]`` or (a hand-made) ``[1, ...]`` history."""
+    s = dpmjax_class("forward")(solver_order=1)
+    state = s.set_timesteps(s.create_state(), 8, SHAPE)
+    with_slot = state.replace(model_outputs=jnp.zeros((1,) + SHAPE, jnp.float32))
+    x = jnp.asarray(draw(SHAPE, 3))
+    for t in np.asarray(state.timesteps):
+        out = jax_model(x, t)
+        x_a, state = s.step(state=state, model_output=out, timestep=int(t), sample=x, return_dict=False)
+        x_b, with_slot = s.step(state=with_slot, model_output=out, timestep=int(t), sample=x, return_dict=False)
+        np.testing.assert_array_equal(np.asarray(x_a), np.asarray(x_b))
+        x = x_a

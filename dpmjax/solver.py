@@ -90,7 +90,8 @@ def locate_step(timesteps: Array, timestep) -> Array:
                 jnp.minimum(jnp.maximum(first_a, first_b), jnp.minimum(second_a, second_b)))
 
     # one pass (a single kernel in a loop body): the first and second matches, n where there are none
-    first, second = lax.reduce((positions, jnp.full_like(positions, none)), (none, none), two_smallest, (0,))
+    first, second = lax.reduce(operands=(positions, jnp.full_like(positions, none)), init_values=(none, none),
+                               computation=two_smallest, dimensions=(0,))
     index = jnp.where(first == none, n - 1, jnp.where((second < none) & (first > 0), second, first))
     return index.astype(jnp.int32)
 

@@ -59,17 +59,18 @@ def gmres(
         raise ValueError(f"rows must divide the leading axis of b ({b.shape}), got {rows}.")
     m = restart
     b_norm = row_norm(b, rows)
-    tiny = jnp.finfo(jnp.float32).tiny
+    wdt = b_norm.dtype  # the working precision: float32, or float64 for float64 systems
+    tiny = jnp.finfo(wdt).tiny
 
     def cycle(carry):
         x, _, count = carry
         r = b - matvec(x)
         beta = row_norm(r, rows)
         V = jnp.zeros((m + 1,) + b.shape, b.dtype).at[0].set(_per_row(1.0 / jnp.maximum(beta, tiny), r, rows))
-        R = jnp.zeros((rows, m, m), jnp.float32)
-        cs = jnp.ones((rows, m), jnp.float32)
-        sn = jnp.zeros((rows, m), jnp.float32)
-        g = jnp.zeros((rows, m + 1), jnp.float32).at[:, 0].set(beta)
+        R = jnp.zeros((rows, m, m), wdt)
+        cs = jnp.ones((rows, m), wdt)
+        sn = jnp.zeros((rows, m), wdt)
+        g = jnp.zeros((rows, m + 1), wdt).at[:, 0].set(beta)
 
         def unfinished(state):
             j, *_, res = state
@@ -78,7 +79,7 @@ def gmres(
         def arnoldi(state):
             j, V, R, cs, sn, g, _ = state
             w = matvec(V[j])
-            h = jnp.zeros((rows, m + 1), jnp.float32)
+            h = jnp.zeros((rows, m + 1), wdt)
             for _ in range(2):  # CGS2; basis vectors not made yet are zero
                 coeffs = jax.vmap(lambda v: row_dot(v, w, rows))(V)  # [m + 1, rows]
                 w = w - jnp.sum(jax.vmap(lambda c, v: _per_row(c, v, rows))(coeffs, V), axis=0)

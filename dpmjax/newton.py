@@ -57,7 +57,7 @@ _MAX_LEAPS = 3
 
 
 def row_max_abs(x: Array, rows: int) -> Array:
-    return jnp.max(jnp.abs(x.astype(jnp.float32)).reshape(rows, -1), axis=1)
+    return jnp.max(jnp.abs(x.astype(jnp.promote_types(x.dtype, jnp.float32))).reshape(rows, -1), axis=1)
 
 
 def _broadcast(per_row: Array, like: Array) -> Array:
@@ -121,7 +121,7 @@ def newton_krylov(
             r_new = residual(y + _broadcast(step, d).astype(d.dtype) * d)
             return step, r_new, row_norm(r_new, rows), k + 1
 
-        ones = jnp.ones(r_norm.shape, jnp.float32)
+        ones = jnp.ones(r_norm.shape, r_norm.dtype)
         r_full = residual(y + d)
         step, r_new, r_norm_new, _ = lax.while_loop(insufficient, halve, (ones, r_full, row_norm(r_full, rows), 0))
         better = active & (r_norm_new < r_norm)

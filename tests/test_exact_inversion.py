@@ -111,6 +111,32 @@ def test_exact_inversion_refuses_settings_it_does_not_use():
     with pytest.raises(ValueError, match="max_sweeps"):
         dpmjax.invert(model, x, fwd, 5, exact=True, max_sweeps=-1)
 
+_FLOAT64_SCRIPT = """
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp, dpmjax
+from dpmjax.analytic import GaussianMixture, timestep_model
+gmm = GaussianMixture()
+for order in (1, 2, 3):
+    fwd = dpmjax.DPMSolverMultistepScheduler(solver_order=order, final_sigmas_type="sigma_min", use_lu_lambdas=True)
+    x = gmm.sample(jax.random.PRNGKey(order), (3, 16)).astype(jnp.float64)
+    result = dpmjax.invert(timestep_model(gmm, fwd.config), x, fwd, 10, exact=True, tolerance=1e-11)
+    assert result.sample.dtype == jnp.float64, result.sample.dtype
+    assert bool(jnp.all(result.converged)) and float(jnp.max(result.round_trip)) <= 1e-11, result.round_trip
+print("ok")
+"""
+
+
+def test_float64_exact_inversion_under_x64_reaches_float64_precision():
+    """Under ``jax_enable_x64`` a float64 batch is solved in float64 (it once failed a ``while_loop``
+    dtype check: the Krylov solver kept float32 carries); a tolerance no float32 solve can reach."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FLOAT64_SCRIPT], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
 
 # ----------------------------------------------------------------------------- the shipped digits model
 @pytest.fixture(scope="module")

@@ -191,17 +191,23 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_job_runs(model_fn: Callable, model: str, scheduler, num_inference_steps: int, batch_rows: int,
-                    row_shape: Optional[tuple]) -> None:
-    """The steps on this scheduler and the model on ``[batch_rows, *row_shape]`` rows, traced
-    (``jax.eval_shape``: nothing is compiled or run), so a job that cannot run writes nothing."""
+def _check_scheduler(scheduler, num_inference_steps: int, batch_rows: int, row_shape: Optional[tuple]):
+    """The scheduler must be deterministic and take this many steps; returns its state for them."""
     if scheduler.config.is_sde:
         raise ValueError(f"algorithm_type={scheduler.config.algorithm_type!r} is a stochastic sampler: the batch job "
                          f"inverts deterministic ones ('dpmsolver++', 'dpmsolver').")
     shape = (batch_rows, *(row_shape or (1,)))
-    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, shape)  # a bad step count: ValueError
+    return scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, shape)  # a bad step count: ValueError
+
+
+def _check_model(model_fn: Callable, model: str, scheduler, num_inference_steps: int, batch_rows: int,
+                 row_shape: Optional[tuple]) -> None:
+    """The model on ``[batch_rows, *row_shape]`` rows, traced (``jax.eval_shape``: nothing is
+    compiled or run), so a job whose model cannot take the rows writes nothing."""
     if row_shape is None:
         return  # no readable chunk: nothing to try the model on (every chunk will be reported)
+    state = _check_scheduler(scheduler, num_inference_steps, batch_rows, row_shape)
+    shape = (batch_rows, *row_shape)
     rows = jax.ShapeDtypeStruct(shape, jnp.float32)
     try:
         out = jax.eval_shape(model_fn, rows, state.timesteps[0])
@@ -541,8 +547,9 @@ def run(
     shapes = store.shapes()
     row_shape = store.row_shape or majority_row_shape(shapes)
     batch_rows = batch_rows or default_batch_rows(shapes, row_shape)
+    _check_scheduler(scheduler, num_inference_steps, batch_rows, row_shape)
     model_fn = load_model(model)
-    _check_job_runs(model_fn, model, scheduler, num_inference_steps, batch_rows, row_shape)
+    _check_model(model_fn, model, scheduler, num_inference_steps, batch_rows, row_shape)
     settings = {"model": model, "num_inference_steps": num_inference_steps, "exact": exact, "batch_rows": batch_rows,
                 "scheduler": json.loads(json.dumps(scheduler.config.to_dict())), "fill_value_is_data": fill_value_is_data,
                 "input": store.describe(), "input_shards": list(names)}

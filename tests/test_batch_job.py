@@ -353,3 +353,315 @@ def test_an_input_that_is_no_store_is_refused(tmp_path):
     (tmp_path / "broken.zarr" / ".zarray").write_text("{not json")
     with pytest.raises(ValueError, match="is not a readable zarr array"):
         batch_job.run(tmp_path / "broken.zarr", tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- hostile inputs and faults
+def cli(*args, **popen) -> subprocess.Popen:
+    """``dpmjax invert-batch ARGS`` started in a fresh process (stdout and stderr captured as text)."""
+    command = [sys.executable, "-m", "dpmjax", "invert-batch", *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def finished(job: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = job.communicate(timeout=300)
+    return subprocess.CompletedProcess(job.args, job.returncode, out, err)
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return finished(cli(*args))
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user's mistake: exit status 2, one line on stderr naming ``fragments``, no traceback."""
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in done.stderr, (fragment, done.stderr)
+
+
+def test_an_output_that_is_inside_or_holds_the_input_is_refused(store, tmp_path):
+    """The job never writes into its input: OUTPUT == INPUT (which would overwrite the input's own
+    manifest.json), OUTPUT inside INPUT and INPUT inside OUTPUT are refused, nothing written."""
+    root, names = store
+    data = tmp_path / "data"
+    make_store(data / "input", 2)
+    manifest = json.dumps({"shards": ["part-00000.npy", "part-00001.npy"], "row_shape": [1, 8, 8]})
+    (data / "input" / "manifest.json").write_text(manifest)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    jobs = {"is the input": cli(data / "input", data / "input", "--steps", STEPS),
+            "lies inside the input": cli(data / "input", data / "input" / "noise", "--steps", STEPS),
+            "contains the input": cli(data / "input", data, "--steps", STEPS)}
+    for relation, job in jobs.items():
+        done = finished(job)
+        assert_one_line_error(done, relation, str(data / "input"))
+    assert (data / "input" / "manifest.json").read_text() == manifest
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_manifest_shards_in_subfolders_are_read_as_named(store, tmp_path):
+    """``a/000.npy`` and ``b/000.npy`` are two shards, read from their own folders and written to
+    ``chunks/a/000.npy`` and ``chunks/b/000.npy``; names that leave the input are refused."""
+    root, names = store
+    for folder, name in (("a", names[0]), ("b", names[1])):
+        (tmp_path / "input" / folder).mkdir(parents=True)
+        (tmp_path / "input" / folder / "000.npy").write_bytes((root / "input" / name).read_bytes())
+    (tmp_path / "input" / "000.npy").write_bytes((root / "input" / names[2]).read_bytes())  # the base name: not read
+    (tmp_path / "input" / "manifest.json").write_text(json.dumps({"shards": ["a/000.npy", "./b//000.npy"]}))
+    done = run_cli(tmp_path / "input", tmp_path / "out", "--steps", STEPS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = outputs(root / "reference")
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "chunks" / "a" / "000.npy"), reference[names[0]])
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "chunks" / "b" / "000.npy"), reference[names[1]])
+    assert not (tmp_path / "out" / "chunks" / "000.npy").exists()
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["shards"] == ["a/000.npy", "b/000.npy"]
+
+    for entry in ("../input/a/000.npy", str(tmp_path / "input" / "a" / "000.npy")):
+        (tmp_path / "input" / "manifest.json").write_text(json.dumps({"shards": [entry]}))
+        assert_one_line_error(run_cli(tmp_path / "input", tmp_path / "other", "--steps", STEPS), entry, "leaves the input folder")
+        assert not (tmp_path / "other").exists()
+
+
+SLOW_MODEL = '''
+import time
+
+from dpmjax.models import digits
+
+
+def model():
+    """The digits model, a second late: two jobs started together both get past their checks."""
+    time.sleep(1.5)
+    return digits.unguided_model()
+'''
+
+
+def test_two_jobs_with_other_settings_cannot_share_an_output(tmp_path):
+    """Started together on one output, the job that claims it first runs; the other is refused,
+    however their checks interleave (a model that loads slowly stretches the gap between them)."""
+    make_store(tmp_path / "input", 1)
+    (tmp_path / "slow_model.py").write_text(SLOW_MODEL)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    jobs = {steps: cli(tmp_path / "input", tmp_path / "out", "--steps", steps, "--model", "slow_model:model", env=env)
+            for steps in (2, 3)}
+    done = {steps: finished(job) for steps, job in jobs.items()}
+    assert sorted(d.returncode for d in done.values()) == [0, 2], {s: (d.returncode, d.stderr[-2000:]) for s, d in done.items()}
+    winner = next(steps for steps, d in done.items() if d.returncode == 0)
+    loser = next(steps for steps, d in done.items() if d.returncode == 2)
+    assert_one_line_error(done[loser], f"num_inference_steps: was {winner}, now {loser}", "new output folder")
+    assert json.loads((tmp_path / "out" / "settings.json").read_text())["num_inference_steps"] == winner
+    assert {e["pid"] for e in events(tmp_path / "out")} == {jobs[winner].pid}
+
+
+def test_two_runs_of_one_job_at_once_compute_every_chunk_once(store, tmp_path):
+    """Two runs with the same settings on one output at once (a job started twice): each chunk is
+    claimed by one of them, computed and logged once, and both finish with the whole store."""
+    root, names = store
+    for name in names[:16]:
+        (tmp_path / "input").mkdir(exist_ok=True)
+        (tmp_path / "input" / name).write_bytes((root / "input" / name).read_bytes())
+    jobs = [cli(tmp_path / "input", tmp_path / "out", "--steps", STEPS) for _ in range(2)]
+    for job in jobs:
+        done = finished(job)
+        assert done.returncode == 0, done.stderr[-3000:]
+    recorded = [e["chunk"] for e in events(tmp_path / "out") if e["event"] == "recorded"]
+    started = [e["chunk"] for e in events(tmp_path / "out") if e["event"] == "started"]
+    assert sorted(recorded) == sorted(started) == names[:16]
+    got, expected = outputs(tmp_path / "out"), outputs(root / "reference")
+    for name in names[:16]:
+        np.testing.assert_array_equal(got[name], expected[name])
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["missing"] == []
+    assert list((tmp_path / "out" / "claims").iterdir()) == []  # a recorded chunk's claim is removed
+
+
+def test_a_resume_on_a_changed_input_is_refused_naming_the_shard(store, tmp_path):
+    """Every shard's size and hash are recorded with the output; a resume whose input has a shard
+    changed, added or removed is refused with the shard named, before anything is written."""
+    root, names = store
+    (tmp_path / "input").mkdir()
+    for name in names[:3]:
+        (tmp_path / "input" / name).write_bytes((root / "input" / name).read_bytes())
+    done = run_cli(tmp_path / "input", tmp_path / "out", "--steps", STEPS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert settings["input"]["path"] == str((tmp_path / "input").resolve()) and settings["input_shards"] == names[:3]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["input_fingerprints"][names[1]]["size"] == (tmp_path / "input" / names[1]).stat().st_size
+
+    x = np.load(tmp_path / "input" / names[1])
+    np.save(tmp_path / "input" / names[1], x[::-1])  # the same size, other bytes
+    log = (tmp_path / "out" / "events.jsonl").read_text()
+    assert_one_line_error(run_cli(tmp_path / "input", tmp_path / "out", "--steps", STEPS), f"input shard {names[1]}", "bytes changed")
+    np.save(tmp_path / "input" / names[1], x)
+    np.save(tmp_path / "input" / names[5], x)
+    assert_one_line_error(run_cli(tmp_path / "input", tmp_path / "out", "--steps", STEPS), f"shard {names[5]} is new")
+    assert (tmp_path / "out" / "events.jsonl").read_text() == log
+
+
+def test_an_invalid_setting_writes_nothing(tmp_path):
+    """``--steps 1001`` (more than the 1000 training steps) is refused before the output exists, so
+    the next, valid run is not refused for 'other settings'."""
+    make_store(tmp_path / "input", 1)
+    assert_one_line_error(run_cli(tmp_path / "input", tmp_path / "out", "--steps", 1001), "num_inference_steps must lie in")
+    assert not (tmp_path / "out").exists()
+    done = run_cli(tmp_path / "input", tmp_path / "out", "--steps", 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_bad_shards_are_quarantined_and_never_stop_the_job(tmp_path):
+    """A 0-row shard, a text file, an .npz, float64 values beyond float32, a dangling link and a
+    folder named like a shard are quarantined with a reason that says what is wrong; shards with
+    names of 246 and 255 bytes are inverted (temporary names are short)."""
+    images = np.asarray(digits.heldout()[0][:4], np.float32)
+    folder = tmp_path / "input"
+    folder.mkdir()
+    long_names = ["l" * 242 + ".npy", "m" * 251 + ".npy"]
+    for name in ["good.npy", *long_names]:
+        np.save(folder / name, images)
+    np.save(folder / "empty.npy", np.zeros((0, 1, 8, 8), np.float32))
+    (folder / "text.npy").write_text("1,2,3\n4,5,6\n")
+    np.savez(folder / "archive", x=images)
+    (folder / "archive.npz").rename(folder / "archive.npy")
+    np.save(folder / "huge.npy", np.full((4, 1, 8, 8), 1e300))
+    (folder / "dangling.npy").symlink_to(tmp_path / "nowhere.npy")
+    (folder / "folder.npy").mkdir()
+    done = run_cli(folder, tmp_path / "out", "--steps", STEPS)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    failed = {line.split(": ", 1)[0].removeprefix("  FAILED "): line.split(": ", 1)[1]
+              for line in done.stdout.splitlines() if line.startswith("  FAILED ")}
+    assert set(failed) == {"empty.npy", "text.npy", "archive.npy", "huge.npy", "dangling.npy", "folder.npy"}, done.stdout
+    assert failed["empty.npy"].startswith("no rows")
+    assert failed["text.npy"].startswith("not a .npy array") and "pickle" not in failed["text.npy"]
+    assert failed["archive.npy"].startswith("a zip archive")
+    assert "overflow float32" in failed["huge.npy"] and "1e+300" in failed["huge.npy"]
+    assert failed["dangling.npy"].startswith("unreadable") and failed["folder.npy"].startswith("unreadable")
+    assert sorted(outputs(tmp_path / "out")) == sorted(["good.npy", *long_names])
+    for name in long_names:
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / "chunks" / name), np.load(tmp_path / "out" / "chunks" / "good.npy"))
+
+
+def test_missing_zarr_chunk_files_are_reported_unless_fill_values_are_data(tmp_path):
+    """A zarr chunk file that is missing would read as the fill value: its rows are quarantined by
+    row range, unless ``--fill-value-is-data``; putting the file back fixes the quarantined chunk,
+    while a chunk recorded from fill values is never topped up from the new file."""
+    images = np.asarray(digits.heldout()[0][:20], np.float32)
+    write_zarr(tmp_path / "latents.zarr", images, chunk_rows=8, version=3)
+    chunk_file = tmp_path / "latents.zarr" / "c" / "1" / "0" / "0" / "0"
+    saved = chunk_file.read_bytes()
+    chunk_file.unlink()
+    done = run_cli(tmp_path / "latents.zarr", tmp_path / "out", "--steps", STEPS)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "FAILED rows-08-16.npy: rows 8-16: chunk file c/1/0/0/0 is missing" in done.stdout, done.stdout
+    assert sorted(outputs(tmp_path / "out")) == ["rows-00-08.npy", "rows-16-20.npy"]
+
+    summary = batch_job.run(tmp_path / "latents.zarr", tmp_path / "zeros", num_inference_steps=STEPS, progress=False,
+                            fill_value_is_data=True)
+    assert sorted(summary.recorded) == ["rows-00-08.npy", "rows-08-16.npy", "rows-16-20.npy"] and not summary.failed
+
+    chunk_file.write_bytes(saved)
+    summary = batch_job.run(tmp_path / "latents.zarr", tmp_path / "out", num_inference_steps=STEPS, progress=False)
+    assert summary.recorded == ["rows-08-16.npy"] and not summary.failed
+    with pytest.raises(ValueError, match="input shard rows-08-16.npy is not the one"):
+        batch_job.run(tmp_path / "latents.zarr", tmp_path / "zeros", num_inference_steps=STEPS, progress=False,
+                      fill_value_is_data=True)
+
+
+def test_temporary_files_of_killed_runs_are_removed_wherever_the_job_writes(store, tmp_path):
+    """Dead writers' temporary files at the output root and in every folder below it are removed by
+    the next run; a live process' file and another host's recent file are left alone."""
+    import shutil
+    import socket
+
+    root, names = store
+    (tmp_path / "input").mkdir()
+    for name in names[:2]:
+        (tmp_path / "input" / name).write_bytes((root / "input" / name).read_bytes())
+    out = tmp_path / "out"
+    assert run_cli(tmp_path / "input", out, "--steps", STEPS).returncode == 0
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host, tag = socket.gethostname(), batch_job._HOST_TAG
+    leftovers = [out / f".manifest.json.{host}.{dead.pid}.abc123.tmp", out / f".0123456789.{tag}.{dead.pid}.x1y2z3.tmp",
+                 out / "chunks" / f".0123456789.{tag}.{dead.pid}.q1w2e3.tmp",
+                 out / "failed" / f".0123456789.{tag}.{dead.pid}.r4t5y6.tmp"]
+    kept = [out / f".0123456789.{tag}.{os.getpid()}.live01.tmp", out / f".0123456789.0ther0st.{dead.pid}.recent.tmp"]
+    old_elsewhere = out / "chunks" / f".0123456789.0ther0st.{dead.pid}.old001.tmp"
+    for path in leftovers + kept + [old_elsewhere]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    os.utime(old_elsewhere, (time.time() - 2 * 3600,) * 2)
+    done = run_cli(tmp_path / "input", out, "--steps", STEPS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p for p in leftovers + [old_elsewhere] if p.exists()] == []
+    assert all(p.exists() for p in kept)
+    shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_job_cleanly_and_a_resume_finishes_it(store, tmp_path, signal_number):
+    """SIGINT or SIGTERM once a chunk is logged: a non-zero exit, one line on stderr (no traceback),
+    no partial output; the resume finishes the job, equal to an uninterrupted run."""
+    root, names = store
+    (tmp_path / "input").mkdir()
+    for name in names[:20]:
+        (tmp_path / "input" / name).write_bytes((root / "input" / name).read_bytes())
+    out = tmp_path / "out"
+    job = cli(tmp_path / "input", out, "--steps", STEPS)
+    while job.poll() is None and not (
+            (out / "events.jsonl").exists() and any(e["event"] == "recorded" for e in events(out))):
+        time.sleep(0.003)
+    job.send_signal(signal_number)
+    done = finished(job)
+    assert done.returncode == 128 + signal_number, (done.returncode, done.stdout, done.stderr[-3000:])
+    *progress, last = done.stderr.strip().splitlines()  # before the line: only the progress line's redraws ("\r")
+    assert "Traceback" not in done.stderr and len(last) < 200, done.stderr[-3000:]
+    assert all(line.startswith("invert-batch [") for line in progress if line), done.stderr[-3000:]
+    assert last.startswith(f"invert-batch: stopped by {signal.Signals(signal_number).name}") and "resume" in last, last
+    assert not (out / "manifest.json").exists()
+    assert not [p for p in out.rglob(".*.tmp")]
+    recorded = [e["chunk"] for e in events(out) if e["event"] == "recorded"]
+    assert 1 <= len(recorded) < 20
+
+    done = run_cli(tmp_path / "input", out, "--steps", STEPS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got, expected = outputs(out), outputs(root / "reference")
+    assert sorted(got) == names[:20]
+    for name in names[:20]:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_user_mistakes_get_one_line_errors(tmp_path):
+    """A manifest without a shard list (or with a string), malformed JSON, an output that is a file,
+    a settings.json that is not this job's, a bad --config and the default model on rows of
+    another shape: one line each, naming the file or the setting, no traceback."""
+    make_store(tmp_path / "input", 1)
+    cases = {}
+
+    def case(label: str, *args, fragments=()):
+        cases[label] = (cli(*args), fragments)
+
+    for label, text in (("no shards", '{"row_shape": [1, 8, 8]}'), ("a string", '{"shards": "part-00000.npy"}'),
+                        ("not json", '{"shards": [')):
+        folder = tmp_path / label
+        make_store(folder, 1)
+        (folder / "manifest.json").write_text(text)
+        case(label, folder, tmp_path / f"out-{label}", fragments=(str(folder / "manifest.json"),))
+    (tmp_path / "a file").write_text("not a folder")
+    case("output is a file", tmp_path / "input", tmp_path / "a file", fragments=(str(tmp_path / "a file"), "is a file"))
+    for label, text in (("settings a list", "[1, 2]"), ("settings not json", "{")):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "settings.json").write_text(text)
+        case(label, tmp_path / "input", tmp_path / label, "--steps", STEPS, fragments=(str(tmp_path / label / "settings.json"),))
+    (tmp_path / "bad.json").write_text('{"solver_order": 7}')
+    (tmp_path / "broken.json").write_text('{"solver_order": ')
+    for config in ("bad.json", "broken.json", "missing.json"):
+        case(config, tmp_path / "input", tmp_path / f"out-{config}", "--config", tmp_path / config,
+             fragments=(f"scheduler config {tmp_path / config}",))
+    images = tmp_path / "rgb"
+    images.mkdir()
+    np.save(images / "x.npy", np.zeros((2, 3, 16, 16), np.float32))
+    case("other shape", images, tmp_path / "out-rgb", "--steps", STEPS,
+         fragments=("model dpmjax.models.digits:unguided_model cannot take rows of shape (3, 16, 16)",))
+    for label, (job, fragments) in cases.items():
+        done = finished(job)
+        assert_one_line_error(done, *fragments)
+    assert not list(tmp_path.glob("out-*"))
+    assert (tmp_path / "settings a list" / "settings.json").read_text() == "[1, 2]"

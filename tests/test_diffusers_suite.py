@@ -120,7 +120,7 @@ def check_reload_and_parity(tmp_path, num_inference_steps=25, time_step=0, **con
         # dummy history, oldest first, in the ring-buffer slots of the steps before time_step
         K = scheduler.config.solver_order
         history = state.model_outputs
-        for age, p in enumerate(reversed(past)):
+        for age, p in enumerate(reversed(past) if history.shape[0] else []):  # order 1 keeps no history
             history = history.at[(time_step - 1 - age) % K].set(jnp.asarray(p))
         state = state.replace(model_outputs=history)
         x = jnp.asarray(sample)

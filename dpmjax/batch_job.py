@@ -206,7 +206,8 @@ def _check_model(model_fn: Callable, model: str, scheduler, num_inference_steps:
     compiled or run), so a job whose model cannot take the rows writes nothing."""
     if row_shape is None:
         return  # no readable chunk: nothing to try the model on (every chunk will be reported)
-    state = _check_scheduler(scheduler, num_inference_steps, batch_rows, row_shape)
+    state = _check_scheduler(scheduler=scheduler, num_inference_steps=num_inference_steps, batch_rows=batch_rows,
+                             row_shape=row_shape)
     shape = (batch_rows, *row_shape)
     rows = jax.ShapeDtypeStruct(shape, jnp.float32)
     try:
@@ -256,7 +257,9 @@ def _read_settings(path: Path) -> dict:
         try:
             before = json.loads(path.read_text())
             break
-        except ValueError:
+        except (OSError, ValueError):
+            if time.time() - path.stat().st_mtime > 2:
+                before = read_json(path, "output settings")  # the reason, with the file named
             time.sleep(0.1)
     else:
         before = read_json(path, "output settings")
@@ -276,8 +279,8 @@ def _check_same_settings(before: dict, settings: dict, output_dir: Path) -> None
     if changed:
         detail = "; ".join(f"{key}: was {before.get(key)!r}, now {settings[key]!r}" for key in changed if key != "scheduler")
         if "scheduler" in changed:
-            keys = sorted(k for k in set(before.get("scheduler") or {}) | set(settings["scheduler"])
-                          if (before.get("scheduler") or {}).get(k) != settings["scheduler"].get(k))
+            was = before.get("scheduler") if isinstance(before.get("scheduler"), dict) else {}
+            keys = sorted(k for k in set(was) | set(settings["scheduler"]) if was.get(k) != settings["scheduler"].get(k))
             detail = "; ".join(filter(None, [detail, f"scheduler config differs in {', '.join(keys)}"]))
         raise ValueError(f"output {output_dir} was started with other settings ({detail}): "
                          f"rerun with the same settings or write to a new output folder.")
@@ -287,7 +290,8 @@ def _check_same_shards(before: dict, settings: dict, output_dir: Path) -> None:
     """The input's shard names must be those the output was started on."""
     if "input_shards" not in before:
         return
-    was, now = set(before["input_shards"] or []), set(settings["input_shards"])
+    listed = before["input_shards"] if isinstance(before["input_shards"], list) else []
+    was, now = {name for name in listed if isinstance(name, str)}, set(settings["input_shards"])
     added, gone = sorted(now - was), sorted(was - now)
     if added or gone:
         name, what = (added[0], "is new") if added else (gone[0], "is gone")
@@ -304,10 +308,11 @@ def _claim_output(output_dir: Path, settings: dict) -> None:
         _check_same_settings(_read_settings(path), settings, output_dir)
 
 
-def _check_input_fingerprints(store, names: Sequence[str], output_dir: Path) -> None:
+def _input_changes(store, names: Sequence[str], output_dir: Path) -> tuple:
     """Each shard's bytes must be those the job started on (``inputs/NAME.json``); a shard not yet
-    recorded whose earlier version was quarantined or unreadable may have been fixed. Fingerprints
-    of shards seen for the first time are written once every shard has passed."""
+    recorded whose earlier version was quarantined or unreadable may have been fixed. Reads only;
+    returns ``(new, fixed)``, the fingerprint records to write (``path -> record``) once the output
+    is claimed."""
     new, fixed = {}, {}
     for name in names:
         now = store.fingerprint(name)
@@ -323,6 +328,11 @@ def _check_input_fingerprints(store, names: Sequence[str], output_dir: Path) -> 
             continue
         raise ValueError(f"input shard {name} is not the one output {output_dir} was started on (its bytes changed: "
                          f"was {_short(before.get('fingerprint'))}, now {_short(now)}); restore it or write to a new output folder.")
+    return new, fixed
+
+
+def _write_fingerprints(new: dict, fixed: dict) -> None:
+    """Record the fingerprints of shards seen for the first time (``new``) and of fixed ones."""
     for path, record in new.items():  # one small file per shard: not fsynced (a record lost to a crash is made anew)
         _create_exclusive(path, json.dumps(record), durable=False)
     for path, record in fixed.items():
@@ -547,16 +557,20 @@ def run(
     shapes = store.shapes()
     row_shape = store.row_shape or majority_row_shape(shapes)
     batch_rows = batch_rows or default_batch_rows(shapes, row_shape)
-    _check_scheduler(scheduler, num_inference_steps, batch_rows, row_shape)
-    model_fn = load_model(model)
-    _check_model(model_fn, model, scheduler, num_inference_steps, batch_rows, row_shape)
+    _check_scheduler(scheduler=scheduler, num_inference_steps=num_inference_steps, batch_rows=batch_rows, row_shape=row_shape)
     settings = {"model": model, "num_inference_steps": num_inference_steps, "exact": exact, "batch_rows": batch_rows,
                 "scheduler": json.loads(json.dumps(scheduler.config.to_dict())), "fill_value_is_data": fill_value_is_data,
                 "input": store.describe(), "input_shards": list(names)}
-
-    _claim_output(output_dir, settings)
+    if (output_dir / "settings.json").exists():  # a resume: a mismatch is refused before the model is loaded
+        _check_same_settings(_read_settings(output_dir / "settings.json"), settings, output_dir)
     mine = names[jax.process_index():: jax.process_count()]
-    _check_input_fingerprints(store, mine, output_dir)
+    new_fingerprints, fixed_fingerprints = _input_changes(store, mine, output_dir)
+    model_fn = load_model(model)
+    _check_model(model_fn=model_fn, model=model, scheduler=scheduler, num_inference_steps=num_inference_steps,
+                 batch_rows=batch_rows, row_shape=row_shape)
+
+    _claim_output(output_dir, settings)  # the first write
+    _write_fingerprints(new_fingerprints, fixed_fingerprints)
     (output_dir / "chunks").mkdir(parents=True, exist_ok=True)
     _remove_dead_writers_files(output_dir, started)
     job = _Job(store=store, output_dir=output_dir, model_fn=model_fn, scheduler=scheduler,
@@ -570,7 +584,7 @@ def run(
 
         multihost_utils.sync_global_devices("dpmjax invert-batch: all chunks done")
     if jax.process_index() == 0:
-        _write_manifest(output_dir, names, row_shape, settings)
+        _write_manifest(output_dir=output_dir, names=names, row_shape=row_shape, settings=settings)
     return summary
 
 
@@ -704,7 +718,8 @@ class _Job:
             _append_event(self.events, chunk=name, event="started", device=device.id)
         try:
             x = self.store.read(name, self.row_shape)
-            noise, samples, round_trip = _in_batches(self.invert_rows(device), x, self.batch_rows, self.stop)
+            noise, samples, round_trip = _in_batches(invert_rows=self.invert_rows(device), x=x, batch_rows=self.batch_rows,
+                                                     stop=self.stop)
             if not np.all(np.isfinite(noise)):
                 raise ChunkError("the inversion produced non-finite noise")
         except ChunkError as error:

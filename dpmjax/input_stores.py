@@ -84,7 +84,7 @@ def shard_name(entry, manifest: Path) -> str:
     if not isinstance(entry, str) or not entry.strip():
         raise ValueError(f"input manifest {manifest} lists {entry!r} as a shard: each shard must be a file name.")
     path = PurePosixPath(entry)
-    if path.is_absolute() or ".." in path.parts or "\\" in entry:
+    if path.is_absolute() or ".." in path.parts:
         raise ValueError(f"input manifest {manifest} lists {entry!r}, which leaves the input folder: "
                          f"shards are named relative to it, without '..'.")
     if not path.name.endswith(".npy") or path.name == ".npy":

@@ -129,6 +129,16 @@ def _old_diffusers():
     return diffusers
 
 
+def for_diffusers_pipelines():
+    """dpmjax's ``FlaxDPMSolverMultistepScheduler`` for diffusers 0.39's own Flax pipelines
+    (:class:`dpmjax.models.flax_sd_pipelines.FlaxDPMSolverMultistepScheduler`): a ``FlaxSchedulerMixin``
+    that ``from_pretrained(folder, scheduler=...)`` accepts and ``save_pretrained`` saves as diffusers'
+    own class. Imports diffusers (< 0.40): an ImportError says what to install when it is missing."""
+    from .flax_sd_pipelines import FlaxDPMSolverMultistepScheduler
+
+    return FlaxDPMSolverMultistepScheduler
+
+
 def cast_floating(params, dtype):
     """``params`` with every floating leaf cast to ``dtype`` (e.g. bf16 weights for a bf16 UNet)."""
     return jax.tree_util.tree_map(lambda p: p.astype(dtype) if jnp.issubdtype(jnp.asarray(p).dtype, jnp.floating) else p, params)
@@ -144,22 +154,23 @@ def load_unet(path: str, dtype=jnp.float32, **kwargs):
 
 
 def tiny_unet(seed: int = 0, sample_size: int = 8, cross_attention_dim: int = 32, dtype=jnp.float32,
-              output_scale: float = 0.1):
+              output_scale: float = 0.1, in_channels: int = 4):
     """``(unet, params)``: Stable Diffusion's UNet architecture at toy size (cross-attention down
     and up blocks, a cross-attention mid block, 32/64 channels, 4 latent channels) with random
     weights, for tests and notebooks. The weights come from NumPy in the layout of Flax's default
     initialisers (LeCun-normal kernels, small biases, unit norm scales; a seeded ``init`` of this
     UNet compiles for ~25 s on a CPU). The output convolution is scaled by ``output_scale``, as
     diffusion models often start from a zero output layer: at full scale a random noise prediction
-    makes the data prediction ``(x - sigma eps) / alpha`` ~15x the data at SD's largest noise level."""
+    makes the data prediction ``(x - sigma eps) / alpha`` ~15x the data at SD's largest noise level.
+    ``in_channels=9`` gives the inpainting UNet's input (latents, mask, masked-image latents)."""
     diffusers = _old_diffusers()
     unet = diffusers.FlaxUNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4,
+        sample_size=sample_size, in_channels=in_channels, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8,
         cross_attention_dim=cross_attention_dim, dtype=dtype,
     )
-    x = jnp.zeros((1, 4, sample_size, sample_size))
+    x = jnp.zeros((1, in_channels, sample_size, sample_size))
     shapes = jax.eval_shape(lambda: unet.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), jnp.zeros((1, 7, cross_attention_dim))))
     rng = np.random.default_rng(seed)
 

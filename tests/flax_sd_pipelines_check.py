@@ -1,0 +1,211 @@
+"""Run under diffusers 0.39 and transformers 4.x (both first on sys.path): dpmjax's scheduler inside
+diffusers' own Flax Stable Diffusion pipelines, against diffusers' own FlaxDPMSolverMultistepScheduler
+in the same pipelines, on tiny random components built offline (CLIP tokenizer and text encoder,
+VAE, UNet of the real architectures). Prints one JSON object of measurements;
+tests/test_flax_sd_pipelines.py asserts on them.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=1 \\
+    PYTHONPATH=<diffusers 0.39>:<transformers 4.x> python tests/flax_sd_pipelines_check.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+logging.disable(logging.WARNING)
+
+import diffusers  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import transformers  # noqa: E402
+from flax.jax_utils import replicate  # noqa: E402
+from flax.training.common_utils import shard  # noqa: E402
+
+from dpmjax.models import flax_sd  # noqa: E402
+
+Ours = flax_sd.for_diffusers_pipelines()
+
+# Stable Diffusion 1.5's scheduler_config.json (a PNDM config; loaded into the DPM-Solver class)
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                  "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+                  "steps_offset": 1, "trained_betas": None}
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+MAX_LENGTH = 16
+STEPS = 10
+GUIDANCE = 7.5
+
+
+def tiny_tokenizer(folder: Path) -> transformers.CLIPTokenizer:
+    """A CLIP tokenizer over single letters (and a few merges), written to ``folder`` offline."""
+    tokens = ["<|startoftext|>", "<|endoftext|>", *LETTERS, *(c + "</w>" for c in LETTERS), "th", "the</w>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LENGTH)
+
+
+def random_params(shapes, seed: int):
+    """Random weights of the given shapes from NumPy (a seeded Flax ``init`` compiles for seconds):
+    LeCun-normal kernels, N(0, 0.02) embeddings, unit norm scales, small biases."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "kernel":
+            return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1])), leaf.dtype)
+        if name == "scale":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.asarray(0.02 * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def tiny_text_encoder(vocab_size: int):
+    """``(text_encoder, params)``: a 2-layer random CLIP text encoder of width 32 (the tiny UNet's
+    cross-attention width)."""
+    config = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                         num_hidden_layers=2, max_position_embeddings=MAX_LENGTH, projection_dim=32)
+    model = transformers.FlaxCLIPTextModel(config, _do_init=False)
+    shapes = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, MAX_LENGTH)))
+    return model, random_params(shapes, seed=1)
+
+
+def tiny_vae():
+    """``(vae, params)``: a random 2-block AutoencoderKL (scale factor 2: 16 px images, 8 px latents)."""
+    vae = diffusers.FlaxAutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
+                                      layers_per_block=1, latent_channels=4, sample_size=16)
+    return vae, random_params(jax.eval_shape(lambda: vae.init_weights(jax.random.PRNGKey(0))), seed=2)
+
+
+def max_rel(a, b) -> float:
+    """Largest difference relative to the reference's largest magnitude."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def public(config) -> dict:
+    """A diffusers config without its ``_``-keys (its class name, version, which values were defaults)."""
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def run(pipeline, params, inputs: dict, jit: bool):
+    """The pipeline's images for ``inputs`` (prompt ids, images...), pmapped over one device with ``jit``."""
+    rng = jax.random.PRNGKey(0)
+    if jit:
+        count = jax.device_count()
+        sharded = {k: shard(np.concatenate([v] * count)) for k, v in inputs.items()}
+        out = pipeline(**sharded, params=replicate(params), prng_seed=jax.random.split(rng, count),
+                       num_inference_steps=STEPS, guidance_scale=GUIDANCE, jit=True)
+        return np.asarray(out.images)[0]
+    # a 0-d array, not a float: diffusers 0.39 turns a float into one scale per prompt, which only its
+    # pmapped path broadcasts (unpmapped, a batch of 2 fails to broadcast [1, 2] against the latents)
+    return np.asarray(pipeline(**inputs, params=params, prng_seed=rng, num_inference_steps=STEPS,
+                               guidance_scale=jnp.asarray(GUIDANCE), jit=False).images)
+
+
+def compare(name, pipeline, params, inputs, report, schedulers, jits=(False, True)) -> dict:
+    """Images of ``pipeline`` with dpmjax's and with diffusers' scheduler (``schedulers``: who ->
+    (scheduler, state), each swapped in as ``pipeline.scheduler`` as a user would), for each ``jit``:
+    ``{(who, jit): images}``."""
+    images = {}
+    for jit in jits:
+        for who, (scheduler, state) in schedulers.items():
+            pipeline.scheduler = scheduler
+            images[who, jit] = run(pipeline, dict(params, scheduler=state), inputs, jit)
+        theirs = images["diffusers", jit]
+        report["images"][f"{name} jit={jit}"] = {
+            "max_rel_diff": max_rel(images["ours", jit], theirs), "shape": list(theirs.shape),
+            "unsaturated": float(np.mean((theirs > 0) & (theirs < 1))), "finite": bool(np.all(np.isfinite(images["ours", jit])))}
+    pipeline.scheduler = schedulers["ours"][0]
+    return images
+
+
+def main(out: Path) -> dict:
+    started = time.perf_counter()
+    phases: dict = {}
+
+    def phase(name):
+        phases[name] = round(time.perf_counter() - started - sum(phases.values()), 1)
+
+    report = {"diffusers": diffusers.__version__, "transformers": transformers.__version__,
+              "devices": jax.device_count(), "images": {}}
+    (out / "sd15" / "scheduler").mkdir(parents=True)
+    (out / "sd15" / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
+    theirs, theirs_state = diffusers.FlaxDPMSolverMultistepScheduler.from_pretrained(out / "sd15", subfolder="scheduler")
+    ours, ours_state = Ours.from_pretrained(out / "sd15", subfolder="scheduler")
+    tokenizer = tiny_tokenizer(out / "tokenizer-src")
+    text_encoder, text_encoder_params = tiny_text_encoder(len(tokenizer))
+    vae, vae_params = tiny_vae()
+    unet, unet_params = flax_sd.tiny_unet(seed=0, output_scale=1.0)
+    components = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, safety_checker=None, feature_extractor=None)
+    params = dict(vae=vae_params, text_encoder=text_encoder_params, unet=unet_params)
+    phase("build")
+
+    # 1. a folder saved by plain diffusers with its own class; loaded with ours passed in
+    diffusers.FlaxStableDiffusionPipeline(**components, scheduler=theirs).save_pretrained(out / "base", params=params)
+    pipeline, loaded = diffusers.FlaxStableDiffusionPipeline.from_pretrained(out / "base", scheduler=ours, safety_checker=None, feature_extractor=None)
+    report["from_pretrained_scheduler_is_ours"] = pipeline.scheduler is ours
+    report["from_pretrained_no_scheduler_state"] = "scheduler" not in loaded
+    phase("save (diffusers) and from_pretrained(scheduler=ours)")
+
+    schedulers = {"ours": (ours, ours_state), "diffusers": (theirs, theirs_state)}
+    report["to_diffusers_config_equal"] = public(ours.to_diffusers().config) == public(theirs.config)
+    prompt = pipeline.prepare_inputs(["the cat", "a dog"])
+    report["prompt_ids"] = np.asarray(prompt).tolist()
+    images = compare("txt2img", pipeline, loaded, {"prompt_ids": prompt}, report, schedulers)
+    # the same pipeline with diffusers' class at first order: how far another scheduler lands
+    pipeline.scheduler = diffusers.FlaxDPMSolverMultistepScheduler.from_config(dict(theirs.config), solver_order=1)
+    first_order = run(pipeline, dict(loaded, scheduler=pipeline.scheduler.create_state()), {"prompt_ids": prompt}, jit=False)
+    report["images"]["txt2img jit=False"]["max_rel_diff_to_first_order"] = max_rel(first_order, images["diffusers", False])
+    phase("txt2img")
+
+    # 2. save with ours inside -> the files plain diffusers writes for its own class
+    pipeline.scheduler = ours
+    pipeline.save_pretrained(out / "saved", params=loaded)
+    files = {}
+    for name in ("model_index.json", "scheduler/scheduler_config.json"):
+        mine, reference = (json.loads((out / folder / name).read_text()) for folder in ("saved", "base"))
+        files[name] = {"equal": mine == reference, "text_equal": (out / "saved" / name).read_text() == (out / "base" / name).read_text(),
+                       "scheduler_entry": mine.get("scheduler"), "_class_name": mine.get("_class_name")}
+    report["saved_files"] = files
+    plain, plain_params = diffusers.FlaxStableDiffusionPipeline.from_pretrained(out / "saved", safety_checker=None, feature_extractor=None)
+    report["plain_reload"] = {"class": type(plain.scheduler).__module__ + "." + type(plain.scheduler).__name__,
+                              "config_equal": public(plain.scheduler.config) == public(theirs.config),
+                              "state_timesteps_equal": bool(np.array_equal(plain_params["scheduler"].timesteps, theirs_state.timesteps))}
+    again, again_params = diffusers.FlaxStableDiffusionPipeline.from_pretrained(out / "saved", scheduler=Ours.from_pretrained(
+        out / "saved", subfolder="scheduler")[0], safety_checker=None, feature_extractor=None)
+    report["dpmjax_reload"] = {"class": type(again.scheduler).__module__, "equal_to_saved": again.scheduler == ours}
+    reloaded = run(again, dict(again_params, scheduler=ours_state), {"prompt_ids": prompt}, jit=False)
+    report["dpmjax_reload"]["max_rel_diff_to_first_run"] = max_rel(reloaded, images["ours", False])
+    phase("save (ours), reload plain and with ours")
+
+    # 3. img2img from the same folder (passed scheduler), starting part-way down the schedule
+    img2img, img2img_params = diffusers.FlaxStableDiffusionImg2ImgPipeline.from_pretrained(out / "saved", scheduler=ours, safety_checker=None, feature_extractor=None)
+    image = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (2, 3, 16, 16), minval=-1, maxval=1))
+    compare("img2img", img2img, img2img_params, {"prompt_ids": prompt, "image": image}, report, schedulers)
+    phase("img2img")
+
+    # 4. inpainting: its own 9-channel UNet
+    inpaint_unet, inpaint_unet_params = flax_sd.tiny_unet(seed=1, output_scale=1.0, in_channels=9)
+    inpaint = diffusers.FlaxStableDiffusionInpaintPipeline(**dict(components, unet=inpaint_unet), scheduler=ours)
+    mask = np.zeros((2, 1, 16, 16), np.float32)
+    mask[:, :, 4:12, 4:12] = 1
+    compare("inpaint", inpaint, dict(params, unet=inpaint_unet_params),
+            {"prompt_ids": prompt, "mask": mask, "masked_image": image * (1 - mask)}, report, schedulers)
+    phase("inpaint")
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    report["phase_seconds"] = phases
+    return report
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(Path(sys.argv[1]))))

@@ -10,6 +10,7 @@ tests/test_flax_sd_pipelines.py asserts on them.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
@@ -187,6 +188,16 @@ def main(out: Path) -> dict:
     reloaded = run(again, dict(again_params, scheduler=ours_state), {"prompt_ids": prompt}, jit=False)
     report["dpmjax_reload"]["max_rel_diff_to_first_run"] = max_rel(reloaded, images["ours", False])
     phase("save (ours), reload plain and with ours")
+
+    # dpmjax settings diffusers' class lacks: written as extra keys (which diffusers keeps and ignores)
+    settings = Ours(**{k: SD15_SCHEDULER[k] for k in ("beta_start", "beta_end", "beta_schedule")}, use_karras_sigmas=True, steps_offset=1)
+    settings.save_pretrained(out / "settings")
+    diffusers_parameters = inspect.signature(diffusers.FlaxDPMSolverMultistepScheduler.__init__).parameters
+    written = json.loads((out / "settings" / "scheduler_config.json").read_text())
+    report["dpmjax_settings_round_trip"] = {
+        "written": {k: v for k, v in written.items() if not k.startswith("_") and k not in diffusers_parameters},
+        "reloaded_equal": Ours.from_pretrained(out / "settings")[0] == settings,
+        "diffusers_loads": type(diffusers.FlaxDPMSolverMultistepScheduler.from_pretrained(out / "settings")[0]).__name__}
 
     # 3. img2img from the same folder (passed scheduler), starting part-way down the schedule
     img2img, img2img_params = diffusers.FlaxStableDiffusionImg2ImgPipeline.from_pretrained(out / "saved", scheduler=ours, safety_checker=None, feature_extractor=None)

@@ -42,12 +42,15 @@ def _require_old_diffusers():
     """diffusers < 0.40 (the last releases with Flax classes), or an ImportError saying what to install."""
     try:
         import diffusers
-        from diffusers.schedulers.scheduling_utils_flax import FlaxSchedulerMixin  # noqa: F401
     except ImportError as error:
         raise ImportError(_NEEDS + ".") from error
     major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
     if (major, minor) >= (0, 40):
         raise ImportError(f"{_NEEDS} (found diffusers {diffusers.__version__}, which has no Flax classes).")
+    try:
+        from diffusers.schedulers.scheduling_utils_flax import FlaxSchedulerMixin  # noqa: F401
+    except ImportError as error:  # e.g. diffusers without Flax installed
+        raise ImportError(_NEEDS + ".") from error
     return diffusers
 
 

@@ -59,3 +59,34 @@ def test_newton_krylov_backtracks_where_a_full_step_overshoots():
     F = lambda y: jnp.arctan(y)  # noqa: E731
     result = newton_krylov(F, jnp.zeros((1,)), jnp.full((1,), 3.0), max_iterations=30, tolerance=1e-7)
     assert abs(float(result.solution[0])) < 1e-6
+
+
+def test_anderson_fixed_point_solves_each_row_and_beats_plain_iteration():
+    """y = g(y) with g(y) = b + M y + 0.05 tanh(y) per row, M with eigenvalues up to 0.95: after 12
+    calls plain iteration keeps ~10% of its error, Anderson mixing (5 differences) a thousandth of
+    that; in 20 it reaches the float32 floor. Each row keeps its own least-squares problem: a NaN
+    row does not touch the others."""
+    from dpmjax.anderson import anderson_fixed_point
+
+    rng = np.random.default_rng(0)
+    Q = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    M = jnp.asarray(Q @ np.diag([0.95, -0.9, 0.8, 0.5, -0.3, 0.1]) @ Q.T, jnp.float32)
+    b = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+    residual_of = lambda f: jnp.max(jnp.abs(f), axis=1)  # noqa: E731
+
+    def solve(offset, iterations):
+        g = lambda y: offset + y @ M.T + 0.05 * jnp.tanh(y)  # noqa: E731
+        return anderson_fixed_point(g, jnp.zeros_like(b), residual_of=residual_of, threshold=1e-6, rows=4,
+                                    iterations=iterations), g
+
+    plain = jnp.zeros_like(b)
+    g = solve(b, 1)[1]
+    for _ in range(12):
+        plain = g(plain)
+    early = solve(b, 12)[0]
+    assert float(jnp.max(early.residual)) < 1e-3 * float(jnp.max(residual_of(g(plain) - plain)))
+    result = solve(b, 20)[0]
+    assert float(jnp.max(residual_of(g(result.solution) - result.solution))) <= 1e-5, result.residual
+    other = solve(b.at[1].set(jnp.nan), 20)[0]
+    keep = np.array([0, 2, 3])
+    np.testing.assert_allclose(np.asarray(other.solution)[keep], np.asarray(result.solution)[keep], atol=1e-6)

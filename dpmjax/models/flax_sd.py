@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import os
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -186,3 +188,68 @@ def tiny_unet(seed: int = 0, sample_size: int = 8, cross_attention_dim: int = 32
         return jnp.asarray(0.02 * rng.standard_normal(leaf.shape), dtype)  # biases: small, not zero, to be felt
 
     return unet, jax.tree_util.tree_map_with_path(fill, shapes["params"])
+
+
+def _random_like(shapes, seed: int):
+    """Random weights of the given shapes from NumPy: LeCun-normal kernels, N(0, 0.02) embeddings
+    and biases, unit norm scales (a seeded Flax ``init`` compiles for seconds)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "kernel":
+            return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1])), leaf.dtype)
+        if name == "scale":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.asarray(0.02 * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+_TINY_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# Stable Diffusion 1.5's noise schedule (its scheduler_config.json, loaded into the DPM-Solver class)
+SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+
+def tiny_pipeline(folder: Optional[str] = None, seed: int = 0, unet_output_scale: float = 0.1, vae_scaling_factor: float = 1.4):
+    """``(pipeline, params)``: diffusers 0.39's ``FlaxStableDiffusionPipeline`` with Stable
+    Diffusion's components at toy size and random weights (a CLIP tokenizer over single letters,
+    a 2-layer CLIP text encoder of width 32, a 2-block VAE: 16 px images, 8 px latents, and
+    :func:`tiny_unet`), diffusers' ``FlaxDPMSolverMultistepScheduler`` on SD's noise schedule and
+    no safety checker; built offline in seconds. ``vae_scaling_factor`` scales the VAE's latents
+    to about unit standard deviation (as Stable Diffusion's 0.18215 does its VAE's);
+    ``unet_output_scale`` scales the UNet's output convolution (see :func:`tiny_unet`). With ``folder`` it is also saved there
+    (``save_pretrained``), so ``FlaxStableDiffusionPipeline.from_pretrained(folder)`` loads it.
+    Needs diffusers < 0.40 and transformers < 5 (the last releases with Flax classes). For tests,
+    notebooks and trying the editing workflow: the images it makes are not pictures."""
+    import tempfile
+
+    diffusers = _old_diffusers()
+    import transformers
+
+    max_length = 16
+    tokens = ["<|startoftext|>", "<|endoftext|>", *_TINY_LETTERS, *(c + "</w>" for c in _TINY_LETTERS), "th", "the</w>"]
+    with tempfile.TemporaryDirectory() as vocab:
+        with open(os.path.join(vocab, "vocab.json"), "w") as f:
+            json.dump({t: i for i, t in enumerate(tokens)}, f)
+        with open(os.path.join(vocab, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\nt h\nth e</w>\n")
+        tokenizer = transformers.CLIPTokenizer(os.path.join(vocab, "vocab.json"), os.path.join(vocab, "merges.txt"),
+                                               model_max_length=max_length)
+    config = transformers.CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                         num_hidden_layers=2, max_position_embeddings=max_length, projection_dim=32)
+    text_encoder = transformers.FlaxCLIPTextModel(config, _do_init=False)
+    text_params = _random_like(jax.eval_shape(lambda: text_encoder.init_weights(jax.random.PRNGKey(0), (1, max_length))), seed + 1)
+    vae = diffusers.FlaxAutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
+                                      layers_per_block=1, latent_channels=4, sample_size=16,
+                                      scaling_factor=vae_scaling_factor)
+    vae_params = _random_like(jax.eval_shape(lambda: vae.init_weights(jax.random.PRNGKey(0))), seed + 2)
+    unet, unet_params = tiny_unet(seed=seed, output_scale=unet_output_scale)
+    scheduler = diffusers.FlaxDPMSolverMultistepScheduler(**SD_SCHEDULE)
+    pipeline = diffusers.FlaxStableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                                     scheduler=scheduler, safety_checker=None, feature_extractor=None)
+    params = {"vae": vae_params, "text_encoder": text_params, "unet": unet_params, "scheduler": scheduler.create_state()}
+    if folder is not None:
+        pipeline.save_pretrained(folder, params={k: v for k, v in params.items() if k != "scheduler"})
+    return pipeline, params

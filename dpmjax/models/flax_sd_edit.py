@@ -1,0 +1,302 @@
+"""Edit real images with a Flax Stable Diffusion pipeline: encode, invert, sample with another
+prompt, decode, in one call.
+
+    from diffusers import FlaxStableDiffusionPipeline          # diffusers < 0.40, transformers < 5
+    from dpmjax.models.flax_sd_edit import edit_images
+
+    pipeline, params = FlaxStableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None)
+    result = edit_images(pipeline, params, images, "a photo of a cat", "a photo of a dog",
+                         method="exact", num_inference_steps=50, guidance_scale=3.0)
+    result.images                                # [B, H, W, 3] in [0, 1], the edited images
+
+``images`` are NHWC floats in [0, 1] (what diffusers' Flax pipelines return, a PNG read and
+divided by 255; uint8 arrays are divided by 255 here). They are encoded with the VAE (the mean of
+its latent distribution times its scaling factor), inverted to noise with the source prompt under
+classifier-free guidance, sampled back with the target prompt and decoded:
+
+* ``method="exact"``: exact inversion of the guided sampler (:func:`dpmjax.invert` with
+  ``exact=True``): sampling the noise with the *source* prompt gives back the source latents to
+  float32 precision (per-row ``round_trip``/``converged`` in the result), so the only change to the
+  image comes from the prompt (and the VAE's own encode/decode error);
+* ``method="plain"``: DDIM-style inversion of the same sampler (one UNet call per step);
+* ``method="null-text"``: null-text inversion (:mod:`dpmjax.null_text`): the unconditional
+  embedding is tuned per step so that guided sampling with the source prompt retraces the
+  ``w = 1`` inversion; the edit samples the target prompt with those per-step embeddings.
+
+The sampler is dpmjax's DPM-Solver++ on the pipeline's noise schedule (its ``scheduler.config``),
+on noise levels uniform in log-SNR (``use_lu_lambdas=True``, where every step inverts) ending at
+the smallest training noise level. The UNet, VAE and text encoder run inside jitted programs with
+their parameters as arguments: one compiled program per shape, reused across calls.
+
+This module imports diffusers only in the ``dpmjax edit`` command (:func:`main`); the edit call
+takes the pipeline (or its parts) you already hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import invert, sample
+from ..config import SchedulerConfig
+from ..null_text import null_text_inversion, sample_with_null_embeddings
+from ..scheduler import DPMSolverMultistepScheduler
+from . import flax_sd
+
+Array = jax.Array
+METHODS = ("exact", "plain", "null-text")
+# The sampler the edit runs on the pipeline's noise schedule: DPM-Solver++ on noise levels uniform in
+# log-SNR (where every step of the sampler inverts), ending at the smallest training noise level.
+EDIT_SCHEDULER = {"algorithm_type": "dpmsolver++", "use_lu_lambdas": True, "final_sigmas_type": "sigma_min",
+                  "use_karras_sigmas": False, "timestep_spacing": "linspace"}
+INSTALL = 'pip install "diffusers<0.40" "transformers<5" flax'
+
+
+class EditParts(NamedTuple):
+    """The parts of a Flax Stable Diffusion pipeline the edit uses (a pipeline has them as
+    attributes). ``scheduler_config``: the pipeline's scheduler config (a dict), for its noise
+    schedule; ``None`` for Stable Diffusion's."""
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    scheduler_config: Optional[Mapping[str, Any]] = None
+
+
+class EditResult(NamedTuple):
+    """Result of :func:`edit_images`.
+
+    images: ``[B, H, W, 3]`` float32 in [0, 1], the edited images. latents: ``[B, 4, h, w]``, the
+    edited latents. source_latents: the input images' latents (VAE mean times its scaling
+    factor). noise: their inversion. reconstruction_latents: sampling ``noise`` with the source
+    prompt (``None`` where not computed, see ``reconstruct``). round_trip / converged: ``[B]``, exact
+    inversion's measured ``max|sample(noise) - source_latents| / max(1, max|source_latents|)`` per row
+    and whether it is within ``tolerance`` (``None`` for the other methods). null_text_losses: ``[N]``,
+    the per-step losses of null-text inversion (``None`` otherwise).
+    """
+
+    images: np.ndarray
+    latents: Array
+    source_latents: Array
+    noise: Array
+    reconstruction_latents: Optional[Array] = None
+    round_trip: Optional[Array] = None
+    converged: Optional[Array] = None
+    null_text_losses: Optional[Array] = None
+
+
+# ----------------------------------------------------------------------------- jitted parts
+_JITTED: dict = {}
+
+
+def _per_object(kind: str, obj, make):
+    """``make()`` once per (kind, object): jit caches compiled programs by the function's identity."""
+    key = (kind, id(obj))
+    if key not in _JITTED or _JITTED[key][0] is not obj:
+        if len(_JITTED) >= 64:
+            _JITTED.clear()
+        _JITTED[key] = (obj, make())
+    return _JITTED[key][1]
+
+
+def _encoder(vae):
+    scale = float(vae.config.scaling_factor)
+
+    def encode(params, images):  # NHWC in [0, 1] -> NCHW latents
+        pixels = 2.0 * jnp.transpose(images, (0, 3, 1, 2)) - 1.0
+        dist = vae.apply({"params": params}, pixels.astype(vae.dtype), method=vae.encode).latent_dist
+        return scale * jnp.transpose(dist.mean, (0, 3, 1, 2)).astype(jnp.float32)
+
+    return _per_object("encode", vae, lambda: jax.jit(encode))
+
+
+def _decoder(vae):
+    scale = float(vae.config.scaling_factor)
+
+    def decode(params, latents):  # NCHW latents -> NHWC in [0, 1]
+        pixels = vae.apply({"params": params}, (latents / scale).astype(vae.dtype), method=vae.decode).sample
+        return jnp.clip(jnp.transpose(pixels.astype(jnp.float32), (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
+
+    return _per_object("decode", vae, lambda: jax.jit(decode))
+
+
+def _text_embedder(text_encoder):
+    def embed(params, ids):
+        return text_encoder(ids, params=params)[0].astype(jnp.float32)
+
+    return _per_object("text", text_encoder, lambda: jax.jit(embed))
+
+
+def encode_images(vae, vae_params, images) -> Array:
+    """``[B, 4, H/f, W/f]`` latents of NHWC images in [0, 1] (uint8: 0-255): the mean of the VAE's
+    latent distribution times its scaling factor, as diffusers' pipelines scale latents."""
+    return _encoder(vae)(vae_params, _as_unit_images(images))
+
+
+def decode_latents(vae, vae_params, latents) -> np.ndarray:
+    """NHWC images in [0, 1] (float32) of NCHW latents: the VAE's decoder on latents / scaling factor."""
+    return np.asarray(_decoder(vae)(vae_params, jnp.asarray(latents, jnp.float32)))
+
+
+def embed_prompts(tokenizer, text_encoder, text_params, prompts: Sequence[str]) -> Array:
+    """``[len(prompts), L, D]`` text embeddings, tokenized as diffusers' pipelines do (padded to
+    the tokenizer's ``model_max_length``)."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="np").input_ids
+    return _text_embedder(text_encoder)(text_params, jnp.asarray(ids))
+
+
+def _as_unit_images(images) -> Array:
+    array = np.asarray(images)
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"images must be NHWC RGB ([B, H, W, 3]; one image [H, W, 3]), got shape {array.shape}.")
+    if array.dtype == np.uint8:
+        return jnp.asarray(array, jnp.float32) / 255.0
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"images must be floats in [0, 1] or uint8, got dtype {array.dtype}.")
+    low, high = float(np.min(array)), float(np.max(array))
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise ValueError(f"images must be in [0, 1] (got values in [{low:.3g}, {high:.3g}]); "
+                         "for images in [-1, 1] pass (images + 1) / 2.")
+    return jnp.asarray(array, jnp.float32)
+
+
+def _parts(pipeline_or_parts) -> EditParts:
+    if isinstance(pipeline_or_parts, EditParts):
+        return pipeline_or_parts
+    if isinstance(pipeline_or_parts, Mapping):
+        return EditParts(**{k: pipeline_or_parts.get(k) for k in EditParts._fields})
+    missing = [k for k in ("tokenizer", "text_encoder", "vae", "unet") if getattr(pipeline_or_parts, k, None) is None]
+    if missing:
+        raise ValueError(f"a Flax Stable Diffusion pipeline (or EditParts) is needed; this one lacks {', '.join(missing)}.")
+    scheduler = getattr(pipeline_or_parts, "scheduler", None)
+    config = getattr(scheduler, "config", None)
+    return EditParts(pipeline_or_parts.tokenizer, pipeline_or_parts.text_encoder, pipeline_or_parts.vae,
+                     pipeline_or_parts.unet, None if config is None else dict(config))
+
+
+def edit_scheduler(scheduler_config: Optional[Mapping[str, Any]] = None, solver_order: int = 2,
+                   overrides: Union[Mapping[str, Any], SchedulerConfig, None] = None) -> DPMSolverMultistepScheduler:
+    """The sampler the edit inverts and samples with: the noise schedule of ``scheduler_config`` (a
+    pipeline's ``scheduler.config``; Stable Diffusion's when ``None``), DPM-Solver++ of
+    ``solver_order`` on the log-SNR grid ending at the smallest noise level (:data:`EDIT_SCHEDULER`),
+    then ``overrides`` (a dict of scheduler parameters; a full :class:`~dpmjax.SchedulerConfig` is
+    used as it is)."""
+    if isinstance(overrides, SchedulerConfig):
+        return DPMSolverMultistepScheduler(overrides)
+    base = dict(flax_sd.SD_SCHEDULE if scheduler_config is None else scheduler_config)
+    values = {**base, **EDIT_SCHEDULER, "solver_order": solver_order, **dict(overrides or {})}
+    fields = SchedulerConfig.field_names()
+    return DPMSolverMultistepScheduler(SchedulerConfig.from_dict({k: v for k, v in values.items() if k in fields}))
+
+
+def _prompts(prompt, batch: int, name: str) -> list:
+    prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != batch or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name} must be a string or {batch} strings (one per image), got {prompt!r}.")
+    return prompts
+
+
+def edit_images(
+    pipeline_or_parts,
+    params: Mapping[str, Any],
+    images,
+    source_prompt: Union[str, Sequence[str]],
+    target_prompt: Union[str, Sequence[str]],
+    *,
+    method: str = "exact",
+    num_inference_steps: int = 50,
+    guidance_scale: float = 3.0,
+    solver_order: int = 2,
+    scheduler_config: Union[Mapping[str, Any], SchedulerConfig, None] = None,
+    negative_prompt: str = "",
+    inversion_guidance_scale: Optional[float] = None,
+    reconstruct: Optional[bool] = None,
+    tolerance: float = 1e-5,
+    max_sweeps: int = 10,
+    max_iterations: int = 30,
+    null_text_steps: int = 10,
+    optimizer=None,
+    progress: bool = False,
+) -> EditResult:
+    """Edit ``images`` from ``source_prompt`` (what they show) to ``target_prompt``.
+
+    ``pipeline_or_parts``: a diffusers 0.39 Flax Stable Diffusion pipeline (its tokenizer, text
+    encoder, VAE, UNet and scheduler config are used) or :class:`EditParts`; ``params``: the
+    pipeline's params (``"text_encoder"``, ``"vae"``, ``"unet"``; others are ignored).
+    ``images``: NHWC in [0, 1] (``[B, H, W, 3]``; uint8 0-255 accepted), H and W multiples of
+    the VAE's factor (8 for Stable Diffusion). Prompts: one string, or one per image.
+    ``method``: ``"exact"``, ``"plain"`` or ``"null-text"`` (see the module docstring).
+    ``guidance_scale``: classifier-free guidance of the edit (and of the inversion:
+    ``inversion_guidance_scale`` sets another for plain and exact inversion); the unconditional
+    input is ``negative_prompt``'s embedding. ``scheduler_config``: scheduler parameters
+    overriding the edit's sampler (:func:`edit_scheduler`). ``reconstruct``: also sample the noise
+    with the source prompt (``reconstruction_latents``); by default where it is cheap next to the
+    inversion (exact: one sampling pass against many; null-text: free) and not for plain.
+    ``tolerance``/``max_sweeps``/``max_iterations``: exact inversion's (:func:`dpmjax.invert`);
+    ``null_text_steps``/``optimizer``: null-text inversion's inner optimiser steps per sampler
+    step and optax optimiser (Adam at 1e-2 by default). ``progress``: progress bars on stderr.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
+    parts = _parts(pipeline_or_parts)
+    pixels = _as_unit_images(images)
+    batch = pixels.shape[0]
+    factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    if pixels.shape[1] % factor or pixels.shape[2] % factor:
+        raise ValueError(f"image height and width must be multiples of the VAE's factor {factor}, got {pixels.shape[1:3]}.")
+    source, target = _prompts(source_prompt, batch, "source_prompt"), _prompts(target_prompt, batch, "target_prompt")
+    scheduler = edit_scheduler(parts.scheduler_config, solver_order, scheduler_config)
+    w = float(guidance_scale)
+    w_invert = w if inversion_guidance_scale is None else float(inversion_guidance_scale)
+
+    embed = lambda prompts: embed_prompts(parts.tokenizer, parts.text_encoder, params["text_encoder"], prompts)  # noqa: E731
+    both = embed(source + target + [negative_prompt])
+    source_emb, target_emb, uncond = both[:batch], both[batch:2 * batch], both[2 * batch:]
+    same_prompt = source == target
+    latents = _encoder(parts.vae)(params["vae"], pixels)
+    unet_params = params["unet"]
+    n = num_inference_steps
+    round_trip = converged = losses = recon = None
+
+    if method == "null-text":
+        model = flax_sd.unet_with_embedding(parts.unet)
+        nulls = jnp.broadcast_to(uncond, source_emb.shape)
+        kwargs = {} if optimizer is None else {"optimizer": optimizer}
+        inverted = null_text_inversion(model, latents, scheduler, n, cond=source_emb, uncond=nulls, guidance_scale=w,
+                                       inner_steps=null_text_steps, model_params=unet_params, progress=progress, **kwargs)
+        noise, recon, losses = inverted.noise, inverted.reconstruction, inverted.losses
+        edited = recon if same_prompt else sample_with_null_embeddings(
+            model, noise, scheduler, n, cond=target_emb, null_embeddings=inverted.null_embeddings, guidance_scale=w,
+            model_params=unet_params, progress=progress)
+    else:
+        exact = method == "exact"
+        source_inputs = flax_sd.UNetInputs(unet_params, source_emb, uncond)
+        extra = {"tolerance": tolerance, "max_sweeps": max_sweeps, "max_iterations": max_iterations} if exact else {}
+        inverted = invert(flax_sd.guided_unet(parts.unet, w_invert), latents, scheduler, n, cond=source_inputs,
+                          exact=exact, progress=progress, **extra)
+        noise = inverted.sample
+        if exact:
+            round_trip, converged = inverted.round_trip, inverted.converged
+        model_fn = flax_sd.guided_unet(parts.unet, w)
+        edited = sample(model_fn, noise, scheduler, n, cond=flax_sd.UNetInputs(unet_params, target_emb, uncond),
+                        progress=progress).sample
+        if same_prompt and w == w_invert:
+            recon = edited
+        elif reconstruct or (reconstruct is None and exact):
+            recon = sample(flax_sd.guided_unet(parts.unet, w_invert), noise, scheduler, n, cond=source_inputs,
+                           progress=progress).sample
+    if reconstruct is False:
+        recon = None
+    return EditResult(images=decode_latents(parts.vae, params["vae"], edited), latents=edited, source_latents=latents,
+                      noise=noise, reconstruction_latents=recon, round_trip=round_trip, converged=converged,
+                      null_text_losses=losses)

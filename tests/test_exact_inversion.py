@@ -184,6 +184,33 @@ def test_the_samplers_own_outputs_invert_to_the_noise_that_made_them(request, ne
     assert nmse <= 1e-6, nmse
 
 
+def counted_calls(fn):
+    """``(model_fn, count)``: the model with a host-side call counter (a JVP counts once)."""
+    count = [0]
+
+    def counted(x, t):
+        jax.debug.callback(lambda: count.__setitem__(0, count[0] + 1))
+        return fn(x, t)
+
+    return counted, count
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order, n, w, most", [(1, 25, 1.0, 40), (2, 25, 1.0, 30), (2, 10, 3.0, 2000)])
+def test_model_calls_per_step_are_bounded(digits_batch, order, n, w, most):
+    """The cost is counted, not timed: model calls per sampler step (plain inversion: 1). Measured on
+    32 rows: order 1, N = 25, w = 1: 17 per step; order 2: 12. Order 2, N = 10, w = 3, a grid whose
+    steps fold at that guidance (the robust path runs): 2,823 before its solves were capped, under
+    1,300 after; the bound is the cap's, about twice what was measured."""
+    model, images, labels = digits_batch
+    fwd = sampler(order, use_lu_lambdas=True)
+    fn, count = counted_calls(guided_model(model, labels, w))
+    result = dpmjax.invert(fn, images, fwd, n, exact=True)
+    result.sample.block_until_ready()
+    assert count[0] / n <= most, count[0] / n
+    assert bool(jnp.all(result.converged)) or w > 1.0
+
+
 @pytest.mark.slow
 def test_on_the_default_grid_no_row_is_worse_than_plain_and_failures_are_flagged(digits_batch):
     """diffusers' default grid folds at its last step (sigma 0.14 -> 0.01 at N = 25) for this model:

@@ -7,8 +7,9 @@ Input (:mod:`dpmjax.input_stores`, only ever read): a folder of ``.npy`` shards,
 ``[rows, *row_shape]`` (v2 or v3, read with tensorstore) cut into chunks of its own row chunking,
 named ``rows-BEGIN-END.npy``. Output (plain ``.npy`` files and JSON, no format of our own):
 
-    OUTPUT/settings.json     the job's settings and input shards, created atomically by the first run
-                             (O_EXCL): the output belongs to that job; a run with others is refused
+    OUTPUT/settings.json     the job's settings, the input's resolved path and its shards, created
+                             atomically by the first run (O_EXCL): the output belongs to that job; a
+                             run with others (another input path included) is refused
     OUTPUT/inputs/NAME.json  the fingerprint (size + SHA-256) of input shard NAME the job started on;
                              a resume on a changed shard is refused (a quarantined shard may be fixed)
     OUTPUT/chunks/NAME.npy   the noise of chunk NAME (float32), written to a temporary file, fsynced
@@ -20,11 +21,12 @@ named ``rows-BEGIN-END.npy``. Output (plain ``.npy`` files and JSON, no format o
     OUTPUT/manifest.json     at the end: the output shards, the settings and the inputs' fingerprints
 
 Nothing is written before every setting is checked: the paths (OUTPUT neither is, nor lies inside,
-nor contains INPUT), the input (its manifest), the scheduler and steps, and the model on one batch
-of the rows' shape (traced, not run).
+nor contains INPUT; an existing OUTPUT is empty or this job's), the input (its manifest), the
+scheduler and steps, and the model on one batch of the rows' shape (traced, not run).
 
-A run killed while writing leaves a hidden ``.HASH.HOST.PID.*.tmp`` file; the next run removes
-those of dead processes of its host, and any untouched for an hour before it started.
+A run killed while writing leaves a hidden ``.HASH.HOST.PID.RANDOM.tmp`` file; the next run removes
+those of dead processes of its host, and any untouched for an hour before it started: only names of
+exactly that form, only at the output root and in the folders the job writes (chunks/, ...).
 
 A chunk counts as recorded once its output file exists; a restarted job skips it (and never
 recomputes it). Each chunk is checked before and after: readable .npy, ``[rows, *row_shape]`` (the
@@ -39,7 +41,10 @@ computed twice; a chunk another process is computing is left to it and waited fo
 
 Rows per model call: every chunk is inverted in pieces of exactly ``batch_rows`` rows (the last
 piece padded by repeating its last row; the padding is dropped), so one compiled program serves
-chunks of any size and memory stays bounded however large a shard is.
+chunks of any size and the model's working memory does not grow with a shard. The shard itself is
+read whole, with a float32 copy and its noise (and trajectory), so host memory holds a few times a
+shard per device. Without ``batch_rows`` a job derives it once (the largest chunk's rows) and a
+resume keeps it.
 
 Many devices: one worker thread per local device, each inverting whole chunks with the same
 single-device program; many processes (``jax.distributed``): process ``p`` of ``P`` takes chunks
@@ -61,6 +66,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -94,7 +100,11 @@ MAX_NAME_BYTES = 255  # the longest file name most file systems take
 CLAIM_POLL_SECONDS = 0.05  # how often a run looks again at chunks other processes are computing
 
 # settings added after outputs were first written: an older settings.json without them is not refused
-LATER_SETTINGS = ("fill_value_is_data", "input_shards")
+LATER_SETTINGS = ("fill_value_is_data", "input_shards", "input", "save_trajectory")
+# the folders the job writes files into (with subfolders: chunk names may have them); the root too, not below it
+JOB_FOLDERS = ("chunks", "trajectories", "round_trips", "failed", "inputs")
+# the job's temporary files, exactly: ".HASH.HOST.PID.RANDOM.tmp" (see _temp_prefix; RANDOM from tempfile.mkstemp)
+TEMP_NAME = re.compile(r"\.[0-9a-f]{10}\.(?P<host>[0-9a-f]{8})\.(?P<pid>[0-9]+)\.[a-z0-9_]{8}\.tmp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,16 +127,34 @@ class _Stopped(Exception):
     """Raised inside a chunk when the job is asked to stop: the chunk is left for the next run."""
 
 
+class ModelError(ValueError):
+    """A ``--model`` that gives no model: ``spec`` and ``reason`` (the CLI names the option)."""
+
+    def __init__(self, spec: str, reason: str):
+        super().__init__(f"model {spec!r}: {reason}")
+        self.spec, self.reason = spec, reason
+
+
 def load_model(spec: str) -> Callable:
-    """``module:function`` -> ``function()``, the model_fn(x, t)."""
+    """``module:function`` -> ``function()``, the model_fn(x, t); a spec that gives no callable
+    model is a :class:`ModelError` saying why."""
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
-        raise ValueError(f"model must be 'module:function', got {spec!r}.")
+        raise ModelError(spec, "model must be 'module:function' (a factory called with no arguments).")
     try:
         factory = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"model {spec!r} cannot be imported: {error}") from error
-    return factory()
+    except Exception as error:  # ImportError, AttributeError, or the module failing as it is imported
+        raise ModelError(spec, f"cannot be imported ({type(error).__name__}: {_first_line(error)}).") from None
+    if not callable(factory):
+        raise ModelError(spec, f"{module}.{name} is a {type(factory).__name__}, not a function returning model_fn(x, t).")
+    try:
+        model_fn = factory()
+    except Exception as error:
+        raise ModelError(spec, f"calling {name}() with no arguments failed ({type(error).__name__}: {_first_line(error)}); "
+                               f"name a factory that takes none and returns model_fn(x, t).") from None
+    if not callable(model_fn):
+        raise ModelError(spec, f"{name}() returned {type(model_fn).__name__}, not a function model_fn(x, t).")
+    return model_fn
 
 
 def default_batch_rows(shapes: dict, row_shape: Optional[tuple]) -> int:
@@ -172,6 +200,9 @@ def _check_paths(input_dir: Path, output_dir: Path) -> None:
     """OUTPUT must be a folder (or not exist yet) apart from INPUT: the job never writes into its input."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output {output_dir} is a file, not a folder: name a folder (it is created if missing).")
+    above = next((p for p in output_dir.absolute().parents if p.exists() or p.is_symlink()), None)
+    if above is not None and not above.is_dir():
+        raise ValueError(f"output {output_dir} cannot be created: {above} is a file, not a folder.")
     source, target = input_dir.resolve(), output_dir.resolve()
     if source == target:
         relation = "is the input"
@@ -183,6 +214,19 @@ def _check_paths(input_dir: Path, output_dir: Path) -> None:
         return
     raise ValueError(f"output {output_dir} {relation} {input_dir}: the job never writes into its input, "
                      f"so name an output folder outside it.")
+
+
+def _check_output_is_the_jobs(output_dir: Path) -> None:
+    """OUTPUT must be missing, empty or an output of this job (it has ``settings.json``): the job
+    never writes into, nor cleans, a folder of someone else's files."""
+    try:
+        entries = [entry for entry in os.listdir(output_dir) if not TEMP_NAME.fullmatch(entry)]
+    except FileNotFoundError:
+        return
+    if not entries or "settings.json" in entries or (output_dir / "settings.json").exists():  # (a run creating it now)
+        return
+    raise ValueError(f"output {output_dir} is a folder of other files ({len(entries)} entries, no settings.json), not an "
+                     f"output of this job: name a new or empty folder.")
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:
@@ -271,19 +315,32 @@ def _read_settings(path: Path) -> dict:
 
 def _check_same_settings(before: dict, settings: dict, output_dir: Path) -> None:
     """A resumed job must compute what the interrupted one did: an output store holding one
-    setting's noise is never topped up with another's (nor with another input's shards)."""
-    _check_same_shards(before, settings, output_dir)
-    compared = [key for key in settings if key not in ("input", "input_shards")
-                and not (key in LATER_SETTINGS and key not in before)]
+    setting's noise is never topped up with another's (nor with another input's shards). The
+    input is known by its resolved path (and, for zarr, its metadata): a moved input is another job."""
+    compared = [key for key in settings if key != "input_shards" and not (key in LATER_SETTINGS and key not in before)]
     changed = [key for key in compared if before.get(key) != settings[key]]
+    if "input" not in changed:
+        _check_same_shards(before, settings, output_dir)
     if changed:
-        detail = "; ".join(f"{key}: was {before.get(key)!r}, now {settings[key]!r}" for key in changed if key != "scheduler")
+        detail = "; ".join(f"{key}: was {before.get(key)!r}, now {settings[key]!r}" for key in changed
+                           if key not in ("scheduler", "input"))
+        if "input" in changed:
+            detail = "; ".join(filter(None, [_input_change(before.get("input"), settings["input"]), detail]))
         if "scheduler" in changed:
             was = before.get("scheduler") if isinstance(before.get("scheduler"), dict) else {}
             keys = sorted(k for k in set(was) | set(settings["scheduler"]) if was.get(k) != settings["scheduler"].get(k))
             detail = "; ".join(filter(None, [detail, f"scheduler config differs in {', '.join(keys)}"]))
         raise ValueError(f"output {output_dir} was started with other settings ({detail}): "
                          f"rerun with the same settings or write to a new output folder.")
+
+
+def _input_change(was, now: dict) -> str:
+    """How the input differs from the one a job started on, in a few words."""
+    was_path = was.get("path") if isinstance(was, dict) else None
+    if was_path == now.get("path"):
+        return f"input {now.get('path')}: its {'zarr metadata' if 'metadata_sha256' in now else 'kind'} changed"
+    return (f"input: was {was_path if isinstance(was_path, str) else json.dumps(was)[:120]}, now {now.get('path')} "
+            f"(the input's path is part of the job: an input moved or copied elsewhere is another job's)")
 
 
 def _check_same_shards(before: dict, settings: dict, output_dir: Path) -> None:
@@ -308,14 +365,13 @@ def _claim_output(output_dir: Path, settings: dict) -> None:
         _check_same_settings(_read_settings(path), settings, output_dir)
 
 
-def _input_changes(store, names: Sequence[str], output_dir: Path) -> tuple:
-    """Each shard's bytes must be those the job started on (``inputs/NAME.json``); a shard not yet
-    recorded whose earlier version was quarantined or unreadable may have been fixed. Reads only;
-    returns ``(new, fixed)``, the fingerprint records to write (``path -> record``) once the output
-    is claimed."""
+def _input_changes(fingerprints: dict, output_dir: Path) -> tuple:
+    """Each shard's bytes (``fingerprints``: name -> the store's fingerprint now) must be those the
+    job started on (``inputs/NAME.json``); a shard not yet recorded whose earlier version was
+    quarantined or unreadable may have been fixed. Reads only; returns ``(new, fixed)``, the
+    fingerprint records to write (``path -> record``) once the output is claimed."""
     new, fixed = {}, {}
-    for name in names:
-        now = store.fingerprint(name)
+    for name, now in fingerprints.items():
         path = _side_path(output_dir / "inputs", name)
         before = _fingerprint_record(path)
         if before is None:
@@ -331,10 +387,18 @@ def _input_changes(store, names: Sequence[str], output_dir: Path) -> tuple:
     return new, fixed
 
 
-def _write_fingerprints(new: dict, fixed: dict) -> None:
-    """Record the fingerprints of shards seen for the first time (``new``) and of fixed ones."""
+def _write_fingerprints(new: dict, fixed: dict, output_dir: Path) -> None:
+    """Record the fingerprints of shards seen for the first time (``new``) and of fixed ones, once
+    the output is claimed. A record another run wrote meanwhile must hold the same fingerprint:
+    else the two runs read other bytes under one shard name, and this one is refused."""
     for path, record in new.items():  # one small file per shard: not fsynced (a record lost to a crash is made anew)
-        _create_exclusive(path, json.dumps(record), durable=False)
+        if _create_exclusive(path, json.dumps(record), durable=False):
+            continue
+        before = _fingerprint_record(path)
+        if before is not None and before.get("fingerprint") != record["fingerprint"]:
+            raise ValueError(f"input shard {record['chunk']} is not the one output {output_dir} was started on (another "
+                             f"run recorded it as {_short(before.get('fingerprint'))}, this run read "
+                             f"{_short(record['fingerprint'])}); restore it or write to a new output folder.")
     for path, record in fixed.items():
         _atomic_write_text(path, json.dumps(record))
 
@@ -351,7 +415,7 @@ def _fingerprint_record(path: Path) -> Optional[dict]:
 def _may_be_fixed(output_dir: Path, name: str, before) -> bool:
     """A shard may change under a resumed job only while its chunk is not recorded and it was
     quarantined (or unreadable when the job started): that change is its fix."""
-    if (output_dir / "chunks" / name).exists():
+    if (output_dir / "chunks" / name).is_file():
         return False
     return _side_path(output_dir / "failed", name).exists() or (isinstance(before, dict) and "error" in before)
 
@@ -422,18 +486,17 @@ def _pid_is_dead(pid: int) -> bool:
 
 
 def _is_dead_writers(tmp: Path, started: float) -> bool:
-    """Whether temporary file ``tmp`` is left over: written by a process of this host that is gone,
-    or untouched for :data:`STALE_TEMP_SECONDS` before this run started (any host). A live
-    process' file, here or elsewhere, is left alone: it may be writing it."""
-    parts = tmp.name.split(".")  # "", hash, host, pid, random, "tmp" (older runs: "", name..., host..., pid, random, "tmp")
-    try:
-        pid = int(parts[-3])
-    except (ValueError, IndexError):
+    """Whether ``tmp`` is a temporary file of this job (its name matches :data:`TEMP_NAME` exactly)
+    that is left over: written by a process of this host that is gone, or untouched for
+    :data:`STALE_TEMP_SECONDS` before this run started (any host). A live process' file, here or
+    elsewhere, is left alone: it may be writing it."""
+    match = TEMP_NAME.fullmatch(tmp.name)
+    if match is None:
         return False
+    pid = int(match["pid"])
     if pid == os.getpid():
         return False
-    this_host = parts[-4] == _HOST_TAG or f".{socket.gethostname()}.{pid}." in tmp.name
-    if this_host and _pid_is_dead(pid):
+    if match["host"] == _HOST_TAG and _pid_is_dead(pid):
         return True
     try:
         return tmp.stat().st_mtime < started - STALE_TEMP_SECONDS
@@ -442,13 +505,15 @@ def _is_dead_writers(tmp: Path, started: float) -> bool:
 
 
 def _remove_dead_writers_files(output_dir: Path, started: float) -> None:
-    """Temporary files left by killed runs, anywhere the job writes (the output root and every folder
-    below it); see :func:`_is_dead_writers`."""
-    for folder, _, files in os.walk(output_dir):
+    """Temporary files left by killed runs where the job writes: the output root (not below it) and
+    the folders of :data:`JOB_FOLDERS` with theirs; see :func:`_is_dead_writers`."""
+    places = [(output_dir, [entry.name for entry in os.scandir(output_dir) if entry.is_file(follow_symlinks=False)])]
+    for job_folder in JOB_FOLDERS:
+        places += [(Path(folder), files) for folder, _, files in os.walk(output_dir / job_folder)]
+    for folder, files in places:
         for file in files:
-            tmp = Path(folder) / file
-            if file.startswith(".") and file.endswith(".tmp") and _is_dead_writers(tmp, started):
-                tmp.unlink(missing_ok=True)
+            if _is_dead_writers(folder / file, started):
+                (folder / file).unlink(missing_ok=True)
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
@@ -495,6 +560,17 @@ def _release_chunk(output_dir: Path, name: str, fd: int, done: bool) -> None:
     if done:
         (output_dir / "claims" / _short_hash(name)).unlink(missing_ok=True)
     os.close(fd)
+
+
+def _remove_recorded_claims(output_dir: Path, done: Sequence[str]) -> None:
+    """A run killed between recording a chunk and giving its claim back leaves ``claims/HASH``:
+    remove those of recorded chunks nobody holds (whoever opened one finds its chunk recorded)."""
+    for name in done:
+        if not (output_dir / "claims" / _short_hash(name)).exists():
+            continue
+        fd = _claim_chunk(output_dir, name)
+        if fd is not None:
+            _release_chunk(output_dir, name, fd, done=True)
 
 
 def _log_unlogged_records(events: Path, output_dir: Path, done: Sequence[str]) -> None:
@@ -551,26 +627,33 @@ def run(
     _positive_int("num_inference_steps", num_inference_steps)
     _positive_int("batch_rows", batch_rows, optional=True)
     _check_paths(input_dir, output_dir)
+    _check_output_is_the_jobs(output_dir)
     scheduler = scheduler or DPMSolverMultistepScheduler(final_sigmas_type="sigma_min")
     store = open_store(input_dir, fill_value_is_data=fill_value_is_data)
     names = store.names
     shapes = store.shapes()
     row_shape = store.row_shape or majority_row_shape(shapes)
-    batch_rows = batch_rows or default_batch_rows(shapes, row_shape)
+    before = _read_settings(output_dir / "settings.json") if (output_dir / "settings.json").exists() else None
+    if batch_rows is None:  # a resume keeps the job's rows per call (a fixed shard must not change them)
+        recorded = before.get("batch_rows") if before else None
+        valid = isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 1
+        batch_rows = recorded if valid else default_batch_rows(shapes, row_shape)
     _check_scheduler(scheduler=scheduler, num_inference_steps=num_inference_steps, batch_rows=batch_rows, row_shape=row_shape)
     settings = {"model": model, "num_inference_steps": num_inference_steps, "exact": exact, "batch_rows": batch_rows,
                 "scheduler": json.loads(json.dumps(scheduler.config.to_dict())), "fill_value_is_data": fill_value_is_data,
-                "input": store.describe(), "input_shards": list(names)}
-    if (output_dir / "settings.json").exists():  # a resume: a mismatch is refused before the model is loaded
-        _check_same_settings(_read_settings(output_dir / "settings.json"), settings, output_dir)
+                "save_trajectory": bool(save_trajectory), "input": store.describe(), "input_shards": list(names)}
+    if before is not None:  # a resume: a mismatch is refused before the model is loaded
+        _check_same_settings(before, settings, output_dir)
     mine = names[jax.process_index():: jax.process_count()]
-    new_fingerprints, fixed_fingerprints = _input_changes(store, mine, output_dir)
+    fingerprints = {name: store.fingerprint(name) for name in mine}
+    _input_changes(fingerprints, output_dir)  # a changed shard is refused before the model is loaded, too
     model_fn = load_model(model)
     _check_model(model_fn=model_fn, model=model, scheduler=scheduler, num_inference_steps=num_inference_steps,
                  batch_rows=batch_rows, row_shape=row_shape)
 
     _claim_output(output_dir, settings)  # the first write
-    _write_fingerprints(new_fingerprints, fixed_fingerprints)
+    # once the output is this job's: the records as they are now (another run may have written some meanwhile)
+    _write_fingerprints(*_input_changes(fingerprints, output_dir), output_dir=output_dir)
     (output_dir / "chunks").mkdir(parents=True, exist_ok=True)
     _remove_dead_writers_files(output_dir, started)
     job = _Job(store=store, output_dir=output_dir, model_fn=model_fn, scheduler=scheduler,
@@ -591,7 +674,7 @@ def run(
 def _write_manifest(output_dir: Path, names: Sequence[str], row_shape: Optional[tuple], settings: dict) -> None:
     """``manifest.json``: the recorded shards in job order, the settings, each recorded shard's input
     fingerprint, and the shards still missing."""
-    done = [name for name in names if (output_dir / "chunks" / name).exists()]
+    done = [name for name in names if (output_dir / "chunks" / name).is_file()]
     if row_shape is None and done:  # nothing read by this run: the recorded outputs say it
         row_shape = tuple(np.load(output_dir / "chunks" / done[0], mmap_mode="r").shape[1:])
     fingerprints = {}
@@ -628,8 +711,9 @@ class _Job:
         self.recorded, self.skipped, self.failed, self.not_converged = [], [], {}, {}
         self.todo, self.busy = [], []  # busy: chunks another process was computing when we came to them
         for name in self.mine:
-            (self.skipped if (self.output_dir / "chunks" / name).exists() else self.todo).append(name)
+            (self.skipped if (self.output_dir / "chunks" / name).is_file() else self.todo).append(name)
         _log_unlogged_records(self.events, self.output_dir, self.skipped)
+        _remove_recorded_claims(self.output_dir, self.skipped)
         self.lock = threading.Lock()  # guards the queues, the lists above, events.jsonl and the progress line
         self.counts = {"rows": 0, "done": len(self.skipped)}
         self.errors: list = []
@@ -667,7 +751,7 @@ class _Job:
                 if retry:
                     time.sleep(CLAIM_POLL_SECONDS)
                 continue
-            if (self.output_dir / "chunks" / name).exists():  # recorded meanwhile by another process
+            if (self.output_dir / "chunks" / name).is_file():  # recorded meanwhile by another process
                 _release_chunk(self.output_dir, name, fd, done=True)
                 with self.lock:
                     self.skipped.append(name)
@@ -831,7 +915,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--save-trajectory", action="store_true", help="also write every intermediate sample")
     parser.add_argument("--batch-rows", type=int,
                         help=f"rows per model call: chunks are inverted in pieces of exactly this many rows, the last padded "
-                             f"(default: the largest chunk's rows, at most {MAX_DEFAULT_BATCH_ROWS})")
+                             f"(default: the largest chunk's rows, at most {MAX_DEFAULT_BATCH_ROWS}; a resume keeps the job's)")
     parser.add_argument("--fill-value-is-data", action="store_true",
                         help="zarr input: a missing chunk file means its rows hold the fill value (default: such rows are quarantined)")
     parser.add_argument("--distributed", action="store_true",
@@ -854,6 +938,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             summary = run(args.input, args.output, model=args.model, num_inference_steps=args.steps, scheduler=_scheduler(args),
                           exact=args.exact, save_trajectory=args.save_trajectory, batch_rows=args.batch_rows,
                           fill_value_is_data=args.fill_value_is_data, stop=stop)
+        except ModelError as error:
+            return _error(f"--model {error.spec}: {_first_line(ValueError(error.reason), limit=1000)}")
         except (ValueError, OSError) as error:
             return _error(_first_line(error, limit=1000))
     if summary.stopped:

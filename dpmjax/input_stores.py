@@ -71,8 +71,8 @@ def checked(x: np.ndarray, row_shape: Optional[tuple]) -> np.ndarray:
         raise ChunkError(f"dtype {x.dtype} is not floating point")
     if not np.all(np.isfinite(x)):
         raise ChunkError(f"{int(np.sum(~np.isfinite(x)))} non-finite input values")
-    too_large = np.abs(x) > FLOAT32_MAX
-    if np.any(too_large):
+    too_large = np.abs(x) > FLOAT32_MAX if np.finfo(x.dtype).max > FLOAT32_MAX else None  # float16 cannot overflow
+    if too_large is not None and np.any(too_large):
         raise ChunkError(f"{int(np.sum(too_large))} {x.dtype} values overflow float32, the precision the job computes in "
                          f"(largest magnitude {float(np.max(np.abs(x))):.3g})")
     return x.astype(np.float32)
@@ -83,6 +83,8 @@ def shard_name(entry, manifest: Path) -> str:
     ``a/b.npy``); absolute paths, ``..`` and names that are not ``.npy`` files are refused."""
     if not isinstance(entry, str) or not entry.strip():
         raise ValueError(f"input manifest {manifest} lists {entry!r} as a shard: each shard must be a file name.")
+    if "\x00" in entry:
+        raise ValueError(f"input manifest {manifest} lists {entry!r}, which holds a NUL byte: no file can have that name.")
     path = PurePosixPath(entry)
     if path.is_absolute() or ".." in path.parts:
         raise ValueError(f"input manifest {manifest} lists {entry!r}, which leaves the input folder: "
@@ -127,6 +129,12 @@ class NpyShards:
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"input manifest {manifest} lists {repeated[0]!r} more than once.")
+        listed = set(names)
+        for name in names:
+            folder = next((str(p) for p in PurePosixPath(name).parents if str(p) in listed), None)
+            if folder is not None:
+                raise ValueError(f"input manifest {manifest} lists both {folder!r} and {name!r}: "
+                                 f"a shard cannot also be the folder of another.")
         return names, manifest_row_shape(meta.get("row_shape"), manifest)
 
     def describe(self) -> dict:

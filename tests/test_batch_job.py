@@ -565,10 +565,10 @@ def test_missing_zarr_chunk_files_are_reported_unless_fill_values_are_data(tmp_p
 
 
 def test_temporary_files_of_killed_runs_are_removed_wherever_the_job_writes(store, tmp_path):
-    """Dead writers' temporary files at the output root and in every folder below it are removed by
-    the next run; a live process' file and another host's recent file are left alone."""
+    """Dead writers' temporary files at the output root and in the folders the job writes are
+    removed by the next run; a live process' file, another host's recent file, an old file whose
+    name is not exactly the job's and one in a folder the job does not write are left alone."""
     import shutil
-    import socket
 
     root, names = store
     (tmp_path / "input").mkdir()
@@ -578,20 +578,23 @@ def test_temporary_files_of_killed_runs_are_removed_wherever_the_job_writes(stor
     assert run_cli(tmp_path / "input", out, "--steps", STEPS).returncode == 0
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host, tag = socket.gethostname(), batch_job._HOST_TAG
-    leftovers = [out / f".manifest.json.{host}.{dead.pid}.abc123.tmp", out / f".0123456789.{tag}.{dead.pid}.x1y2z3.tmp",
-                 out / "chunks" / f".0123456789.{tag}.{dead.pid}.q1w2e3.tmp",
-                 out / "failed" / f".0123456789.{tag}.{dead.pid}.r4t5y6.tmp"]
-    kept = [out / f".0123456789.{tag}.{os.getpid()}.live01.tmp", out / f".0123456789.0ther0st.{dead.pid}.recent.tmp"]
-    old_elsewhere = out / "chunks" / f".0123456789.0ther0st.{dead.pid}.old001.tmp"
-    for path in leftovers + kept + [old_elsewhere]:
+    tag = batch_job._HOST_TAG
+    leftovers = [out / f".0123456789.{tag}.{dead.pid}.x1y2z3_a.tmp", out / "chunks" / f".0123456789.{tag}.{dead.pid}.q1w2e3r4.tmp",
+                 out / "failed" / f".0123456789.{tag}.{dead.pid}.r4t5y6u7.tmp",
+                 out / "chunks" / "sub" / f".0123456789.{tag}.{dead.pid}.sub00001.tmp"]
+    kept = [out / f".0123456789.{tag}.{os.getpid()}.live0001.tmp", out / f".0123456789.0a0b0c0d.{dead.pid}.recent01.tmp"]
+    old_elsewhere = out / "chunks" / f".0123456789.0a0b0c0d.{dead.pid}.old00001.tmp"
+    not_ours = [out / "chunks" / f".notes.{dead.pid}.abc.tmp", out / f".manifest.json.host.{dead.pid}.abc123.tmp",
+                out / "mine" / f".0123456789.{tag}.{dead.pid}.users001.tmp"]
+    for path in leftovers + kept + [old_elsewhere] + not_ours:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"partial")
-    os.utime(old_elsewhere, (time.time() - 2 * 3600,) * 2)
+    for path in [old_elsewhere] + not_ours:
+        os.utime(path, (time.time() - 2 * 3600,) * 2)
     done = run_cli(tmp_path / "input", out, "--steps", STEPS)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [p for p in leftovers + [old_elsewhere] if p.exists()] == []
-    assert all(p.exists() for p in kept)
+    assert all(p.exists() for p in kept + not_ours)
     shutil.rmtree(out)
 
 

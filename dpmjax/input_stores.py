@@ -71,7 +71,7 @@ def checked(x: np.ndarray, row_shape: Optional[tuple]) -> np.ndarray:
         raise ChunkError(f"dtype {x.dtype} is not floating point")
     if not np.all(np.isfinite(x)):
         raise ChunkError(f"{int(np.sum(~np.isfinite(x)))} non-finite input values")
-    too_large = np.abs(x) > FLOAT32_MAX if np.finfo(x.dtype).max > FLOAT32_MAX else None  # float16 cannot overflow
+    too_large = np.abs(x) > FLOAT32_MAX if float(np.finfo(x.dtype).max) > FLOAT32_MAX else None  # float16 cannot overflow
     if too_large is not None and np.any(too_large):
         raise ChunkError(f"{int(np.sum(too_large))} {x.dtype} values overflow float32, the precision the job computes in "
                          f"(largest magnitude {float(np.max(np.abs(x))):.3g})")

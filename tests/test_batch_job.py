@@ -668,3 +668,125 @@ def test_user_mistakes_get_one_line_errors(tmp_path):
         assert_one_line_error(done, *fragments)
     assert not list(tmp_path.glob("out-*"))
     assert (tmp_path / "settings a list" / "settings.json").read_text() == "[1, 2]"
+
+
+# ----------------------------------------------------------------------------- one job per output, one input per job
+def test_two_inputs_with_the_same_shard_names_cannot_share_an_output(tmp_path):
+    """Two runs started together on one output from two inputs whose shards have the same names:
+    the input's path is part of the job, so the run that claims the output first runs and the other
+    is refused; a resume from the same data moved elsewhere is refused, saying why."""
+    import shutil
+
+    make_store(tmp_path / "inA", 1)
+    (tmp_path / "inB").mkdir()
+    np.save(tmp_path / "inB" / "part-00000.npy", np.load(tmp_path / "inA" / "part-00000.npy")[::-1].copy())
+    (tmp_path / "slow_model.py").write_text(SLOW_MODEL)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    jobs = {name: cli(tmp_path / name, tmp_path / "out", "--steps", STEPS, "--model", "slow_model:model", env=env)
+            for name in ("inA", "inB")}
+    done = {name: finished(job) for name, job in jobs.items()}
+    assert sorted(d.returncode for d in done.values()) == [0, 2], {n: (d.returncode, d.stderr[-2000:]) for n, d in done.items()}
+    winner = next(name for name, d in done.items() if d.returncode == 0)
+    loser = next(name for name, d in done.items() if d.returncode == 2)
+    assert_one_line_error(done[loser], f"input: was {(tmp_path / winner).resolve()}, now {(tmp_path / loser).resolve()}",
+                          "the input's path is part of the job")
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert settings["input"]["path"] == manifest["input"]["path"] == str((tmp_path / winner).resolve())
+    assert {e["pid"] for e in events(tmp_path / "out")} == {jobs[winner].pid}
+
+    shutil.copytree(tmp_path / winner, tmp_path / "moved")
+    with pytest.raises(ValueError, match="the input's path is part of the job"):
+        batch_job.run(tmp_path / "moved", tmp_path / "out", num_inference_steps=STEPS, progress=False)
+
+
+def test_a_fingerprint_another_run_recorded_differently_is_refused(tmp_path):
+    """Fingerprints are recorded once the output is claimed: a record another run wrote meanwhile
+    with other bytes for the same shard refuses this run, naming the shard."""
+    path = tmp_path / "inputs" / "part-00000.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"chunk": "part-00000.npy", "fingerprint": {"size": 1, "sha256": "aa"}}))
+    same = {path: {"chunk": "part-00000.npy", "fingerprint": {"size": 1, "sha256": "aa"}}}
+    batch_job._write_fingerprints(same, {}, output_dir=tmp_path)
+    other = {path: {"chunk": "part-00000.npy", "fingerprint": {"size": 1, "sha256": "bb"}}}
+    with pytest.raises(ValueError, match="input shard part-00000.npy is not the one"):
+        batch_job._write_fingerprints(other, {}, output_dir=tmp_path)
+
+
+def test_a_quarantined_shard_fixed_with_other_rows_is_computed_by_the_resume(tmp_path):
+    """The default rows per call are derived once and kept: fixing a quarantined shard in place,
+    even with more rows than any other, does not make the resume 'another job'."""
+    make_store(tmp_path / "input", 1)
+    (tmp_path / "input" / "part-00001.npy").write_text("not an array")
+    summary = batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, progress=False)
+    assert summary.recorded == ["part-00000.npy"] and list(summary.failed) == ["part-00001.npy"]
+    np.save(tmp_path / "input" / "part-00001.npy", np.asarray(digits.heldout()[0][:8], np.float32))
+    summary = batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, progress=False)
+    assert summary.recorded == ["part-00001.npy"] and not summary.failed
+    assert np.load(tmp_path / "out" / "chunks" / "part-00001.npy").shape == (8, 1, 8, 8)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["batch_rows"] == 4
+    with pytest.raises(ValueError, match="batch_rows: was 4, now 8"):  # asked for explicitly: another job
+        batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, batch_rows=8, progress=False)
+
+
+def test_trajectories_are_a_setting_and_stale_claims_are_removed(tmp_path):
+    """A resume without --save-trajectory after a run with it would leave trajectories missing: it
+    is refused. A claim file left by a kill between recording a chunk and giving its claim back is
+    removed by the next run."""
+    make_store(tmp_path / "input", 2)
+    batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, save_trajectory=True, progress=False)
+    with pytest.raises(ValueError, match="save_trajectory: was True, now False"):
+        batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, progress=False)
+    (tmp_path / "out" / "claims" / batch_job._short_hash("part-00001.npy")).write_text("part-00001.npy\nhost 1\n")
+    summary = batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, save_trajectory=True,
+                            progress=False)
+    assert summary.recorded == [] and list((tmp_path / "out" / "claims").iterdir()) == []
+
+
+def test_float16_shards_are_checked_without_warnings_and_only_files_count_as_done(tmp_path):
+    """float16 cannot overflow float32: its check warns of nothing. A folder where a chunk's record
+    would be is not a record: the manifest lists it as missing."""
+    import warnings
+
+    from dpmjax.input_stores import checked
+
+    x = np.asarray(digits.heldout()[0][:2], np.float16)
+    x[0, 0, 0, 0] = np.finfo(np.float16).max
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert checked(x, (1, 8, 8)).dtype == np.float32
+    (tmp_path / "chunks" / "x.npy").mkdir(parents=True)
+    batch_job._write_manifest(output_dir=tmp_path, names=["x.npy"], row_shape=(1, 8, 8), settings={})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["shards"] == [] and manifest["missing"] == ["x.npy"]
+
+
+def test_outputs_models_and_manifests_that_cannot_work_get_one_line_errors(tmp_path):
+    """A folder of someone else's files as OUTPUT (its files are left alone, hidden temporary ones
+    too), OUTPUT below a file, a --model that is no factory or needs arguments, manifest entries of
+    which one is the other's folder, and one holding a NUL byte: one line each, exit status 2."""
+    make_store(tmp_path / "input", 1)
+    user = tmp_path / "user"
+    (user / "notes").mkdir(parents=True)
+    hidden = user / "notes" / f".draft.{os.getpid()}.abc.tmp"
+    hidden.write_text("mine")
+    os.utime(hidden, (time.time() - 2 * 3600,) * 2)
+    (tmp_path / "a file").write_text("x")
+    nested = tmp_path / "nested"
+    (nested / "x.npy").mkdir(parents=True)
+    np.save(nested / "x.npy" / "y.npy", np.zeros((2, 1, 8, 8), np.float32))
+    (nested / "manifest.json").write_text(json.dumps({"shards": ["x.npy", "x.npy/y.npy"]}))
+    nul = tmp_path / "nul"
+    make_store(nul, 1)
+    (nul / "manifest.json").write_text(json.dumps({"shards": ["part-\u000000000.npy"]}))
+    cases = {"user folder": (cli(tmp_path / "input", user, "--steps", STEPS), (str(user), "not an output of this job")),
+             "below a file": (cli(tmp_path / "input", tmp_path / "a file" / "out"), (str(tmp_path / "a file"), "is a file")),
+             "not callable": (cli(tmp_path / "input", tmp_path / "o1", "--model", "math:pi"), ("--model math:pi: ", "float")),
+             "needs arguments": (cli(tmp_path / "input", tmp_path / "o2", "--model", "json:loads"),
+                                 ("--model json:loads: ", "no arguments")),
+             "folder and shard": (cli(nested, tmp_path / "o3"), ("'x.npy' and 'x.npy/y.npy'", str(nested / "manifest.json"))),
+             "nul": (cli(nul, tmp_path / "o4"), (str(nul / "manifest.json"), "'part-\\x0000000.npy'", "NUL byte"))}
+    for label, (job, fragments) in cases.items():
+        assert_one_line_error(finished(job), *fragments)
+    assert hidden.read_text() == "mine" and sorted(p.name for p in user.rglob("*")) == sorted(["notes", hidden.name])
+    assert not list(tmp_path.glob("o[0-9]"))

@@ -1,4 +1,4 @@
-"""The ``dpmjax`` command: ``dpmjax [digits|demo|invert-batch] [options]``."""
+"""The ``dpmjax`` command: ``dpmjax [digits|demo|invert-batch|edit] [options]``."""
 
 from __future__ import annotations
 
@@ -7,8 +7,15 @@ from typing import Optional, Sequence
 
 from . import batch_job, demo, digits_job
 
-COMMANDS = {"digits": digits_job.main, "demo": demo.main, "invert-batch": batch_job.main}
-USAGE = """usage: dpmjax [digits|demo|invert-batch] [options]
+
+def _edit(args):
+    from .models import flax_sd_edit  # imports diffusers (< 0.40) only when run
+
+    return flax_sd_edit.main(args)
+
+
+COMMANDS = {"digits": digits_job.main, "demo": demo.main, "invert-batch": batch_job.main, "edit": _edit}
+USAGE = """usage: dpmjax [digits|demo|invert-batch|edit] [options]
 
 commands:
   digits  invert held-out handwritten digits with the shipped model and sample them back:
@@ -18,6 +25,8 @@ commands:
   invert-batch INPUT OUTPUT
           invert a store of .npy shards chunk by chunk, resumably (a killed run restarts where it
           stopped; bad chunks are reported and the rest is done)
+  edit    edit images with a saved diffusers 0.39 Flax Stable Diffusion pipeline: invert them with
+          --prompt (exact, plain or null-text), sample --target-prompt, write original | edited
 
 'dpmjax COMMAND --help' lists a command's options."""
 

@@ -1,0 +1,126 @@
+"""Editing real images with a Flax Stable Diffusion pipeline (``dpmjax.models.flax_sd_edit``,
+``dpmjax edit``) on a tiny random pipeline of Stable Diffusion's architecture, under diffusers 0.39
+and transformers 4.57 (the last releases with Flax classes; installed beside the test environment
+and put first on the path of a subprocess, as in test_flax_sd_pipelines.py).
+
+The random UNet checks the plumbing, not the quality of edits: exact inversion must give back the
+encoded latents to float32 rounding, so that the edit with the source prompt as target returns the
+VAE's own encode/decode round trip of the input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_flax_compat import OLD_VERSION, old_diffusers  # noqa: F401  (the fixture)
+from test_flax_sd_pipelines import COMPILE_FAST, OLD_TRANSFORMERS, old_transformers  # noqa: F401  (the fixture)
+
+RELATIVE = 1e-5
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def old_env(old_diffusers, old_transformers):  # noqa: F811
+    path = os.pathsep.join([old_diffusers, old_transformers, str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    flags = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=1", COMPILE_FAST]).strip()
+    return dict(os.environ, PYTHONPATH=path, XLA_FLAGS=flags)
+
+
+@pytest.fixture(scope="module")
+def checked(old_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("flax_sd_edit")
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("flax_sd_edit_check.py")), str(out)],
+                          env=old_env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def report(checked):
+    return checked[1]
+
+
+def _edit(env, *args):
+    return subprocess.run([sys.executable, "-m", "dpmjax", "edit", *map(str, args)], env=env, capture_output=True,
+                          text=True, check=False)
+
+
+@pytest.mark.slow
+def test_ran_under_the_last_flax_releases(report):
+    assert report["diffusers"] == OLD_VERSION and report["transformers"] == OLD_TRANSFORMERS
+
+
+@pytest.mark.slow
+def test_exact_edit_with_the_source_prompt_gives_back_the_input(report):
+    """Measured: round trips 3.4e-6 and 3.9e-6 (order 1, N = 15, w = 3); the decoded image within
+    7.6e-6 of the VAE's own round trip of the input."""
+    row = report["exact"]
+    assert row["shape"] == [3, 16, 16, 3]
+    assert row["source_latents_rel_to_encoded"] == 0.0, "the latents are the VAE mean times its scaling factor"
+    assert all(row["converged"]) and max(row["round_trip"]) <= RELATIVE, row
+    for i in (0, 1):  # rows edited with their own source prompt
+        assert row["latents_rel"][i] <= RELATIVE, row
+        assert row["image_diff_to_vae_round_trip"][i] <= 1e-4, row
+        assert row["image_error"][i] <= report["vae"]["image_error"][i] + 1e-4, (row, report["vae"])
+    assert max(row["reconstruction_rel"]) <= RELATIVE, row
+
+
+@pytest.mark.slow
+def test_another_target_prompt_changes_the_image(report):
+    row = report["exact"]
+    assert row["noise_rel_rows_0_2"] == 0.0, "the same image inverts to the same noise in any row"
+    assert row["edit_latent_change_rel"] > 1000 * RELATIVE and row["edit_image_change"] > 0.05, row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["plain", "null-text"])
+def test_plain_and_null_text_run_and_compile_once_per_shape(report, method):
+    row = report["methods"][method]
+    assert row["finite"] and row["shape"] == [2, 16, 16, 3], row
+    assert not row["recompiled_on_second_call"], "other images and prompts of the same shape reuse the program"
+    assert row["image_change"] > 0.05, row
+    if method == "null-text":
+        assert len(row["losses"]) == 15
+
+
+@pytest.mark.slow
+def test_the_command_edits_pngs_of_a_saved_pipeline(checked, old_env, tmp_path):
+    folder, _ = checked
+    out = tmp_path / "edited.png"
+    done = _edit(old_env, "--pipeline", folder / "pipeline", "--image", folder / "a.png", "--image", folder / "b.png",
+                 "--prompt", "the cat", "--target-prompt", "a dog", "--out", out, "--method", "plain", "--steps", 5)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"wrote {out}" in done.stdout, done.stdout
+    import matplotlib.image
+
+    grid = matplotlib.image.imread(str(out))
+    assert grid.shape[:2] == (32, 32), "two rows of original | edited, 16 px each"
+
+
+@pytest.mark.slow
+def test_the_command_fails_cleanly_on_a_missing_image(checked, old_env, tmp_path):
+    folder, _ = checked
+    done = _edit(old_env, "--pipeline", folder / "pipeline", "--image", tmp_path / "nope.png", "--prompt", "a",
+                 "--target-prompt", "b", "--out", tmp_path / "out.png")
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "no such image file" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("setting", ["installed", "missing"])
+def test_without_diffusers_039_the_command_says_what_to_install(tmp_path, setting):
+    """The test environment's diffusers is >= 0.40 (no Flax); "missing" hides it altogether."""
+    args = ["edit", "--pipeline", str(tmp_path), "--image", "x.png", "--prompt", "a", "--target-prompt", "b",
+            "--out", str(tmp_path / "o.png")]
+    hide = "import sys; sys.modules['diffusers'] = None; " if setting == "missing" else ""
+    done = subprocess.run([sys.executable, "-c", f"{hide}import sys; from dpmjax.cli import main; sys.exit(main({args!r}))"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'pip install "diffusers<0.40" "transformers<5" flax' in lines[0], done.stderr
+    assert "Traceback" not in done.stderr

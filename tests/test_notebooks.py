@@ -10,6 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 from test_flax_compat import old_diffusers  # noqa: F401  (the fixture)
+from test_flax_sd_pipelines import old_transformers  # noqa: F401  (the fixture)
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
@@ -26,9 +27,12 @@ def test_there_are_the_four_notebooks_and_they_are_stripped():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_top_to_bottom(path, old_diffusers, tmp_path, monkeypatch):  # noqa: F811
-    if "stable_diffusion" in path.name:  # the Flax UNet needs diffusers < 0.40, installed beside the environment
-        monkeypatch.setenv("PYTHONPATH", old_diffusers + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def test_notebook_runs_top_to_bottom(path, old_diffusers, request, tmp_path, monkeypatch):  # noqa: F811
+    if "stable_diffusion" in path.name:  # the Flax pipeline needs diffusers < 0.40 and transformers < 5, installed beside
+        old_transformers = request.getfixturevalue("old_transformers")  # noqa: F811
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([old_diffusers, old_transformers, os.environ.get("PYTHONPATH", "")]))
+        monkeypatch.delenv("DPMJAX_SD_PIPELINE", raising=False)
+        monkeypatch.delenv("DPMJAX_SD_IMAGE", raising=False)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.delenv("UNET_DIR", raising=False)
     book = nbformat.read(path, as_version=4)

@@ -196,12 +196,12 @@ def counted_calls(fn):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("order, n, w, most", [(1, 25, 1.0, 40), (2, 25, 1.0, 30), (2, 10, 3.0, 2000)])
+@pytest.mark.parametrize("order, n, w, most", [(1, 25, 1.0, 40), (2, 25, 1.0, 30), (2, 10, 3.0, 3000)])
 def test_model_calls_per_step_are_bounded(digits_batch, order, n, w, most):
     """The cost is counted, not timed: model calls per sampler step (plain inversion: 1). Measured on
     32 rows: order 1, N = 25, w = 1: 17 per step; order 2: 12. Order 2, N = 10, w = 3, a grid whose
-    steps fold at that guidance (the robust path runs): 2,823 before its solves were capped, under
-    1,300 after; the bound is the cap's, about twice what was measured."""
+    steps fold at that guidance (the robust path runs): 4,667 before its solves were bounded, 1,646
+    after; the bounds leave about a factor of 2 for other CPUs' rounding."""
     model, images, labels = digits_batch
     fwd = sampler(order, use_lu_lambdas=True)
     fn, count = counted_calls(guided_model(model, labels, w))

@@ -1,7 +1,7 @@
 """Run under diffusers 0.39 and transformers 4.x (both first on sys.path): dpmjax's scheduler inside
 diffusers' own Flax Stable Diffusion pipelines, against diffusers' own FlaxDPMSolverMultistepScheduler
-in the same pipelines, on tiny random components built offline (CLIP tokenizer and text encoder,
-VAE, UNet of the real architectures). Prints one JSON object of measurements;
+in the same pipelines (txt2img, img2img, inpaint, SDXL), on tiny random components built offline
+(CLIP tokenizer and text encoders, VAE, UNets of the real architectures). Prints one JSON object of measurements;
 tests/test_flax_sd_pipelines.py asserts on them.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=1 \\
@@ -77,6 +77,28 @@ def tiny_text_encoder(vocab_size: int):
     model = transformers.FlaxCLIPTextModel(config, _do_init=False)
     shapes = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, MAX_LENGTH)))
     return model, random_params(shapes, seed=1)
+
+
+def tiny_text_encoder_2(vocab_size: int):
+    """``(text_encoder_2, params)``: SDXL's second text encoder (a CLIP text model with a pooled
+    projection) at toy size: width 32, projection 32."""
+    config = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                         num_hidden_layers=2, max_position_embeddings=MAX_LENGTH, projection_dim=32)
+    model = transformers.FlaxCLIPTextModelWithProjection(config, _do_init=False)
+    shapes = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, MAX_LENGTH)))
+    return model, random_params(shapes, seed=4)
+
+
+def tiny_sdxl_unet():
+    """``(unet, params)``: SDXL's UNet conditioning at toy size: cross-attention over both encoders'
+    hidden states (32 + 32), ``text_time`` added embeddings of the pooled projection (32) and the six
+    size/crop ids (8 channels each: 6 * 8 + 32 = 80 inputs)."""
+    unet = diffusers.FlaxUNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, cross_attention_dim=64,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    return unet, random_params(jax.eval_shape(lambda: unet.init_weights(jax.random.PRNGKey(0))), seed=5)
 
 
 def tiny_vae():
@@ -213,6 +235,32 @@ def main(out: Path) -> dict:
     compare("inpaint", inpaint, dict(params, unet=inpaint_unet_params),
             {"prompt_ids": prompt, "mask": mask, "masked_image": image * (1 - mask)}, report, schedulers)
     phase("inpaint")
+
+    # 5. SDXL: two tokenizers and text encoders, text_time conditioning; a folder saved by plain
+    # diffusers with its own class, loaded with ours passed in, then saved with ours and reloaded
+    text_encoder_2, text_encoder_2_params = tiny_text_encoder_2(len(tokenizer))
+    sdxl_unet, sdxl_unet_params = tiny_sdxl_unet()
+    diffusers.FlaxStableDiffusionXLPipeline(
+        text_encoder=text_encoder, text_encoder_2=text_encoder_2, vae=vae, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=sdxl_unet, scheduler=theirs).save_pretrained(out / "sdxl", params=dict(
+            text_encoder=text_encoder_params, text_encoder_2=text_encoder_2_params, vae=vae_params, unet=sdxl_unet_params))
+    sdxl, sdxl_params = diffusers.FlaxStableDiffusionXLPipeline.from_pretrained(out / "sdxl", scheduler=ours)
+    report["sdxl_from_pretrained"] = {"scheduler_is_ours": sdxl.scheduler is ours, "no_scheduler_state": "scheduler" not in sdxl_params}
+    sdxl_prompt = sdxl.prepare_inputs(["the cat", "a dog"])
+    report["sdxl_from_pretrained"]["prompt_ids_shape"] = list(sdxl_prompt.shape)
+    sdxl_images = compare("sdxl", sdxl, sdxl_params, {"prompt_ids": sdxl_prompt}, report, schedulers)
+    phase("sdxl")
+    sdxl.save_pretrained(out / "sdxl-saved", params=sdxl_params)
+    mine, reference = (json.loads((out / folder / "model_index.json").read_text()) for folder in ("sdxl-saved", "sdxl"))
+    plain = diffusers.FlaxStableDiffusionXLPipeline.from_pretrained(out / "sdxl-saved")[0]
+    again, again_params = diffusers.FlaxStableDiffusionXLPipeline.from_pretrained(
+        out / "sdxl-saved", scheduler=Ours.from_pretrained(out / "sdxl-saved", subfolder="scheduler")[0])
+    reloaded = run(again, dict(again_params, scheduler=ours_state), {"prompt_ids": sdxl_prompt}, jit=False)
+    report["sdxl_reload"] = {"model_index_equal": mine == reference, "scheduler_entry": mine.get("scheduler"),
+                             "plain_class": type(plain.scheduler).__name__, "plain_module": type(plain.scheduler).__module__,
+                             "ours_equal_to_saved": again.scheduler == ours,
+                             "max_rel_diff_to_first_run": max_rel(reloaded, sdxl_images["ours", False])}
+    phase("sdxl save (ours), reload plain and with ours")
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["phase_seconds"] = phases
     return report

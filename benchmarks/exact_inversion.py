@@ -107,18 +107,23 @@ def main(argv=None) -> int:
         for order, n, w, grid, data in settings:
             rows.append(measure(model, images, labels, order, n, w, grid, data, name=name))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
+            if not args.quick:  # after every row: a long run stopped midway keeps what it measured
+                write(rows, args.out)
     print(table(rows))
-    if not args.quick:
-        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-            f.write(f"Measured with `python -m benchmarks.exact_inversion` (jax {jax.__version__}, {jax.default_backend()}, "
-                    f"{os.cpu_count()} CPU cores). Seconds: first call (with compilation) / steady (second) call; "
-                    "the last column is the steady time over plain inversion of the same batch timed in the same "
-                    "process. Model calls are counted inside the model (a Jacobian-vector product counts once).\n\n")
-            f.write(table(rows) + "\n")
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"jax": jax.__version__, "backend": jax.default_backend(), "rows": rows}, f, indent=1)
     return 0
+
+
+def write(rows, out) -> None:
+    """The rows as JSON at ``out`` and as a Markdown table beside it."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+        f.write(f"Measured with `python -m benchmarks.exact_inversion` (jax {jax.__version__}, {jax.default_backend()}, "
+                f"{os.cpu_count()} CPU cores). Seconds: first call (with compilation) / steady (second) call; "
+                "the last column is the steady time over plain inversion of the same batch timed in the same "
+                "process. Model calls are counted inside the model (a Jacobian-vector product counts once).\n\n")
+        f.write(table(rows) + "\n")
+    with open(out, "w") as f:
+        json.dump({"jax": jax.__version__, "backend": jax.default_backend(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

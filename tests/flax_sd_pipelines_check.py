@@ -53,22 +53,6 @@ def tiny_tokenizer(folder: Path) -> transformers.CLIPTokenizer:
     return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LENGTH)
 
 
-def random_params(shapes, seed: int):
-    """Random weights of the given shapes from NumPy (a seeded Flax ``init`` compiles for seconds):
-    LeCun-normal kernels, N(0, 0.02) embeddings, unit norm scales, small biases."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "kernel":
-            return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1])), leaf.dtype)
-        if name == "scale":
-            return jnp.ones(leaf.shape, leaf.dtype)
-        return jnp.asarray(0.02 * rng.standard_normal(leaf.shape), leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def tiny_text_encoder(vocab_size: int):
     """``(text_encoder, params)``: a 2-layer random CLIP text encoder of width 32 (the tiny UNet's
     cross-attention width)."""
@@ -76,7 +60,7 @@ def tiny_text_encoder(vocab_size: int):
                                          num_hidden_layers=2, max_position_embeddings=MAX_LENGTH, projection_dim=32)
     model = transformers.FlaxCLIPTextModel(config, _do_init=False)
     shapes = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, MAX_LENGTH)))
-    return model, random_params(shapes, seed=1)
+    return model, flax_sd.random_params(shapes, seed=1)
 
 
 def tiny_text_encoder_2(vocab_size: int):
@@ -86,7 +70,7 @@ def tiny_text_encoder_2(vocab_size: int):
                                          num_hidden_layers=2, max_position_embeddings=MAX_LENGTH, projection_dim=32)
     model = transformers.FlaxCLIPTextModelWithProjection(config, _do_init=False)
     shapes = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, MAX_LENGTH)))
-    return model, random_params(shapes, seed=4)
+    return model, flax_sd.random_params(shapes, seed=4)
 
 
 def tiny_sdxl_unet():
@@ -98,7 +82,7 @@ def tiny_sdxl_unet():
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, cross_attention_dim=64,
         addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
-    return unet, random_params(jax.eval_shape(lambda: unet.init_weights(jax.random.PRNGKey(0))), seed=5)
+    return unet, flax_sd.random_params(jax.eval_shape(lambda: unet.init_weights(jax.random.PRNGKey(0))), seed=5)
 
 
 def tiny_vae():
@@ -106,7 +90,7 @@ def tiny_vae():
     vae = diffusers.FlaxAutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                                       up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
                                       layers_per_block=1, latent_channels=4, sample_size=16)
-    return vae, random_params(jax.eval_shape(lambda: vae.init_weights(jax.random.PRNGKey(0))), seed=2)
+    return vae, flax_sd.random_params(jax.eval_shape(lambda: vae.init_weights(jax.random.PRNGKey(0))), seed=2)
 
 
 def max_rel(a, b) -> float:

@@ -190,7 +190,7 @@ def tiny_unet(seed: int = 0, sample_size: int = 8, cross_attention_dim: int = 32
     return unet, jax.tree_util.tree_map_with_path(fill, shapes["params"])
 
 
-def _random_like(shapes, seed: int):
+def random_params(shapes, seed: int):
     """Random weights of the given shapes from NumPy: LeCun-normal kernels, N(0, 0.02) embeddings
     and biases, unit norm scales (a seeded Flax ``init`` compiles for seconds)."""
     rng = np.random.default_rng(seed)
@@ -239,12 +239,12 @@ def tiny_pipeline(folder: Optional[str] = None, seed: int = 0, unet_output_scale
     config = transformers.CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
                                          num_hidden_layers=2, max_position_embeddings=max_length, projection_dim=32)
     text_encoder = transformers.FlaxCLIPTextModel(config, _do_init=False)
-    text_params = _random_like(jax.eval_shape(lambda: text_encoder.init_weights(jax.random.PRNGKey(0), (1, max_length))), seed + 1)
+    text_params = random_params(jax.eval_shape(lambda: text_encoder.init_weights(jax.random.PRNGKey(0), (1, max_length))), seed + 1)
     vae = diffusers.FlaxAutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                                       up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
                                       layers_per_block=1, latent_channels=4, sample_size=16,
                                       scaling_factor=vae_scaling_factor)
-    vae_params = _random_like(jax.eval_shape(lambda: vae.init_weights(jax.random.PRNGKey(0))), seed + 2)
+    vae_params = random_params(jax.eval_shape(lambda: vae.init_weights(jax.random.PRNGKey(0))), seed + 2)
     unet, unet_params = tiny_unet(seed=seed, output_scale=unet_output_scale)
     scheduler = diffusers.FlaxDPMSolverMultistepScheduler(**SD_SCHEDULE)
     pipeline = diffusers.FlaxStableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

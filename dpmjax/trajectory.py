@@ -154,7 +154,7 @@ def _scan_steps(scheduler, model_fn, return_samples, return_outputs, checkpoint,
     if checkpoint:
         body = jax.checkpoint(body)
     per_step = (jnp.arange(n), state.timesteps, solver.trajectory_rows(state), keys, noises)
-    history = jnp.zeros((K,) + x.shape, cdt)
+    history = jnp.zeros((solver.history_length(K),) + x.shape, cdt)  # none at order 1
     (x, _), (samples, outputs) = lax.scan(body, (x, history), per_step, unroll=unroll)
     return x, samples, outputs
 
@@ -372,7 +372,7 @@ def _exact_inversion(scheduler, inverse, model_fn, options: ExactOptions, return
 
     def first_order_path():
         X = jnp.broadcast_to(target, (n,) + target.shape)
-        return step_solves(X, jnp.zeros_like(X), state.update_coefficients[steps, 0], True)
+        return step_solves(X=X, M=jnp.zeros_like(X), update_rows=state.update_coefficients[steps, 0], from_predictor=True)
 
     def history_sweeps(X, M):
         """Orders >= 2: the per-step solves with the history from the previous sweep, a fixed-point
@@ -392,7 +392,8 @@ def _exact_inversion(scheduler, inverse, model_fn, options: ExactOptions, return
             X, M, G_hist, F_hist, best_noise, best, active, count = carry
             # a few Newton iterations per step and sweep: the sweeps, not one step's solve, carry the
             # iteration (measured on the digits at guidance 3: a quarter of the cost, no row lost)
-            X, G = step_solves(X, M, trajectory_rows, count == 0, min(_SWEEP_ITERATIONS, options.max_iterations))
+            X, G = step_solves(X=X, M=M, update_rows=trajectory_rows, from_predictor=count == 0,
+                               iterations=min(_SWEEP_ITERATIONS, options.max_iterations))
             g, f = by_row(G), by_row(G) - by_row(M)
             G_hist = jnp.roll(G_hist, -1, axis=0).at[-1].set(g)
             F_hist = jnp.roll(F_hist, -1, axis=0).at[-1].set(f)

@@ -116,14 +116,14 @@ def dpmjax_step_in_user_scan(shape, steps, order):
 
 def compile_seconds(steps, order=2, shape=(1, 4, 64, 64)):
     """Wall time of lowering + compiling ``invert`` (fresh trace, no cache)."""
-    from dpmjax.trajectory import _scan_steps_jit
+    from dpmjax.trajectories.scan import ScanOptions, scan_steps_jit
 
     inv = dpmjax.DPMSolverMultistepInverseScheduler(solver_order=order)
     state = inv.set_timesteps(inv.create_state(), steps, shape)
     x = jnp.zeros(shape)
     model = lambda x, t: 0.1 * x  # noqa: E731  (a new function: nothing cached)
     start = time.perf_counter()
-    _scan_steps_jit.lower(inv, model, False, False, False, 1, False, "invert", state, x, None, None, None).compile()
+    scan_steps_jit.lower(inv, model, ScanOptions(label="invert"), state, x, None, None, None).compile()
     return time.perf_counter() - start
 
 

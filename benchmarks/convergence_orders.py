@@ -14,8 +14,8 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 
 import dpmjax  # noqa: E402
-from dpmjax.analytic import Gaussian  # noqa: E402
-from dpmjax.demo import analytic_model, run_grid  # noqa: E402
+from dpmjax.models.analytic import Gaussian  # noqa: E402
+from dpmjax.apps.demo import analytic_model, run_grid  # noqa: E402
 
 DATA = Gaussian()
 

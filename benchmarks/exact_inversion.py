@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import dpmjax
-from dpmjax.digits_job import guided_model, psnr
+from dpmjax.apps.digits_job import guided_model, psnr
 from dpmjax.models import digits
 
 GRIDS = {"lu": dict(use_lu_lambdas=True), "default": {}}

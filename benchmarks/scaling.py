@@ -34,7 +34,8 @@ def worker(rows: int, steps: int, process_id: int, processes: int, port: int) ->
 
     import dpmjax
     from dpmjax.models import digits
-    from dpmjax.trajectory import _scan_steps_jit, mirrored_state
+    from dpmjax.trajectories.inversion import mirrored_state
+    from dpmjax.trajectories.scan import ScanOptions, scan_steps_jit
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
     sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -56,7 +57,7 @@ def worker(rows: int, steps: int, process_id: int, processes: int, port: int) ->
         times.append(time.perf_counter() - start)
     forward = scheduler.set_timesteps(scheduler.create_state(), steps, x.shape)
     inverse, mirror = mirrored_state(scheduler, forward, x.shape)
-    compiled = _scan_steps_jit.lower(inverse, model, False, False, False, 1, False, "invert", mirror, x, None, None, None).compile()
+    compiled = scan_steps_jit.lower(inverse, model, ScanOptions(label="invert"), mirror, x, None, None, None).compile()
     memory = compiled.memory_analysis()
     per_device = None if memory is None else int(memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes)
     if jax.process_index() == 0:

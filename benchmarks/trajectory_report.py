@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import dpmjax
-from dpmjax.analytic import GaussianMixture, timestep_model
+from dpmjax.models.analytic import GaussianMixture, timestep_model
 
 DATA = GaussianMixture()
 

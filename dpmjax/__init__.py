@@ -3,17 +3,21 @@
 from .config import SchedulerConfig
 from .flax_compat import FlaxDPMSolverMultistepScheduler, FlaxDPMSolverMultistepSchedulerOutput
 from .scheduler import (
+    DPMSolverMultistepBase,
     DPMSolverMultistepInverseScheduler,
     DPMSolverMultistepScheduler,
     SchedulerOutput,
     __version__,
 )
-from .null_text import NullTextInversion, null_text_inversion, sample_with_null_embeddings
 from .state import SchedulerState
-from .step_inversion_check import StepInversionCheck, check_step_inversion
-from .trajectory import Trajectory, classifier_free_guidance, invert, sample
+from .trajectories.guidance import classifier_free_guidance
+from .trajectories.inversion import invert
+from .trajectories.null_text import NullTextInversion, null_text_inversion, sample_with_null_embeddings
+from .trajectories.scan import Trajectory, sample
+from .trajectories.step_check import StepInversionCheck, check_step_inversion
 
 __all__ = [
+    "DPMSolverMultistepBase",
     "DPMSolverMultistepInverseScheduler",
     "DPMSolverMultistepScheduler",
     "FlaxDPMSolverMultistepScheduler",

@@ -19,6 +19,8 @@ from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 
+from . import checks
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
@@ -38,55 +40,18 @@ DATA_PREDICTION_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 CONFIG_NAME = "scheduler_config.json"
 
 
-def _choice(name: str, value: Any, allowed: Tuple[Any, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}.")
-
-
-def _boolean(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}.")
-
-
-def integer_value(name: str, value: Any, allowed: str) -> int:
-    """``value`` as a Python ``int`` when it is an integer (Python or NumPy, not a bool), else a
-    ValueError naming ``name`` and ``allowed`` (e.g. ``"an integer >= 0"``). NumPy integers become
-    Python ints, so that configs and cache keys hash alike whichever was passed."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be {allowed} (not a bool, float or string), got {value!r}.")
-    return int(value)
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    """An integer ``>= minimum`` (as a Python int), else a ValueError naming ``name``."""
-    allowed = f"an integer >= {minimum}"
-    number = integer_value(name, value, allowed)
-    if number < minimum:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
-    return number
-
-
-def _integer_choice(name: str, value: Any, allowed: Tuple[int, ...]) -> int:
-    """One of the integers ``allowed`` (as a Python int), else a ValueError naming ``name``."""
-    description = f"an integer, one of {', '.join(map(str, allowed))}"
-    number = integer_value(name, value, description)
-    if number not in allowed:
-        raise ValueError(f"{name} must be {description}, got {value!r}.")
-    return number
-
-
 def check_num_inference_steps(value: Any) -> int:
     """``num_inference_steps`` as a Python int (NumPy integers accepted); bools, floats (also
     integral ones such as ``10.0``) and anything else are a ValueError. The range is checked
     where the grid is built."""
-    return integer_value("num_inference_steps", value, "an integer")
+    return checks.integer("num_inference_steps", value)
 
 
 def _lambda_min_clipped(config: "SchedulerConfig") -> float:
     """``lambda_min_clipped`` as a float: -inf (no clipping) or a finite log-SNR that keeps at
     least one training timestep (the least noisy one's log-SNR is the largest allowed); +inf, NaN
     or a larger value would clip every timestep and give the grid negative timesteps."""
-    clip = _real("lambda_min_clipped", config.lambda_min_clipped)
+    clip = checks.real("lambda_min_clipped", config.lambda_min_clipped)
     if clip == -math.inf:
         return clip
     if not math.isfinite(clip):
@@ -100,12 +65,6 @@ def _lambda_min_clipped(config: "SchedulerConfig") -> float:
             f"schedule; above it every timestep is clipped), got {clip!r}."
         )
     return clip
-
-
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a real number, got {value!r}.")
-    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,10 +139,10 @@ class SchedulerConfig:
         set_("algorithm_type", _ALGORITHM_ALIASES.get(self.algorithm_type, self.algorithm_type))
         set_("solver_type", _SOLVER_ALIASES.get(self.solver_type, self.solver_type))
 
-        set_("num_train_timesteps", _integer("num_train_timesteps", self.num_train_timesteps, 2))
-        set_("beta_start", _real("beta_start", self.beta_start))
-        set_("beta_end", _real("beta_end", self.beta_end))
-        _choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        set_("num_train_timesteps", checks.integer("num_train_timesteps", self.num_train_timesteps, 2))
+        set_("beta_start", checks.real("beta_start", self.beta_start))
+        set_("beta_end", checks.real("beta_end", self.beta_end))
+        checks.choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         if self.trained_betas is not None:
             betas = tuple(float(b) for b in _as_sequence("trained_betas", self.trained_betas))
             if len(betas) != self.num_train_timesteps:
@@ -199,19 +158,19 @@ class SchedulerConfig:
                 raise ValueError(
                     f"beta_start={self.beta_start} and beta_end={self.beta_end} must lie in the open interval (0, 1)."
                 )
-        set_("solver_order", _integer_choice("solver_order", self.solver_order, (1, 2, 3)))
-        _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
-        _boolean("thresholding", self.thresholding)
-        ratio = _real("dynamic_thresholding_ratio", self.dynamic_thresholding_ratio)
+        set_("solver_order", checks.integer_choice("solver_order", self.solver_order, (1, 2, 3)))
+        checks.choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        checks.boolean("thresholding", self.thresholding)
+        ratio = checks.real("dynamic_thresholding_ratio", self.dynamic_thresholding_ratio)
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"dynamic_thresholding_ratio must lie in [0, 1], got {ratio}.")
         set_("dynamic_thresholding_ratio", ratio)
-        smv = _real("sample_max_value", self.sample_max_value)
+        smv = checks.real("sample_max_value", self.sample_max_value)
         if not smv > 0.0:
             raise ValueError(f"sample_max_value must be > 0, got {smv}.")
         set_("sample_max_value", smv)
-        _choice("algorithm_type", self.algorithm_type, ALGORITHM_TYPES + tuple(_ALGORITHM_ALIASES))
-        _choice("solver_type", self.solver_type, SOLVER_TYPES + tuple(_SOLVER_ALIASES))
+        checks.choice("algorithm_type", self.algorithm_type, ALGORITHM_TYPES + tuple(_ALGORITHM_ALIASES))
+        checks.choice("solver_type", self.solver_type, SOLVER_TYPES + tuple(_SOLVER_ALIASES))
         for name in (
             "lower_order_final",
             "euler_at_final",
@@ -223,22 +182,22 @@ class SchedulerConfig:
             "rescale_betas_zero_snr",
             "use_dynamic_shifting",
         ):
-            _boolean(name, getattr(self, name))
+            checks.boolean(name, getattr(self, name))
         grids = [n for n in self.SIGMA_GRID_OPTIONS if getattr(self, n)]
         if len(grids) > 1:
             raise ValueError(
                 f"{' and '.join(grids)} are mutually exclusive: set at most one of {', '.join(self.SIGMA_GRID_OPTIONS)}."
             )
-        shift = _real("flow_shift", self.flow_shift)
+        shift = checks.real("flow_shift", self.flow_shift)
         if not shift > 0.0:
             raise ValueError(f"flow_shift must be > 0, got {shift}.")
         set_("flow_shift", shift)
-        _choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
-        _choice("variance_type", self.variance_type, VARIANCE_TYPES)
-        _choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
-        set_("steps_offset", _integer("steps_offset", self.steps_offset, 0))
-        _choice("time_shift_type", self.time_shift_type, TIME_SHIFT_TYPES)
-        set_("channel_axis", integer_value("channel_axis", self.channel_axis, "an integer axis index"))
+        checks.choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
+        checks.choice("variance_type", self.variance_type, VARIANCE_TYPES)
+        checks.choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        set_("steps_offset", checks.integer("steps_offset", self.steps_offset, 0))
+        checks.choice("time_shift_type", self.time_shift_type, TIME_SHIFT_TYPES)
+        set_("channel_axis", checks.integer("channel_axis", self.channel_axis, note=" (an axis index)"))
         if self.prediction_type == "flow_prediction" and self.algorithm_type not in DATA_PREDICTION_ALGORITHMS:
             raise ValueError(
                 f"prediction_type='flow_prediction' needs a data-prediction algorithm_type "

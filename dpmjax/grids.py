@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from . import checks
 from .config import SchedulerConfig
 from .noise_schedule import TrainingSchedule
 
@@ -86,8 +87,7 @@ def _clipped_index(train: TrainingSchedule, lambda_min_clipped: float) -> int:
 
 
 def _check_steps(num_inference_steps: int, config: SchedulerConfig) -> None:
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
-        raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}.")
+    checks.integer("num_inference_steps", num_inference_steps)
     if not 1 <= num_inference_steps <= config.num_train_timesteps:
         raise ValueError(
             f"num_inference_steps must lie in [1, num_train_timesteps={config.num_train_timesteps}], "
@@ -103,6 +103,18 @@ def _leading_ratio(span: int, n: int, config: SchedulerConfig) -> int:
             f"timesteps: at most {span - 1} steps (more would repeat timestep 0)."
         )
     return ratio
+
+
+def _sigma_family(config: SchedulerConfig, sigma_first: float, sigma_last: float, n: int) -> Optional[np.ndarray]:
+    """The ``n`` noise levels of the configured sigma family (Karras, exponential or Beta) from
+    ``sigma_first`` to ``sigma_last``, in either direction; ``None`` for the other grids."""
+    if config.use_karras_sigmas:
+        return karras_sigmas(sigma_first, sigma_last, n)
+    if config.use_exponential_sigmas:
+        return exponential_sigmas(sigma_first, sigma_last, n)
+    if config.use_beta_sigmas:
+        return beta_sigmas(sigma_first, sigma_last, n)
+    return None
 
 
 # ----------------------------------------------------------------------------- forward grid
@@ -146,20 +158,15 @@ def forward_grid(
     sigmas = train.sigmas
     log_sigmas = np.log(sigmas)
     round_ts = config.beta_schedule != "squaredcos_cap_v2"
-    if config.use_karras_sigmas:
-        s = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), n)
+    family = _sigma_family(config, sigmas[-1].item(), sigmas[0].item(), n)
+    if family is not None:
+        s = family
         ts = _timesteps_of(s, log_sigmas)
-        ts = ts.round() if round_ts else ts
+        ts = ts.round() if round_ts and config.use_karras_sigmas else ts
     elif config.use_lu_lambdas:
         s = np.exp(lu_lambdas(log_sigmas[-1].item(), log_sigmas[0].item(), n))
         ts = _timesteps_of(s, log_sigmas)
         ts = ts.round() if round_ts else ts
-    elif config.use_exponential_sigmas:
-        s = exponential_sigmas(sigmas[-1].item(), sigmas[0].item(), n)
-        ts = _timesteps_of(s, log_sigmas)
-    elif config.use_beta_sigmas:
-        s = beta_sigmas(sigmas[-1].item(), sigmas[0].item(), n)
-        ts = _timesteps_of(s, log_sigmas)
     elif config.use_flow_sigmas:
         s = flow_sigmas_descending(T, n, shift)
         ts = s * T
@@ -193,15 +200,11 @@ def inverse_grid(config: SchedulerConfig, train: TrainingSchedule, num_inference
     sigmas = train.sigmas
     log_sigmas = np.log(sigmas)
     duplicate_last = True
-    if config.use_karras_sigmas:
-        s = karras_sigmas(sigmas[0].item(), sigmas[-1].item(), n)
-        ts = _timesteps_of(s, log_sigmas).round()
-    elif config.use_exponential_sigmas:
-        s = exponential_sigmas(sigmas[0].item(), sigmas[-1].item(), n)
+    family = _sigma_family(config, sigmas[0].item(), sigmas[-1].item(), n)
+    if family is not None:
+        s = family
         ts = _timesteps_of(s, log_sigmas)
-    elif config.use_beta_sigmas:
-        s = beta_sigmas(sigmas[0].item(), sigmas[-1].item(), n)
-        ts = _timesteps_of(s, log_sigmas)
+        ts = ts.round() if config.use_karras_sigmas else ts
     elif config.use_flow_sigmas:
         s = np.flip(flow_sigmas_descending(T, n, config.flow_shift)).copy()
         ts = s * T
@@ -228,3 +231,19 @@ def inverse_grid(config: SchedulerConfig, train: TrainingSchedule, num_inference
     # noisiest sigmas all give 998).
     _, first = np.unique(ts, return_index=True)
     return Grid(ts[np.sort(first)].astype(np.int64), sig)
+
+
+# ----------------------------------------------------------------------------- a sampler's grid mirrored
+def mirrored_grid(forward: Grid, num_inference_steps: int, train: TrainingSchedule) -> Grid:
+    """A sampler's grid walked backwards, for inverting that sampler: its noise levels from the last
+    to the first, step ``j`` evaluating the model at the sampler's point ``N - j``.
+
+    A final zero noise level becomes the smallest training noise level (timestep 0), the nearest
+    point where a model can be evaluated.
+    """
+    n = int(num_inference_steps)
+    sigmas = np.asarray(forward.sigmas[: n + 1])[::-1].copy()
+    if sigmas[0] == 0.0:
+        sigmas[0] = train.sigmas[0]
+    timesteps = np.concatenate([[0], np.asarray(forward.timesteps)[::-1][: n - 1]]).astype(np.int64)
+    return Grid(timesteps, sigmas)

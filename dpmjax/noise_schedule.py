@@ -115,14 +115,15 @@ def training_schedule(config: SchedulerConfig) -> TrainingSchedule:
     return tables
 
 
-def alpha_sigma_from_sigma(sigma: np.ndarray, flow: bool) -> tuple[np.ndarray, np.ndarray]:
+def alpha_sigma_from_sigma(sigma, flow: bool, xp=np) -> tuple:
     """The VP (or flow) pair ``(alpha_t, sigma_t)`` of a noise level given as diffusers' sigma.
 
     VP: ``alpha = 1 / sqrt(1 + sigma^2)``, ``sigma_t = sigma * alpha``.
     Flow matching (rectified flow, ``x_t = (1 - t) x_0 + t eps``): ``alpha = 1 - sigma``, ``sigma_t = sigma``.
+    ``xp``: NumPy (float64, on the host; the default) or ``jax.numpy`` (in the array's own dtype).
     """
-    sigma = np.asarray(sigma, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64) if xp is np else sigma
     if flow:
         return 1.0 - sigma, sigma
-    alpha = 1.0 / np.sqrt(sigma**2 + 1.0)
+    alpha = 1.0 / xp.sqrt(sigma**2 + 1.0)
     return alpha, sigma * alpha

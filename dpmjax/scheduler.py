@@ -34,7 +34,8 @@ from . import solver
 from .coefficients import step_tables
 from .config import SchedulerConfig, check_num_inference_steps, read_config_file, write_config_file
 from .grids import forward_grid, inverse_grid
-from .noise_schedule import training_schedule
+from .noise_schedule import alpha_sigma_from_sigma, training_schedule
+from .numerics.rows import per_row
 from .state import SchedulerState
 
 Array = jax.Array
@@ -120,7 +121,7 @@ def _initial_state(config: SchedulerConfig, forward: bool) -> SchedulerState:
         )
 
 
-class _DPMSolverMultistepBase:
+class DPMSolverMultistepBase:
     """Shared implementation; subclasses fix the direction of the grid."""
 
     forward: bool = True
@@ -146,10 +147,9 @@ class _DPMSolverMultistepBase:
                 )
         elif config.is_sde:
             raise ValueError(
-                f"algorithm_type={config.algorithm_type!r} cannot run in the inverse scheduler: its noise term "
-                "sqrt(1 - e^{-2h}) has no real value when the noise level rises (diffusers returns NaN, issue "
-                "#10748). Use 'dpmsolver++' or 'dpmsolver' to invert, or dpmjax's trajectory API to invert a "
-                "stochastic sampler with known noises."
+                f"algorithm_type={config.algorithm_type!r} cannot run in the inverse scheduler (its noise term "
+                "sqrt(1 - e^{-2h}) has no real value when the noise rises); use 'dpmsolver++' or 'dpmsolver', or "
+                "dpmjax.invert(..., exact=True, noises=...) on the stochastic sampler."
             )
 
     @property
@@ -313,14 +313,8 @@ class _DPMSolverMultistepBase:
         timesteps = jnp.atleast_1d(jnp.asarray(timesteps))
         index = jax.vmap(lambda t: solver.locate_step(state.timesteps, t))(timesteps)
         cdt = solver.compute_dtype(original_samples)
-        sigma = state.sigmas[index].astype(cdt)
-        if self._config.use_flow_sigmas:
-            alpha, sigma_t = 1.0 - sigma, sigma
-        else:
-            alpha = jax.lax.rsqrt(sigma**2 + 1.0)
-            sigma_t = sigma * alpha
-        expand = (-1,) + (1,) * (original_samples.ndim - 1)
-        noisy = alpha.reshape(expand) * original_samples.astype(cdt) + sigma_t.reshape(expand) * noise.astype(cdt)
+        alpha, sigma_t = alpha_sigma_from_sigma(state.sigmas[index].astype(cdt), self._config.use_flow_sigmas, xp=jnp)
+        noisy = per_row(alpha, original_samples) * original_samples.astype(cdt) + per_row(sigma_t, noise) * noise.astype(cdt)
         return noisy.astype(original_samples.dtype)
 
     # ------------------------------------------------------------------ the seed's building blocks
@@ -362,7 +356,7 @@ class _DPMSolverMultistepBase:
         return self._config.num_train_timesteps
 
 
-class DPMSolverMultistepScheduler(_DPMSolverMultistepBase):
+class DPMSolverMultistepScheduler(DPMSolverMultistepBase):
     """DPM-Solver / DPM-Solver++ multistep sampler (Lu et al. 2022, arXiv:2206.00927, 2211.01095).
 
     Integrates the diffusion ODE (or SDE) from high to low noise with the exponential integrator
@@ -374,7 +368,7 @@ class DPMSolverMultistepScheduler(_DPMSolverMultistepBase):
     forward = True
 
 
-class DPMSolverMultistepInverseScheduler(_DPMSolverMultistepBase):
+class DPMSolverMultistepInverseScheduler(DPMSolverMultistepBase):
     """The inverse of :class:`DPMSolverMultistepScheduler`: the same updates from low to high noise.
 
     DDIM-style inversion (Mokady et al. 2023, Null-text Inversion; Couairon et al. 2023, DiffEdit)

@@ -194,30 +194,53 @@ def step(
     steps, as in diffusers). The sample keeps its dtype; the arithmetic runs in float32 or wider.
     """
     require_timesteps(state)
-    model_output = mean_of_model_output(config, model_output, sample)
     history = state.model_outputs
     if tuple(history.shape[1:]) != tuple(sample.shape):
         raise ValueError(
             f"sample shape {tuple(sample.shape)} differs from the shape given to set_timesteps {tuple(history.shape[1:])}."
         )
     index = current_step_index(state, timestep)
-    n = state.timesteps.shape[0]
     K = state.update_coefficients.shape[1]  # the solver order (the history holds history_length(K) slots)
-    in_schedule = jnp.minimum(index, n - 1)
     if K == 1:  # every step is first order: no warm-up or order cap to look up
         row = state.update_coefficients[index, 0]
     else:
-        order = jnp.minimum(jnp.minimum(state.lower_order_nums + 1, K), state.order_cap[in_schedule])
-        row = state.update_coefficients[index, order - 1]
-    m0 = convert_model_output(config, state, in_schedule, model_output, sample)
-    history, previous = push_history(history, m0, index)
-    prev_sample = update(config, row, sample, m0, previous, key, variance_noise)
+        in_schedule = jnp.minimum(index, state.timesteps.shape[0] - 1)
+        row = state.update_coefficients[index, step_order(state.lower_order_nums, K, state.order_cap[in_schedule]) - 1]
+    prev_sample, history = step_from_output(config, state, index=index, row=row, sample=sample,
+                                            model_output=model_output, history=history, key=key, noise=variance_noise)
     new_state = state.replace(
         model_outputs=history,
         lower_order_nums=jnp.minimum(state.lower_order_nums + 1, K).astype(jnp.int32),
         step_index=(index + 1).astype(jnp.int32),
     )
     return prev_sample, new_state
+
+
+def step_order(steps_taken, solver_order: int, order_cap):
+    """The order of a step: ``min(steps_taken + 1, solver_order, order_cap)``. The warm-up (a
+    multistep method has only ``steps_taken`` older outputs) and diffusers' lower-order final steps
+    (``order_cap``, from :func:`dpmjax.coefficients.order_caps`) in one rule."""
+    return jnp.minimum(jnp.minimum(steps_taken + 1, solver_order), order_cap)
+
+
+def converted_output(config: SchedulerConfig, state: SchedulerState, index, model_output: Array, sample: Array) -> Array:
+    """``convert(mean(model_output))``: the solver's quantity at step ``index`` from a raw model output."""
+    return convert_model_output(config, state, index, mean_of_model_output(config, model_output, sample), sample)
+
+
+def step_from_output(config: SchedulerConfig, state: SchedulerState, *, index, row: Array, sample: Array,
+                     model_output: Array, history: Array, key: Optional[Array] = None,
+                     noise: Optional[Array] = None) -> tuple:
+    """The step itself, shared by every loop in dpmjax: convert the model output, push it into the
+    history ring buffer, apply the update ``row``. Returns ``(next_sample, history)``.
+
+    ``x_{i+1} = c_x x_i + sum_k c_k m_{i-k} + c_z z`` with ``m_i = convert(model_output)``
+    (Lu et al. 2022, DPM-Solver++, arXiv:2211.01095, Alg. 2 written as one linear combination).
+    """
+    in_schedule = jnp.minimum(index, state.timesteps.shape[0] - 1)
+    m0 = converted_output(config, state, in_schedule, model_output, sample)
+    history, previous = push_history(history, m0, index)
+    return update(config, row, sample, m0, previous, key, noise), history
 
 
 def history_length(solver_order: int) -> int:
@@ -257,8 +280,7 @@ def trajectory_rows(state: SchedulerState) -> Array:
     order logic)."""
     n, K = state.timesteps.shape[0], state.update_coefficients.shape[1]
     steps = jnp.arange(n)
-    orders = jnp.minimum(jnp.minimum(steps + 1, K), state.order_cap)
-    return state.update_coefficients[steps, orders - 1]
+    return state.update_coefficients[steps, step_order(steps, K, state.order_cap) - 1]
 
 
 def order_k_update(state: SchedulerState, order: int, outputs_newest_first: Sequence[Array], sample: Array, noise: Optional[Array]) -> Array:

@@ -25,7 +25,7 @@ import optax  # noqa: E402
 
 import dpmjax  # noqa: E402
 from dpmjax.models import flax_sd  # noqa: E402
-from dpmjax.null_text import null_text_inversion  # noqa: E402
+from dpmjax.trajectories.null_text import null_text_inversion  # noqa: E402
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 # the Flax class ended at the smallest training noise level (dpmjax.FlaxDPMSolverMultistepScheduler does too)

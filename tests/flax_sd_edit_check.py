@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 
-from dpmjax import trajectory  # noqa: E402
+from dpmjax.trajectories import scan  # noqa: E402
 from dpmjax.models import flax_sd  # noqa: E402
 from dpmjax.models.flax_sd_edit import decode_latents, edit_images, encode_images, write_images  # noqa: E402
 
@@ -87,7 +87,7 @@ def main(out: Path) -> dict:
     for method in ("plain", "null-text"):
         first = edit_images(pipeline, params, images, SOURCE, TARGET, method=method, reconstruct=True, null_text_steps=3,
                             **settings)
-        sizes = (trajectory._scan_steps_jit._cache_size(),)
+        sizes = (scan.scan_steps_jit._cache_size(),)
         again = edit_images(pipeline, params, images[::-1], ["the dog", "a cat"], SOURCE, method=method,
                             reconstruct=True, null_text_steps=3, **settings)
         rows[method] = {
@@ -96,7 +96,7 @@ def main(out: Path) -> dict:
             "reconstruction_rel": rel(first.reconstruction_latents, first.source_latents),
             "image_change": float(np.max(np.abs(first.images - decode_latents(pipeline.vae, params["vae"],
                                                                                  first.reconstruction_latents)))),
-            "recompiled_on_second_call": (trajectory._scan_steps_jit._cache_size(),) != sizes,
+            "recompiled_on_second_call": (scan.scan_steps_jit._cache_size(),) != sizes,
             "losses": None if first.null_text_losses is None else np.asarray(first.null_text_losses).tolist()}
         phase(method)
     report["methods"] = rows

@@ -15,7 +15,7 @@ import dpmjax
 from dpmjax import DPMSolverMultistepInverseScheduler as Inverse
 from dpmjax import DPMSolverMultistepScheduler as Forward
 from dpmjax import SchedulerConfig
-from dpmjax import null_text
+from dpmjax.trajectories import null_text
 
 SCHEDULERS = (Forward, Inverse)
 NOT_INTEGERS = (2.0, True, False, np.float64(2.0), np.float32(2.0), np.bool_(True), "2", None)

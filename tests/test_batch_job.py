@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpmjax import batch_job
+from dpmjax.apps import batch_job
 from dpmjax.models import digits
 
 STEPS = 5
@@ -283,7 +283,7 @@ def test_chunks_run_in_pieces_of_batch_rows(tmp_path):
     np.testing.assert_array_equal(got["a.npy"][:8], np.concatenate([pieces["a0.npy"], pieces["a1.npy"]]))
     np.testing.assert_array_equal(got["a.npy"][8:], pieces["a2.npy"][:2])  # padded: images 10-11 stood in for rows 2-3
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["batch_rows"] == 4
-    with pytest.raises(ValueError, match="batch_rows must be a positive integer"):
+    with pytest.raises(ValueError, match="batch_rows must be an integer >= 1"):
         batch_job.run(tmp_path / "input", tmp_path / "out", batch_rows=0)
 
 
@@ -748,7 +748,7 @@ def test_float16_shards_are_checked_without_warnings_and_only_files_count_as_don
     would be is not a record: the manifest lists it as missing."""
     import warnings
 
-    from dpmjax.input_stores import checked
+    from dpmjax.apps.input_stores import checked
 
     x = np.asarray(digits.heldout()[0][:2], np.float16)
     x[0, 0, 0, 0] = np.finfo(np.float16).max

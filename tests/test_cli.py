@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from dpmjax import cli
-from dpmjax.demo import roundtrip_errors
+from dpmjax.apps import cli
+from dpmjax.apps.demo import roundtrip_errors
 
 
 def test_demo_prints_the_table_and_writes_a_png(tmp_path, capsys):

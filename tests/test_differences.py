@@ -11,8 +11,8 @@ import torch
 
 import dpmjax
 from conftest import SHAPE, diffusers_trajectory, dpmjax_trajectory, draw, make_diffusers
-from dpmjax.analytic import Gaussian
-from dpmjax.demo import run_grid
+from dpmjax.models.analytic import Gaussian
+from dpmjax.apps.demo import run_grid
 
 
 def test_sde_inverse_is_refused_where_diffusers_returns_nan():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import dpmjax
-from dpmjax import cli
-from dpmjax.digits_job import psnr, reconstruct, sample_quality
+from dpmjax.apps import cli
+from dpmjax.apps.digits_job import psnr, reconstruct, sample_quality
 from dpmjax.models import digits, train_digits
 
 
@@ -57,8 +57,8 @@ def test_exact_inversion_reconstructs_held_out_digits(model, heldout):
     inversion reaches the float32 floor, far above plain."""
     fwd = dpmjax.DPMSolverMultistepScheduler(solver_order=2, use_lu_lambdas=True, final_sigmas_type="sigma_min")
     images, labels = heldout[0][:32], heldout[1][:32]
-    _, plain = reconstruct(model, images, labels, fwd, 25, 3.0, exact=False)
-    _, exact = reconstruct(model, images, labels, fwd, 25, 3.0, exact=True)
+    _, plain = reconstruct(model, images, labels, scheduler=fwd, n=25, scale=3.0, exact=False)
+    _, exact = reconstruct(model, images, labels, scheduler=fwd, n=25, scale=3.0, exact=True)
     assert psnr(exact, images) >= 100.0, psnr(exact, images)
     assert psnr(exact, images) >= psnr(plain, images) + 50.0
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import dpmjax
-from dpmjax.analytic import GaussianMixture, timestep_model
-from dpmjax.digits_job import guided_model, psnr
+from dpmjax.models.analytic import GaussianMixture, timestep_model
+from dpmjax.apps.digits_job import guided_model, psnr
 from dpmjax.models import digits
 
 GMM = GaussianMixture()
@@ -115,7 +115,7 @@ _FLOAT64_SCRIPT = """
 import jax
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp, dpmjax
-from dpmjax.analytic import GaussianMixture, timestep_model
+from dpmjax.models.analytic import GaussianMixture, timestep_model
 gmm = GaussianMixture()
 for order in (1, 2, 3):
     fwd = dpmjax.DPMSolverMultistepScheduler(solver_order=order, final_sigmas_type="sigma_min", use_lu_lambdas=True)

@@ -118,7 +118,7 @@ def test_without_diffusers_039_the_command_says_what_to_install(tmp_path, settin
     args = ["edit", "--pipeline", str(tmp_path), "--image", "x.png", "--prompt", "a", "--target-prompt", "b",
             "--out", str(tmp_path / "o.png")]
     hide = "import sys; sys.modules['diffusers'] = None; " if setting == "missing" else ""
-    done = subprocess.run([sys.executable, "-c", f"{hide}import sys; from dpmjax.cli import main; sys.exit(main({args!r}))"],
+    done = subprocess.run([sys.executable, "-c", f"{hide}import sys; from dpmjax.apps.cli import main; sys.exit(main({args!r}))"],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 2, (done.stdout, done.stderr)
     lines = done.stderr.strip().splitlines()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import dpmjax
-from dpmjax.analytic import Gaussian, GaussianMixture, model_output_from_denoised
-from dpmjax.demo import analytic_model, run_grid
+from dpmjax.models.analytic import Gaussian, GaussianMixture, model_output_from_denoised
+from dpmjax.apps.demo import analytic_model, run_grid
 
 DATA = Gaussian()
 

@@ -8,9 +8,9 @@ import optax
 import pytest
 
 import dpmjax
-from dpmjax.digits_job import psnr, reconstruct
+from dpmjax.apps.digits_job import psnr, reconstruct
 from dpmjax.models import digits
-from dpmjax.null_text import null_text_inversion, sample_with_null_embeddings
+from dpmjax.trajectories.null_text import null_text_inversion, sample_with_null_embeddings
 
 N = 10
 
@@ -35,8 +35,8 @@ def test_null_text_restores_the_reconstruction_at_high_guidance(setup):
     pivot). Measured on these 24 digits: w=1 25.4 dB, plain w=7.5 9.4 dB, null-text with 20 Adam
     steps per step 26.4 dB (the paper's 10 steps: 21.7 dB; this model needs more than SD)."""
     model, images, labels, scheduler, *_ = setup
-    unguided = psnr(reconstruct(model, images, labels, scheduler, N, 1.0, False)[1], images)
-    guided = psnr(reconstruct(model, images, labels, scheduler, N, 7.5, False)[1], images)
+    unguided = psnr(reconstruct(model, images, labels, scheduler=scheduler, n=N, scale=1.0, exact=False)[1], images)
+    guided = psnr(reconstruct(model, images, labels, scheduler=scheduler, n=N, scale=7.5, exact=False)[1], images)
     result = run(setup, 7.5, inner_steps=20)
     restored = psnr(result.reconstruction, images)
     assert guided < unguided - 10, (guided, unguided)

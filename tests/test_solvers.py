@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpmjax.krylov import gmres
-from dpmjax.newton import newton_krylov
+from dpmjax.numerics.krylov import gmres
+from dpmjax.numerics.newton import newton_krylov
 
 
 def block_diagonal_system(rows=64, dim=8, seed=0):
@@ -66,7 +66,7 @@ def test_anderson_fixed_point_solves_each_row_and_beats_plain_iteration():
     calls plain iteration keeps ~10% of its error, Anderson mixing (5 differences) a thousandth of
     that; in 20 it reaches the float32 floor. Each row keeps its own least-squares problem: a NaN
     row does not touch the others."""
-    from dpmjax.anderson import anderson_fixed_point
+    from dpmjax.numerics.anderson import anderson_fixed_point
 
     rng = np.random.default_rng(0)
     Q = np.linalg.qr(rng.normal(size=(6, 6)))[0]

@@ -9,7 +9,7 @@ import pytest
 
 import dpmjax
 from conftest import draw, relative_error
-from dpmjax.analytic import GaussianMixture, timestep_model
+from dpmjax.models.analytic import GaussianMixture, timestep_model
 
 GMM = GaussianMixture()
 SHAPE = (64, 16)
@@ -234,10 +234,10 @@ def test_the_trajectory_compiles_to_one_loop_whatever_its_length():
 
     def program(n):
         state = fwd.set_timesteps(fwd.create_state(), n, SHAPE)
-        from dpmjax.trajectory import _scan_steps
+        from dpmjax.trajectories.scan import ScanOptions, scan_steps_jit
 
-        return jax.jit(_scan_steps, static_argnums=tuple(range(8))).lower(
-            fwd, model, False, False, False, 1, False, "sample", state, jnp.zeros(SHAPE), None, None, None).as_text()
+        return scan_steps_jit.lower(fwd, model, ScanOptions(label="sample"), state, jnp.zeros(SHAPE), None, None,
+                                    None).as_text()
 
     short, long = program(10), program(200)
     assert abs(len(long) - len(short)) < 0.02 * len(short)

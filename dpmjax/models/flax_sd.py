@@ -30,6 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import checks
+from ..trajectories import guidance
+
 Array = jax.Array
 
 
@@ -88,9 +91,7 @@ def guided_unet(unet, guidance_scale: float = 7.5) -> Callable[[Array, Array, UN
     2022): ``u + w (c - u)`` from one UNet call on the doubled batch ``[uncond; text]``; at
     ``w = 1`` one call on the text embeddings alone. Cached per ``(unet, w)``, so repeated
     ``sample``/``invert`` calls reuse one compiled program."""
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise ValueError(f"guidance_scale must be a Python number (it is static), got {guidance_scale!r}.")
-    w = float(guidance_scale)
+    w = checks.real("guidance_scale", guidance_scale, note=" (a Python number: it is static)")
 
     def model_fn(latents, t, inputs: UNetInputs):
         if w == 1.0:
@@ -99,9 +100,8 @@ def guided_unet(unet, guidance_scale: float = 7.5) -> Callable[[Array, Array, UN
             raise ValueError(f"guidance_scale={w} needs UNetInputs.uncond_embeddings.")
         batch = latents.shape[0]
         text, uncond = (jnp.broadcast_to(e, (batch,) + e.shape[1:]) for e in (inputs.text_embeddings, inputs.uncond_embeddings))
-        both = unet_eps(unet, inputs.params, jnp.concatenate([latents, latents]), t, jnp.concatenate([uncond, text]))
-        eps_uncond, eps_text = jnp.split(both, 2)
-        return eps_uncond + w * (eps_text - eps_uncond)
+        doubled_latents, embeddings = guidance.doubled(latents, uncond, text)
+        return guidance.guide_doubled(unet_eps(unet, inputs.params, doubled_latents, t, embeddings), w)
 
     return model_fn
 

@@ -43,9 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import invert, sample
+from ..trajectories.inversion import invert
+from ..trajectories.scan import sample
 from ..config import SchedulerConfig
-from ..null_text import null_text_inversion, sample_with_null_embeddings
+from ..trajectories.null_text import null_text_inversion, sample_with_null_embeddings
 from ..scheduler import DPMSolverMultistepScheduler
 from . import flax_sd
 

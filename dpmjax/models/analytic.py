@@ -96,7 +96,7 @@ class GaussianMixture(NamedTuple):
 def timestep_model(data, config, prediction_type: Optional[str] = None):
     """``model_fn(x, t)``: the exact model of ``data`` conditioned on an integer training timestep,
     as a trained network is (noise level from the training table ``alphas_cumprod[t]``)."""
-    from .noise_schedule import training_schedule
+    from ..noise_schedule import training_schedule
 
     alphas_cumprod = jnp.asarray(training_schedule(config).alphas_cumprod)
     prediction_type = prediction_type or config.prediction_type

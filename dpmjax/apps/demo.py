@@ -14,12 +14,11 @@ from typing import Callable, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from .analytic import Gaussian, GaussianMixture, model_output_from_denoised
-from .config import SchedulerConfig
-from .scheduler import DPMSolverMultistepInverseScheduler, DPMSolverMultistepScheduler, _DPMSolverMultistepBase
-from .state import SchedulerState
+from ..models.analytic import Gaussian, GaussianMixture, model_output_from_denoised
+from ..config import SchedulerConfig
+from ..scheduler import DPMSolverMultistepBase, DPMSolverMultistepInverseScheduler, DPMSolverMultistepScheduler
+from ..state import SchedulerState
 
 DATA = {"gmm": GaussianMixture(), "gaussian": Gaussian()}
 GRIDS = {"default": {}, "lu": {"use_lu_lambdas": True}, "karras": {"use_karras_sigmas": True}}
@@ -35,7 +34,7 @@ def analytic_model(data, prediction_type: str) -> Callable:
 
 
 def run_grid(
-    scheduler: _DPMSolverMultistepBase,
+    scheduler: DPMSolverMultistepBase,
     state: SchedulerState,
     model: Callable,
     sample: jax.Array,

@@ -81,8 +81,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .input_stores import ChunkError, majority_row_shape, open_store, read_json
-from .scheduler import DPMSolverMultistepScheduler
-from .trajectory import invert
+from .. import checks
+from ..scheduler import DPMSolverMultistepScheduler
+from ..trajectories import progress as progress_line
+from ..trajectories.inversion import invert
 
 try:
     import fcntl
@@ -192,8 +194,7 @@ def _positive_int(name: str, value, optional: bool = False) -> None:
     """Refuse anything but a positive int (``None`` too, when ``optional``)."""
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' (rows per model call) or None' if optional else ''}, got {value!r}.")
+    checks.integer(name, value, 1, note=" (rows per model call) or None" if optional else "")
 
 
 def _check_paths(input_dir: Path, output_dir: Path) -> None:
@@ -848,8 +849,10 @@ class _Job:
             self.counts["done"] += 1
             if self.progress:
                 elapsed = time.perf_counter() - self.start
-                sys.stderr.write(f"\rinvert-batch [{self.counts['done']}/{len(self.mine)} chunks] {self.counts['rows']} rows, "
-                                 f"{self.counts['rows'] / max(elapsed, 1e-9):.0f} rows/s, {len(self.failed)} failed")
+                sys.stderr.write("\r" + progress_line.line(
+                    "invert-batch", self.counts["done"], len(self.mine), unit="chunks",
+                    suffix=f", {self.counts['rows']} rows ({self.counts['rows'] / max(elapsed, 1e-9):.0f} rows/s), "
+                           f"{len(self.failed)} failed"))
                 sys.stderr.flush()
 
 

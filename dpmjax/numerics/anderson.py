@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .rows import per_row
+
 Array = jax.Array
 
 
@@ -78,7 +80,7 @@ def anderson_fixed_point(
         F = jnp.roll(c.F, -1, axis=0).at[-1].set(by_row(gy - c.y).astype(dtype))
         valid = jnp.arange(window + 1) >= window - c.count
         y_next = mix(G, F, valid).reshape(c.y.shape).astype(c.y.dtype)
-        keep = improved.reshape((rows,) + (1,) * (c.y.ndim - 1))
+        keep = per_row(improved, c.y)
         return _Carry(y=y_next, G=G, F=F, count=c.count + 1, best_y=jnp.where(keep, c.y, c.best_y),
                       best=jnp.where(improved, res, c.best))
 

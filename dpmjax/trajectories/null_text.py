@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 import functools
 import types
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.struct
 import jax
@@ -39,9 +39,13 @@ import numpy as np
 import optax
 from jax import lax
 
-from . import solver
-from .scheduler import DPMSolverMultistepScheduler
-from .trajectory import Trajectory, _check_scheduler, _report_progress, invert
+from .. import checks, solver
+from ..numerics.rows import per_row
+from ..scheduler import DPMSolverMultistepScheduler
+from . import guidance
+from . import progress as progress_line
+from .inversion import invert
+from .scan import Trajectory, check_scheduler
 
 Array = jax.Array
 
@@ -79,18 +83,41 @@ def _mask_rows(tree, active: Array):
     def mask(u):
         if u.ndim == 0 or u.shape[0] != rows:
             return u
-        return jnp.where(active.reshape((rows,) + (1,) * (u.ndim - 1)), u, jnp.zeros_like(u))
+        return jnp.where(per_row(active, u), u, jnp.zeros_like(u))
 
     return jax.tree_util.tree_map(mask, tree)
 
 
-def _guided_scan(scheduler, model, guidance_scale, optimizer, inner_steps, tolerance, optimize, progress,
-                 state, noise, cond, nulls, targets, model_params):
-    """One scan over the sampler's steps. ``optimize``: tune each step's null (from the previous
-    step's) towards ``targets[k]``; else use ``nulls[k]`` as given."""
+class _Tuning(NamedTuple):
+    """Carry of one step's optimisation: the null embedding, the optimiser's state, steps taken, the
+    per-row losses of the last step and of the first."""
+
+    null: Any
+    opt_state: Any
+    taken: Array
+    losses: Array
+    first_losses: Array
+
+
+class _ScanSettings(NamedTuple):
+    """Static settings of :func:`_guided_scan` (hashable: one compiled program per value).
+    ``optimize``: tune each step's null towards its target; else use the nulls given."""
+
+    guidance_scale: float
+    optimizer: "_KeyedOptimizer"
+    inner_steps: int
+    tolerance: float
+    optimize: bool
+    progress: bool
+
+
+def _guided_scan(scheduler, model, settings: _ScanSettings, state, noise, cond, nulls, targets, model_params):
+    """One scan over the sampler's steps. ``settings.optimize``: tune each step's null (from the
+    previous step's) towards ``targets[k]``; else use ``nulls[k]`` as given."""
+    guidance_scale, inner_steps, tolerance = settings.guidance_scale, settings.inner_steps, settings.tolerance
+    optimize, progress, optimizer = settings.optimize, settings.progress, settings.optimizer.optimizer
     config = scheduler.config
     n = state.timesteps.shape[0]
-    K = config.solver_order
     cdt = solver.compute_dtype(noise)
     rows = noise.shape[0]
     if model_params is not None:
@@ -101,47 +128,44 @@ def _guided_scan(scheduler, model, guidance_scale, optimizer, inner_steps, toler
         i, t, row, null_given, target = inputs
         null = null if optimize else null_given
         out_cond = model(x, t, cond)
-        previous = [lax.dynamic_index_in_dim(history, (i - k) % K, 0, keepdims=False) for k in range(1, K)]
 
-        def step_with(u):
-            out_u = model(x, t, u)
-            out = out_u + guidance_scale * (out_cond - out_u)
-            m0 = solver.convert_model_output(config, state, i, solver.mean_of_model_output(config, out, x), x)
-            return solver.update(config, row, x, m0, previous), m0
+        def step_with(u):  # the guided step with null embedding u: (next sample, history)
+            out = guidance.guide(model(x, t, u), out_cond, guidance_scale)
+            return solver.step_from_output(config, state, index=i, row=row, sample=x, model_output=out, history=history)
 
         if optimize:
             def loss(u):
                 per_row = _row_mse(step_with(u)[0], target)
                 return jnp.sum(per_row), per_row
 
-            def unfinished(c):
-                _, _, j, per_row, _ = c
-                return (j < inner_steps) & jnp.any(per_row > tolerance)
+            def unfinished(c: _Tuning):
+                return (c.taken < inner_steps) & jnp.any(c.losses > tolerance)
 
-            def one(c):
-                u, opt_state, j, _, first = c
-                (_, per_row), grad = jax.value_and_grad(loss, has_aux=True)(u)
-                updates, opt_state = optimizer.update(grad, opt_state, u)
-                u = optax.apply_updates(u, _mask_rows(updates, per_row > tolerance))
-                return u, opt_state, j + 1, per_row, jnp.where(j == 0, per_row, first)
+            def optimise(c: _Tuning) -> _Tuning:
+                (_, per_row), grad = jax.value_and_grad(loss, has_aux=True)(c.null)
+                updates, opt_state = optimizer.update(grad, c.opt_state, c.null)
+                return _Tuning(null=optax.apply_updates(c.null, _mask_rows(updates, per_row > tolerance)),
+                               opt_state=opt_state, taken=c.taken + 1, losses=per_row,
+                               first_losses=jnp.where(c.taken == 0, per_row, c.first_losses))
 
             unknown = jnp.full((rows,), jnp.inf, jnp.float32)
-            null, _, taken, _, first = lax.while_loop(unfinished, one, (null, optimizer.init(null), jnp.asarray(0), unknown, unknown))
+            tuned = lax.while_loop(unfinished, optimise, _Tuning(null=null, opt_state=optimizer.init(null), taken=jnp.asarray(0),
+                                                                 losses=unknown, first_losses=unknown))
+            null, taken, first = tuned.null, tuned.taken, tuned.first_losses
         else:
             taken = jnp.asarray(0)
-        x_next, m0 = step_with(null)
-        history = lax.dynamic_update_index_in_dim(history, m0.astype(cdt), i % K, 0)
+        x_next, history = step_with(null)
         if optimize:
             error = _row_mse(x_next, target)
             before = jnp.where(taken > 0, first, error)
             errors = (jnp.max(error), jnp.max(before))
         else:
             errors = (jnp.asarray(0.0, jnp.float32),) * 2
-        _report_progress(progress, i, n, "null-text inversion" if optimize else "sample (null-text)")
+        progress_line.report(progress, i, n, "null-text inversion" if optimize else "sample (null-text)")
         return (x_next, history, null), (null, errors, taken)
 
     first_null = jax.tree_util.tree_map(lambda a: a[0], nulls)
-    history = jnp.zeros((K,) + noise.shape, cdt)
+    history = jnp.zeros((solver.history_length(config.solver_order),) + noise.shape, cdt)
     per_step = (jnp.arange(n), state.timesteps, solver.trajectory_rows(state), nulls, targets)
     (x, _, _), (used, errors, taken) = lax.scan(body, (noise, history, first_null), per_step)
     return x, used, errors, taken
@@ -251,28 +275,19 @@ def _default_optimizer() -> optax.GradientTransformation:
     return optax.adam(1e-2)
 
 
-def _guided_scan_keyed(scheduler, model, guidance_scale, optimizer: _KeyedOptimizer, *args):
-    """:func:`_guided_scan` with the optimiser unwrapped from its cache key."""
-    return _guided_scan(scheduler, model, guidance_scale, optimizer.optimizer, *args)
-
-
 _NO_OPTIMIZER = _KeyedOptimizer(optax.identity())
-_STATIC = ("scheduler", "model", "guidance_scale", "optimizer", "inner_steps", "tolerance", "optimize", "progress")
-_guided_scan_jit = jax.jit(_guided_scan_keyed, static_argnums=tuple(range(len(_STATIC))))
+_guided_scan_jit = jax.jit(_guided_scan, static_argnums=(0, 1, 2))
 
 
 def _checked(scheduler, guidance_scale, inner_steps, tolerance):
-    _check_scheduler(scheduler)
+    check_scheduler(scheduler)
     if not scheduler.forward:
         raise ValueError("null-text inversion retraces a sampler: pass a DPMSolverMultistepScheduler.")
     if scheduler.config.is_sde:
         raise ValueError(f"null-text inversion needs a deterministic sampler, not algorithm_type={scheduler.config.algorithm_type!r}.")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise ValueError(f"guidance_scale must be a Python number (it is static), got {guidance_scale!r}.")
-    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
-        raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}.")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
-        raise ValueError(f"tolerance must be a non-negative number, got {tolerance!r}.")
+    checks.real("guidance_scale", guidance_scale, note=" (a Python number: it is static)")
+    checks.integer("inner_steps", inner_steps, 0)
+    checks.real("tolerance", tolerance, low=0.0)
 
 
 @functools.lru_cache(maxsize=32)
@@ -325,9 +340,10 @@ def null_text_inversion(
     targets = jnp.concatenate([path[:-1][::-1], x[None].astype(path.dtype)])
     state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, x.shape, solver.compute_dtype(x))
     n = state.num_inference_steps
-    recon, nulls, (losses, initial), taken = _guided_scan_jit(
-        scheduler, model, float(guidance_scale), optimizer, inner_steps, float(tolerance), True, progress,
-        state, pivot.sample, cond, _per_step(uncond, n), targets, model_params)
+    settings = _ScanSettings(guidance_scale=float(guidance_scale), optimizer=optimizer, inner_steps=int(inner_steps),
+                             tolerance=float(tolerance), optimize=True, progress=progress)
+    recon, nulls, (losses, initial), taken = _guided_scan_jit(scheduler, model, settings, state, pivot.sample, cond,
+                                                              _per_step(uncond, n), targets, model_params)
     return NullTextInversion(pivot.sample, nulls, recon, losses, initial, taken, pivot)
 
 
@@ -353,6 +369,7 @@ def sample_with_null_embeddings(
     leading = {jnp.shape(a)[0] if jnp.ndim(a) else None for a in jax.tree_util.tree_leaves(null_embeddings)}
     if leading != {n}:
         raise ValueError(f"null_embeddings must have a leading axis of num_inference_steps={n} on every leaf, got {leading}.")
-    x, _, _, _ = _guided_scan_jit(scheduler, model, float(guidance_scale), _NO_OPTIMIZER, 0, 0.0, False, progress,
-                                  state, noise, cond, null_embeddings, None, model_params)
+    settings = _ScanSettings(guidance_scale=float(guidance_scale), optimizer=_NO_OPTIMIZER, inner_steps=0, tolerance=0.0,
+                             optimize=False, progress=progress)
+    x, _, _, _ = _guided_scan_jit(scheduler, model, settings, state, noise, cond, null_embeddings, None, model_params)
     return x

@@ -16,17 +16,18 @@ to *another* input with the same output (a fold), and how many did not converge.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import solver
-from .newton import newton_krylov, row_max_abs
-from .scheduler import DPMSolverMultistepScheduler
-from .trajectory import ModelFn, sample
+from .. import solver
+from ..numerics.newton import newton_krylov
+from ..numerics.rows import row_max_abs
+from ..scheduler import DPMSolverMultistepScheduler
+from .scan import ModelFn, sample
 
 
 class StepInversionCheck(NamedTuple):

@@ -9,7 +9,7 @@ from . import batch_job, demo, digits_job
 
 
 def _edit(args):
-    from .models import flax_sd_edit  # imports diffusers (< 0.40) only when run
+    from ..models import flax_sd_edit  # imports diffusers (< 0.40) only when run
 
     return flax_sd_edit.main(args)
 

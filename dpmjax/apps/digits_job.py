@@ -20,10 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .models import digits
-from .null_text import null_text_inversion
-from .scheduler import DPMSolverMultistepScheduler
-from .trajectory import classifier_free_guidance, invert, sample
+from ..models import digits
+from ..trajectories.null_text import null_text_inversion
+from ..scheduler import DPMSolverMultistepScheduler
+from ..trajectories import progress as progress_line
+from ..trajectories.guidance import classifier_free_guidance
+from ..trajectories.inversion import invert
+from ..trajectories.scan import sample
 
 
 GRIDS = {"lu": {"use_lu_lambdas": True}, "default": {}}
@@ -40,14 +43,14 @@ def guided_model(model: digits.Digits, labels: jax.Array, scale: float):
     return classifier_free_guidance(model.conditional, labels, null, scale)
 
 
-def reconstruct(model, images, labels, scheduler, n: int, scale: float, exact: bool, progress: bool = False):
+def reconstruct(model, images, labels, *, scheduler, n: int, scale: float, exact: bool, progress: bool = False):
     """``(noise, reconstruction)`` of ``images`` through ``n``-step inversion and sampling at guidance ``scale``."""
     noise, recon, _ = reconstruct_counted(model, images, labels, scheduler=scheduler, n=n, scale=scale, exact=exact,
                                           progress=progress)
     return noise, recon
 
 
-def reconstruct_counted(model, images, labels, scheduler, n: int, scale: float, exact: bool, progress: bool = False):
+def reconstruct_counted(model, images, labels, *, scheduler, n: int, scale: float, exact: bool, progress: bool = False):
     """:func:`reconstruct` and the number of rows whose round trip converged (exact inversion; None for plain)."""
     fn = guided_model(model, labels, scale)
     result = invert(fn, images, scheduler, n, exact=exact, progress=progress)
@@ -55,7 +58,7 @@ def reconstruct_counted(model, images, labels, scheduler, n: int, scale: float, 
     return result.sample, sample(fn, result.sample, scheduler, n, progress=progress).sample, converged
 
 
-def reconstruct_null_text(model, images, labels, scheduler, n: int, scale: float, inner_steps: int, progress: bool = False):
+def reconstruct_null_text(model, images, labels, *, scheduler, n: int, scale: float, inner_steps: int, progress: bool = False):
     """``(noise, reconstruction)`` by null-text inversion: the null label embedding tuned per step
     (optax Adam, learning rate 1e-2, ``inner_steps`` per step) to retrace the ``w = 1`` inversion."""
     result = null_text_inversion(model.conditional, images, scheduler, n, cond=model.embed(labels),
@@ -138,21 +141,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     table = {}
     shown = None
+    runs, total = 0, len(args.steps) * len(args.guidance) * len(methods)
     for n in args.steps:
         for w in args.guidance:
             cells = []
             for method in methods:
+                progress_line.show("digits", runs, total, unit="runs", suffix=f"  now: N={n} w={w:g} {method}")
                 if method == "null-text":
-                    noise, recon = reconstruct_null_text(model, images, labels, scheduler, n, w, args.null_text_steps, True)
+                    noise, recon = reconstruct_null_text(model, images, labels, scheduler=scheduler, n=n, scale=w,
+                                                         inner_steps=args.null_text_steps)
                 else:
                     noise, recon, converged = reconstruct_counted(model, images, labels, scheduler=scheduler, n=n, scale=w,
-                                                                  exact=method == "exact", progress=True)
+                                                                  exact=method == "exact")
+                runs += 1
                 table[(n, w, method)] = psnr(recon, images)
                 cells.append(f"{table[(n, w, method)]:.1f}")
                 if method == "exact":
                     cells.append(f"{converged}/{images.shape[0]}")
                 if n == args.steps[len(args.steps) // 2] and w == args.guidance[-1]:
                     shown = (shown or {}) | {method: (noise, recon)}
+            progress_line.clear()
             print(f"| {n} | {w:g} | " + " | ".join(cells) + " |", flush=True)
 
     n_quality = args.steps[len(args.steps) // 2]

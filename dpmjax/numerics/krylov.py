@@ -20,27 +20,36 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .rows import row_dot, row_norm, scale_rows
+
 Array = jax.Array
+
+
+class _Cycles(NamedTuple):
+    """Carry of the restarts: the solution so far, per row its residual norm, the cycles made."""
+
+    x: Array
+    residual: Array
+    count: Array
+
+
+class _Arnoldi(NamedTuple):
+    """Carry of one GMRES cycle after ``j`` Arnoldi steps: the basis ``V``, per row the rotated
+    Hessenberg matrix ``R``, the Givens rotations ``(cs, sn)``, the rotated right-hand side ``g``
+    and the residual norm it gives."""
+
+    j: Array
+    V: Array
+    R: Array
+    cs: Array
+    sn: Array
+    g: Array
+    residual: Array
 
 
 class GMRESResult(NamedTuple):
     solution: Array
     relative_residual: Array  # [rows]: ||b - J x|| / ||b|| estimated by the last least-squares solve
-
-
-def row_dot(u: Array, v: Array, rows: int) -> Array:
-    """``[rows]`` inner products of the rows of ``u`` and ``v`` (float32 at least)."""
-    dt = jnp.promote_types(u.dtype, jnp.float32)
-    return jnp.sum((u.astype(dt) * v.astype(dt)).reshape(rows, -1), axis=1)
-
-
-def row_norm(u: Array, rows: int) -> Array:
-    return jnp.sqrt(row_dot(u, u, rows))
-
-
-def _per_row(weights: Array, vectors: Array, rows: int) -> Array:
-    """``weights[r] * vectors[r]`` for weights ``[rows]`` broadcast over each row of ``vectors``."""
-    return weights.reshape((rows,) + (1,) * (vectors.ndim - 1)).astype(vectors.dtype) * vectors
 
 
 def gmres(
@@ -62,30 +71,29 @@ def gmres(
     wdt = b_norm.dtype  # the working precision: float32, or float64 for float64 systems
     tiny = jnp.finfo(wdt).tiny
 
-    def cycle(carry):
-        x, _, count = carry
+    def cycle(carry: _Cycles) -> _Cycles:
+        x, count = carry.x, carry.count
         r = b - matvec(x)
         beta = row_norm(r, rows)
-        V = jnp.zeros((m + 1,) + b.shape, b.dtype).at[0].set(_per_row(1.0 / jnp.maximum(beta, tiny), r, rows))
+        V = jnp.zeros((m + 1,) + b.shape, b.dtype).at[0].set(scale_rows(1.0 / jnp.maximum(beta, tiny), r))
         R = jnp.zeros((rows, m, m), wdt)
         cs = jnp.ones((rows, m), wdt)
         sn = jnp.zeros((rows, m), wdt)
         g = jnp.zeros((rows, m + 1), wdt).at[:, 0].set(beta)
 
-        def unfinished(state):
-            j, *_, res = state
-            return (j < m) & jnp.any(res > rtol * b_norm)
+        def unfinished(state: _Arnoldi):
+            return (state.j < m) & jnp.any(state.residual > rtol * b_norm)
 
-        def arnoldi(state):
+        def arnoldi(state: _Arnoldi) -> _Arnoldi:
             j, V, R, cs, sn, g, _ = state
             w = matvec(V[j])
             h = jnp.zeros((rows, m + 1), wdt)
             for _ in range(2):  # CGS2; basis vectors not made yet are zero
                 coeffs = jax.vmap(lambda v: row_dot(v, w, rows))(V)  # [m + 1, rows]
-                w = w - jnp.sum(jax.vmap(lambda c, v: _per_row(c, v, rows))(coeffs, V), axis=0)
+                w = w - jnp.sum(jax.vmap(lambda c, v: scale_rows(c, v))(coeffs, V), axis=0)
                 h = h + coeffs.T
             norm = row_norm(w, rows)
-            V = V.at[j + 1].set(_per_row(jnp.where(norm > tiny, 1.0 / jnp.maximum(norm, tiny), 0.0), w, rows))
+            V = V.at[j + 1].set(scale_rows(jnp.where(norm > tiny, 1.0 / jnp.maximum(norm, tiny), 0.0), w))
             h = h.at[:, j + 1].set(norm)
 
             def rotate(i, h):  # the rotations of the earlier columns
@@ -102,20 +110,19 @@ def gmres(
             cs, sn = cs.at[:, j].set(c), sn.at[:, j].set(s_)
             gj = g[:, j]
             g = g.at[:, j].set(c * gj).at[:, j + 1].set(-s_ * gj)
-            return j + 1, V, R, cs, sn, g, jnp.abs(g[:, j + 1])
+            return _Arnoldi(j=j + 1, V=V, R=R, cs=cs, sn=sn, g=g, residual=jnp.abs(g[:, j + 1]))
 
-        j, V, R, _, _, g, res = lax.while_loop(unfinished, arnoldi, (0, V, R, cs, sn, g, beta))
+        j, V, R, _, _, g, res = lax.while_loop(unfinished, arnoldi, _Arnoldi(j=0, V=V, R=R, cs=cs, sn=sn, g=g, residual=beta))
         used = jnp.arange(m) < j
         R = jnp.where(used[None, :, None] & used[None, None, :], R, 0.0) + jnp.diag(jnp.where(used, 0.0, 1.0))[None]
         # a zero pivot means the row's Krylov space was exhausted earlier: its later columns are 0
         R = R + jnp.where(jnp.abs(jnp.diagonal(R, axis1=1, axis2=2)) > 0, 0.0, 1.0)[:, :, None] * jnp.eye(m)[None]
         y = jax.vmap(lambda a, c: jax.scipy.linalg.solve_triangular(a, c, lower=False))(R, jnp.where(used, g[:, :m], 0.0))
-        x = x + jnp.sum(jax.vmap(lambda c, v: _per_row(c, v, rows))(y.T, V[:m]), axis=0)
-        return x, res, count + 1
+        x = x + jnp.sum(jax.vmap(lambda c, v: scale_rows(c, v))(y.T, V[:m]), axis=0)
+        return _Cycles(x=x, residual=res, count=count + 1)
 
-    def unfinished_cycles(carry):
-        _, res, count = carry
-        return (count < cycles) & jnp.any(res > rtol * b_norm)
+    def unfinished_cycles(carry: _Cycles):
+        return (carry.count < cycles) & jnp.any(carry.residual > rtol * b_norm)
 
-    x, res, _ = lax.while_loop(unfinished_cycles, cycle, (jnp.zeros_like(b), b_norm, 0))
+    x, res, _ = lax.while_loop(unfinished_cycles, cycle, _Cycles(x=jnp.zeros_like(b), residual=b_norm, count=0))
     return GMRESResult(x, res / jnp.maximum(b_norm, tiny))

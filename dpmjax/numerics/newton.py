@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .krylov import gmres, row_norm
+from .krylov import gmres
+from .rows import per_row, row_max_abs, row_norm
 
 Array = jax.Array
 
@@ -41,6 +42,15 @@ class _Iterate(NamedTuple):
     leaps: Array
 
 
+class _LineSearch(NamedTuple):
+    """Carry of the backtracking line search: per row the step length, its residual and norm."""
+
+    step: Array
+    r: Array
+    r_norm: Array
+    halvings: Array
+
+
 class NewtonResult(NamedTuple):
     solution: Array
     residual: Array  # [rows]: max|F(y) - target| / max(1, max|target|) per row at the solution
@@ -54,14 +64,6 @@ _NEAR = 100.0
 _NEAR_BACKTRACKS = 3
 # consecutive full steps a row takes without a decrease before it stops
 _MAX_LEAPS = 3
-
-
-def row_max_abs(x: Array, rows: int) -> Array:
-    return jnp.max(jnp.abs(x.astype(jnp.promote_types(x.dtype, jnp.float32))).reshape(rows, -1), axis=1)
-
-
-def _broadcast(per_row: Array, like: Array) -> Array:
-    return per_row.reshape(per_row.shape + (1,) * (like.ndim - 1))
 
 
 def newton_krylov(
@@ -102,28 +104,27 @@ def newton_krylov(
             precondition = lambda v: preconditioner(y, value, v)  # noqa: E731
             matvec = lambda v: jax.jvp(residual, (y,), (precondition(v),))[1]  # noqa: E731
             d = precondition(gmres(matvec, -r, rows=rows, restart=gmres_restart, cycles=gmres_maxiter, rtol=1e-6).solution)
-        d = jnp.where(_broadcast(active, d), d, jnp.zeros_like(d))
+        d = jnp.where(per_row(active, d), d, jnp.zeros_like(d))
         r_norm = row_norm(r, rows)
         r_max = row_max_abs(r, rows)
         near = r_max <= _NEAR * threshold  # rounding, not the model's curvature, limits these rows
         backtracks = jnp.where(near, _NEAR_BACKTRACKS, max_backtracks)
 
-        def searching(ls):
-            step, _, r_norm_new, k = ls
-            return active & (k < backtracks) & (r_norm_new > (1.0 - 1e-4 * step) * r_norm)
+        def searching(ls: _LineSearch):
+            return active & (ls.halvings < backtracks) & (ls.r_norm > (1.0 - 1e-4 * ls.step) * r_norm)
 
-        def insufficient(ls):
+        def insufficient(ls: _LineSearch):
             return jnp.any(searching(ls))
 
-        def halve(ls):
-            step, r_new, r_norm_new, k = ls
-            step = jnp.where(searching(ls), 0.5 * step, step)
-            r_new = residual(y + _broadcast(step, d).astype(d.dtype) * d)
-            return step, r_new, row_norm(r_new, rows), k + 1
+        def halve(ls: _LineSearch) -> _LineSearch:
+            step = jnp.where(searching(ls), 0.5 * ls.step, ls.step)
+            r_new = residual(y + per_row(step, d).astype(d.dtype) * d)
+            return _LineSearch(step=step, r=r_new, r_norm=row_norm(r_new, rows), halvings=ls.halvings + 1)
 
         ones = jnp.ones(r_norm.shape, r_norm.dtype)
         r_full = residual(y + d)
-        step, r_new, r_norm_new, _ = lax.while_loop(insufficient, halve, (ones, r_full, row_norm(r_full, rows), 0))
+        step, r_new, r_norm_new, _ = lax.while_loop(
+            insufficient, halve, _LineSearch(step=ones, r=r_full, r_norm=row_norm(r_full, rows), halvings=0))
         better = active & (r_norm_new < r_norm)
         # a row far from its solution whose line search found no decrease takes the full step anyway
         # (non-monotone, Grippo et al. 1986, SIAM J. Numer. Anal. 23): a nonlinear map can raise the
@@ -131,8 +132,8 @@ def newton_krylov(
         leap = active & ~better & ~near & jnp.all(jnp.isfinite(r_full.reshape(rows, -1)), axis=1)
         step = jnp.where(leap, 1.0, step)
         moved = better | leap
-        y = jnp.where(_broadcast(moved, y), y + _broadcast(step, d).astype(d.dtype) * d, y)
-        r = jnp.where(_broadcast(better, r), r_new, jnp.where(_broadcast(leap, r), r_full, r))
+        y = jnp.where(per_row(moved, y), y + per_row(step, d).astype(d.dtype) * d, y)
+        r = jnp.where(per_row(better, r), r_new, jnp.where(per_row(leap, r), r_full, r))
         r_max_new = row_max_abs(r, rows)
         improved = r_max_new < carry.best_max
         stalled = near & (r_max_new > 0.9 * r_max)  # a Newton step near the solution gains far more
@@ -141,7 +142,7 @@ def newton_krylov(
             y=y, r=r,
             active=moved & ~stalled & (r_max_new > threshold) & (leaps <= _MAX_LEAPS),
             count=carry.count + 1,
-            best_y=jnp.where(_broadcast(improved, y), y, carry.best_y),
+            best_y=jnp.where(per_row(improved, y), y, carry.best_y),
             best_max=jnp.where(improved, r_max_new, carry.best_max),
             leaps=leaps,
         )

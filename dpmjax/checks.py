@@ -1,0 +1,58 @@
+"""Argument checks shared by every public entry point: each raises a ``ValueError`` that names the
+parameter and says what is allowed, before anything is traced or written."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+
+def choice(name: str, value: Any, allowed: Tuple[Any, ...]) -> None:
+    """``value`` must be one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}.")
+
+
+def boolean(name: str, value: Any) -> None:
+    """``value`` must be ``True`` or ``False`` (not 0/1)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+
+
+def integer(name: str, value: Any, minimum: Optional[int] = None, *, note: str = "") -> int:
+    """``value`` as a Python ``int`` (Python or NumPy integers; not a bool, float or string), at least
+    ``minimum`` when given. NumPy integers become Python ints, so that configs and cache keys hash
+    alike whichever was passed. ``note`` is added to the message (what the parameter is)."""
+    allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be {allowed}{note} (not a bool, float or string), got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {allowed}{note}, got {value!r}.")
+    return int(value)
+
+
+def integer_choice(name: str, value: Any, allowed: Tuple[int, ...]) -> int:
+    """One of the integers ``allowed`` (as a Python int)."""
+    description = f"an integer, one of {', '.join(map(str, allowed))}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be {description} (not a bool, float or string), got {value!r}.")
+    if value not in allowed:
+        raise ValueError(f"{name} must be {description}, got {value!r}.")
+    return int(value)
+
+
+def real(name: str, value: Any, *, low: Optional[float] = None, high: Optional[float] = None,
+         open_low: bool = False, open_high: bool = False, note: str = "") -> float:
+    """``value`` as a float (a Python or NumPy real; not a bool), inside the bounds when given:
+    ``low <= value`` (``<`` with ``open_low``) and ``value <= high`` (``<`` with ``open_high``)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a real number{note}, got {value!r}.")
+    number = float(value)
+    too_low = low is not None and not (number > low if open_low else number >= low)
+    too_high = high is not None and not (number < high if open_high else number <= high)
+    if too_low or too_high or (number != number and (low is not None or high is not None)):
+        bounds = ("(" if open_low else "[") + ("-inf" if low is None else f"{low:g}") + ", " + \
+                 ("inf" if high is None else f"{high:g}") + (")" if open_high else "]")
+        raise ValueError(f"{name} must be a number in {bounds}{note}, got {value!r}.")
+    return number

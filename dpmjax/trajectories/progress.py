@@ -1,0 +1,55 @@
+"""One progress line on stderr: ``label [#####.....] done/total (rate unit/s)``.
+
+Used from the host (the batch job, the digits job) and from inside compiled loops through
+:func:`report` (a ``jax.debug.callback``, so the line advances while the loop runs on the device).
+The rate appears from the second update on: one update gives no interval to measure.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Dict
+
+import jax
+import numpy as np
+
+_WIDTH = 30
+_STARTED: Dict[str, tuple] = {}
+
+
+def line(label: str, done: int, total: int, *, unit: str = "steps", suffix: str = "") -> str:
+    """The text of a progress line after ``done`` of ``total`` units; the rate counts from the first
+    update of ``label`` (the first call for a label, or ``done <= 1``, restarts its clock)."""
+    now = time.perf_counter()
+    started = _STARTED.get(label)
+    if started is None or done <= 1 or done < started[1]:
+        _STARTED[label] = started = (now, done)
+    elapsed, counted = now - started[0], done - started[1]
+    rate = f" ({counted / elapsed:.1f} {unit}/s)" if counted > 0 and elapsed > 0 else ""
+    filled = int(_WIDTH * min(done, total) / max(total, 1))
+    return f"{label} [{'#' * filled}{'.' * (_WIDTH - filled)}] {done}/{total}{rate}{suffix}"
+
+
+def show(label: str, done: int, total: int, *, unit: str = "steps", suffix: str = "") -> None:
+    """Redraw the progress line in place on stderr; a newline once ``done`` reaches ``total``."""
+    sys.stderr.write("\r" + line(label, done, total, unit=unit, suffix=suffix))
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def clear() -> None:
+    """Erase the progress line (before printing a result line in its place)."""
+    sys.stderr.write("\r\x1b[2K")
+    sys.stderr.flush()
+
+
+def _tick(i, total: int, label: str) -> None:
+    show(label, int(np.max(np.asarray(i))) + 1, total)
+
+
+def report(enabled: bool, i, total: int, label: str) -> None:
+    """Inside a compiled loop: show step ``i`` (0-based, traced) of ``total`` when ``enabled`` (static)."""
+    if enabled:
+        jax.debug.callback(_tick, i, total, label, ordered=False)

@@ -1,0 +1,182 @@
+"""Whole trajectories in one ``jax.lax.scan``: the loop every sampler and plain inversion runs, and
+:func:`sample`.
+
+The model is called inside the compiled loop: ``model_fn(sample, timestep)`` or, with ``cond``,
+``model_fn(sample, timestep, cond)`` (``cond`` is any pytree, passed through unchanged). Everything
+that depends on the step number alone is gathered before the loop, so one iteration is the model
+call and :func:`dpmjax.solver.step_from_output`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .. import checks, solver
+from ..scheduler import DPMSolverMultistepBase, DPMSolverMultistepScheduler
+from ..state import SchedulerState
+from . import progress as progress_line
+
+Array = jax.Array
+ModelFn = Callable[..., Array]
+
+
+@flax.struct.dataclass
+class Trajectory:
+    """Result of :func:`sample` or :func:`invert`.
+
+    sample: the end point. samples: ``[N, *shape]``, the sample after each step (on request).
+    model_outputs: ``[N, ...]``, the raw model output of each step (on request).
+    timesteps: ``[N]``, where the model was evaluated, in the order of the steps taken.
+    sigmas: ``[N + 1]``, the noise levels visited (diffusers' sigma), in order.
+    Exact inversion only: round_trip: ``[rows]``, the measured ``max|sample(noise) - x| / max(1, max|x|)``
+    per row of the input ``x`` (one value for ``independent_rows=False``); converged: ``[rows]``,
+    whether that is within the ``tolerance`` asked for; iterations: Newton iterations of the whole-sampler
+    solve; sweeps: defect-correction sweeps made.
+    """
+
+    sample: Array
+    samples: Optional[Array] = None
+    model_outputs: Optional[Array] = None
+    timesteps: Optional[Array] = None
+    sigmas: Optional[Array] = None
+    round_trip: Optional[Array] = None
+    iterations: Optional[Array] = None
+    sweeps: Optional[Array] = None
+    converged: Optional[Array] = None
+
+
+class ScanOptions(NamedTuple):
+    """Static settings of one trajectory scan (hashable: one compiled program per distinct value).
+
+    return_samples / return_outputs: stack each step's sample / raw model output; checkpoint:
+    rematerialise each step in the backward pass; unroll: the scan's unroll factor; progress /
+    label: a progress line on stderr.
+    """
+
+    return_samples: bool = False
+    return_outputs: bool = False
+    checkpoint: bool = False
+    unroll: int = 1
+    progress: bool = False
+    label: str = ""
+
+
+def call_model(model_fn: ModelFn, x: Array, t: Array, cond: Any) -> Array:
+    """``model_fn(x, t)``, or ``model_fn(x, t, cond)`` when a condition is given."""
+    return model_fn(x, t) if cond is None else model_fn(x, t, cond)
+
+
+def scan_steps(scheduler, model_fn, options: ScanOptions, state, x, cond, keys, noises):
+    """The whole trajectory from step 0, one scan iteration per step: ``(x_N, samples, outputs)``.
+
+    Each step's update row (warm-up orders applied) is gathered before the loop. The model-output
+    history is a ``[K, ...]`` ring buffer (none at order 1): step ``i`` writes slot ``i % K`` in
+    place, then reads the older slots. (Blocks of K steps with a tuple of K buffers avoid the
+    dynamic slices but were no faster on the CPU: XLA then recomputes the cheap outputs in each
+    consumer, and the program holds K copies of the model.)
+    """
+    config = scheduler.config
+    n = state.timesteps.shape[0]
+
+    def body(carry, inputs):
+        x, history = carry
+        i, t, row, key, noise = inputs
+        out = call_model(model_fn, x, t, cond)
+        x_new, history = solver.step_from_output(config, state, index=i, row=row, sample=x, model_output=out,
+                                                 history=history, key=key, noise=noise)
+        progress_line.report(options.progress, i, n, options.label)
+        return (x_new, history), (x_new if options.return_samples else None, out if options.return_outputs else None)
+
+    if options.checkpoint:
+        body = jax.checkpoint(body)
+    per_step = (jnp.arange(n), state.timesteps, solver.trajectory_rows(state), keys, noises)
+    history = jnp.zeros((solver.history_length(config.solver_order),) + x.shape, solver.compute_dtype(x))
+    (x, _), (samples, outputs) = lax.scan(body, (x, history), per_step, unroll=options.unroll)
+    return x, samples, outputs
+
+
+scan_steps_jit = jax.jit(scan_steps, static_argnums=(0, 1, 2))
+# the same program, reusing the input sample's buffer for the output (donate=True)
+scan_steps_donating = jax.jit(scan_steps, static_argnums=(0, 1, 2), donate_argnums=(4,))
+
+
+def stochastic_inputs(scheduler, n: int, shape, key, noises):
+    if not scheduler.config.is_sde:
+        return None, None
+    if noises is not None:
+        noises = jnp.asarray(noises)
+        if noises.shape != (n,) + tuple(shape):
+            raise ValueError(f"noises must have shape {(n,) + tuple(shape)} (one per step), got {noises.shape}.")
+        return None, noises
+    if key is None:
+        raise ValueError(f"algorithm_type={scheduler.config.algorithm_type!r} is stochastic: pass key or noises.")
+    return jax.random.split(key, n), None
+
+
+def visited_sigmas(state: SchedulerState, n: int) -> Array:
+    """The ``N + 1`` noise levels of a state's grid (sliced only if the state holds more: a
+    dispatched slice costs ~100 us, more than a small trajectory)."""
+    return state.sigmas if state.sigmas.shape[0] == n + 1 else state.sigmas[: n + 1]
+
+
+def as_array(x) -> Array:
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
+
+
+def check_scheduler(scheduler) -> None:
+    if not isinstance(scheduler, DPMSolverMultistepBase):
+        raise ValueError(f"scheduler must be a dpmjax scheduler, got {type(scheduler).__name__}.")
+
+
+def check_unroll(unroll) -> None:
+    checks.integer("unroll", unroll, 1)
+
+
+def sample(
+    model_fn: ModelFn,
+    noise: Array,
+    scheduler: DPMSolverMultistepScheduler,
+    num_inference_steps: int,
+    *,
+    cond: Any = None,
+    key: Optional[Array] = None,
+    noises: Optional[Array] = None,
+    return_samples: bool = False,
+    return_model_outputs: bool = False,
+    checkpoint: bool = False,
+    unroll: int = 1,
+    progress: bool = False,
+    donate: bool = False,
+) -> Trajectory:
+    """Sample from ``noise`` with a forward scheduler, the whole trajectory in one jitted scan.
+
+    SDE types draw their per-step noise from ``key`` (split per step) or take ``noises``
+    (``[N, *shape]``); deterministic (ODE) samplers refuse both. ``checkpoint=True``
+    rematerialises each step in the backward pass, so ``jax.grad`` keeps one sample (and the
+    model-output history) per step instead of every activation of the model. ``unroll`` unrolls
+    the scan by that factor. ``donate=True`` lets the result reuse ``noise``'s device buffer
+    (``noise`` is then deleted): one sample less in memory.
+    """
+    check_scheduler(scheduler)
+    check_unroll(unroll)
+    if not scheduler.forward:
+        raise ValueError("sample needs a forward scheduler (DPMSolverMultistepScheduler); use invert for inversion.")
+    if not scheduler.config.is_sde and (key is not None or noises is not None):
+        raise ValueError(
+            f"key/noises apply to stochastic samplers (algorithm_type sde-dpmsolver or sde-dpmsolver++); this one is "
+            f"deterministic (algorithm_type={scheduler.config.algorithm_type!r}): pass neither."
+        )
+    noise = as_array(noise)
+    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape, solver.compute_dtype(noise))
+    n = state.num_inference_steps
+    keys, noises = stochastic_inputs(scheduler, n, noise.shape, key, noises)
+    run = scan_steps_donating if donate else scan_steps_jit
+    options = ScanOptions(return_samples=return_samples, return_outputs=return_model_outputs, checkpoint=checkpoint,
+                          unroll=unroll, progress=progress, label="sample")
+    x, samples, outputs = run(scheduler, model_fn, options, state, noise, cond, keys, noises)
+    return Trajectory(x, samples, outputs, state.timesteps, visited_sigmas(state, n))

@@ -47,10 +47,16 @@ _SHOOTING_ITERATIONS = 10
 class ExactOptions(NamedTuple):
     """Static settings of exact inversion (hashable: one compiled program per distinct value).
 
-    max_sweeps: defect-correction sweeps at most; max_iterations / tolerance: every Newton solve
-    (tolerance relative to max(1, max|row|)); gmres_restart / gmres_maxiter: its Krylov solves;
-    rows: independent problems along axis 0 (the batch size, or 1 for a model that couples rows);
-    return_outputs: also return the raw model outputs along the path; progress: progress lines.
+    Attributes:
+        max_sweeps: Defect-correction sweeps at most.
+        max_iterations: Newton iterations of every Newton solve at most.
+        tolerance: Bounds every Newton solve, relative to ``max(1, max|row|)``.
+        gmres_restart: The Krylov space size of the Newton solves' GMRES.
+        gmres_maxiter: GMRES restart cycles per linear solve.
+        rows: Independent problems along axis 0 (the batch size, or 1 for a model that couples
+            rows).
+        return_outputs: Also return the raw model outputs along the path.
+        progress: Print progress lines on stderr.
     """
 
     max_sweeps: int
@@ -100,16 +106,23 @@ def exact_inversion(scheduler, inverse, model_fn, options: ExactOptions, state, 
     """Exact inversion of the sampler ``scheduler`` on ``state``; see the module docstring.
 
     Args:
-      scheduler, state: the sampler and its grid. inverse, mirror: the inverse scheduler and the
-        sampler's grid mirrored (:func:`dpmjax.grids.mirrored_grid`), plain inversion ``I``.
-      model_fn, cond: the model, called as in :func:`dpmjax.sample`.
-      options: :class:`ExactOptions` (static).
-      data: ``x``, the sampler's end point to invert. noises: an SDE sampler's per-step noises.
+        scheduler: The sampler (a forward scheduler).
+        inverse: The inverse scheduler of plain inversion ``I``
+            (:func:`dpmjax.trajectories.inversion.mirrored_state`).
+        model_fn: The model, called as in :func:`dpmjax.sample`.
+        options: :class:`ExactOptions` (static).
+        state: The sampler's state: its grid.
+        mirror: The inverse scheduler's state: the sampler's grid mirrored
+            (:func:`dpmjax.grids.mirrored_grid`).
+        data: ``x``, the sampler's end point to invert.
+        cond: The condition passed to ``model_fn``, or ``None``.
+        noises: An SDE sampler's per-step noises (``[N, *shape]``), or ``None``.
 
     Returns:
-      ``(X, outputs, round_trip, sweeps, iterations)``: the path ``[N, *shape]`` (sampler order,
-      noise first), the raw model outputs (``options.return_outputs``), the per-row round trip,
-      the defect-correction sweeps made and the Newton iterations of the whole-sampler solve.
+        ``(X, outputs, round_trip, sweeps, iterations)``: the path ``[N, *shape]`` (sampler order,
+        noise first), the raw model outputs (``options.return_outputs``, else ``None``), the
+        per-row round trip, the defect-correction sweeps made and the Newton iterations of the
+        whole-sampler solve.
     """
     progress = options.progress
     config = scheduler.config

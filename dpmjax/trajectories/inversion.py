@@ -34,7 +34,24 @@ Array = jax.Array
 
 def mirrored_state(scheduler: DPMSolverMultistepBase, forward_state: SchedulerState, shape, dtype=jnp.float32):
     """``(inverse_scheduler, state)`` stepping a sampler's grid backwards
-    (:func:`dpmjax.grids.mirrored_grid`), with the sampler's config (its ODE counterpart for SDE types)."""
+    (:func:`dpmjax.grids.mirrored_grid`), with the sampler's config (its ODE counterpart for SDE types).
+
+    Args:
+        scheduler: The sampler (a forward scheduler) whose grid is mirrored.
+        forward_state: The sampler's state after ``set_timesteps``: its timesteps and sigmas are
+            the grid.
+        shape: The sample shape the returned state's model-output history is allocated for.
+        dtype: The dtype of that history (default float32).
+
+    Returns:
+        ``(inverse_scheduler, state)``: a :class:`~dpmjax.DPMSolverMultistepInverseScheduler` with
+        the sampler's config (``"sde-dpmsolver++"`` / ``"sde-dpmsolver"`` replaced by
+        ``"dpmsolver++"`` / ``"dpmsolver"``), and its state on the mirrored grid, ready to step.
+
+    Raises:
+        ValueError: The config's ``channel_axis`` lies outside samples of ``shape`` (learned
+            ``variance_type`` only).
+    """
     n = forward_state.num_inference_steps
     forward = Grid(timesteps=forward_state.timesteps, sigmas=forward_state.sigmas)
     grid = mirrored_grid(forward, n, training_schedule(scheduler.config))
@@ -66,17 +83,70 @@ def invert(
 ) -> Trajectory:
     """Invert ``sample`` (data) to noise; see the module docstring for the semantics.
 
+    With a ``DPMSolverMultistepInverseScheduler`` the inversion runs on its own grid, as diffusers
+    does; with a ``DPMSolverMultistepScheduler`` (a sampler) *that sampler* is inverted, on its
+    noise levels mirrored. Plain inversion evaluates the model at the known end of each step (DDIM
+    inversion generalised to multistep DPM-Solver).
+
     ``exact=True`` needs a sampler (``DPMSolverMultistepScheduler``); stochastic samplers also need
     the ``noises`` (``[N, *shape]``) they used. It starts from the first-order per-step solves
     (order 1) or plain inversion (orders >= 2), makes up to ``max_sweeps`` defect-correction sweeps
-    and then solves the whole sampler for its start with preconditioned Newton-Krylov.
-    ``max_iterations``/``tolerance`` bound every Newton solve (relative to max(1, max|row|)),
-    ``gmres_restart``/``gmres_maxiter`` its linear solves.
-    ``independent_rows=True`` treats the rows (axis 0) of ``sample`` as independent problems, as
-    they are for any model that does not mix the batch (each row gets its own Krylov space, step
-    length and stopping test); pass False for a model that couples rows. The result's
-    ``round_trip`` is the measured per-row ``max|sample(noise) - sample| / max(1, max|sample|)``
-    and ``converged`` says which rows are within ``tolerance``.
+    and then solves the whole sampler for its start with preconditioned Newton-Krylov
+    (:mod:`dpmjax.trajectories.exact`).
+
+    Args:
+        model_fn: The model: ``model_fn(sample, timestep[, cond]) -> model_output``, called as in
+            :func:`dpmjax.sample`.
+        sample: The data to invert, a floating-point array (leading axis: batch; exact inversion
+            needs at least one row).
+        scheduler: A ``DPMSolverMultistepInverseScheduler`` (its own grid) or a
+            ``DPMSolverMultistepScheduler`` (that sampler is inverted on its grid mirrored).
+        num_inference_steps: ``N``, the number of steps (an integer in
+            ``[1, num_train_timesteps]``).
+        cond: Any pytree passed unchanged as ``model_fn``'s third argument; ``None`` (default)
+            calls ``model_fn(sample, timestep)``.
+        exact: Find the start ``z`` with ``sample(z) = x`` to the working precision instead of
+            plain inversion (sampler only).
+        noises: ``[N, *shape]``, the per-step noises a stochastic sampler used. Only a first-order
+            ``sde-dpmsolver++`` sampler is accepted, with ``exact=True``.
+        max_sweeps: Exact only: defect-correction sweeps at most (an integer >= 0, default 10).
+        max_iterations: Exact only: Newton iterations of every Newton solve at most (an integer
+            >= 1, default 30).
+        tolerance: Exact only: bounds every Newton solve, relative to ``max(1, max|row|)``, and is
+            the round trip ``converged`` tests; a number in ``(0, 1)`` (default ``1e-5``).
+        gmres_restart: Exact only: the Krylov space size of the Newton solves' GMRES (an integer
+            >= 1, default 5).
+        gmres_maxiter: Exact only: GMRES restart cycles per linear solve (an integer >= 1,
+            default 1).
+        independent_rows: Exact only: treat the rows (axis 0) of ``sample`` as independent
+            problems, as they are for any model that does not mix the batch (each row gets its own
+            Krylov space, step length and stopping test); pass False for a model that couples rows.
+        return_samples: Also return the sample after each inversion step
+            (``Trajectory.samples``, ``[N, *shape]``, the last one the noise).
+        return_model_outputs: Also return the raw model output of each step
+            (``Trajectory.model_outputs``).
+        checkpoint: Plain inversion only: rematerialise each step in the backward pass.
+        unroll: Plain inversion only: the scan's unroll factor, an integer >= 1 (default 1).
+        progress: Print progress lines on stderr.
+
+    Returns:
+        A :class:`~dpmjax.Trajectory`: ``sample`` is the noise; ``timesteps`` and ``sigmas`` are
+        those visited, in the order of the inversion steps. With ``exact=True`` also
+        ``round_trip``, the measured per-row ``max|sample(noise) - sample| / max(1, max|sample|)``,
+        ``converged``, which rows are within ``tolerance``, and the ``sweeps`` and Newton
+        ``iterations`` made.
+
+    Raises:
+        ValueError: ``scheduler`` is not a dpmjax scheduler; ``unroll`` is not an integer >= 1;
+            ``num_inference_steps`` is not an integer in ``[1, num_train_timesteps]`` (or too many
+            for ``"leading"`` spacing); ``exact=True`` or ``noises`` is given with an inverse
+            scheduler; ``noises`` is given to a deterministic sampler; a stochastic sampler is
+            inverted without ``exact=True``, is not a first-order ``sde-dpmsolver++`` sampler, or
+            comes without ``noises`` of shape ``[N, *shape]``; with ``exact=True``:
+            ``max_iterations``, ``gmres_restart`` or ``gmres_maxiter`` is not an integer >= 1,
+            ``max_sweeps`` not an integer >= 0, ``tolerance`` not in ``(0, 1)``, ``checkpoint``
+            or ``unroll != 1`` is given, or ``sample`` has no batch axis with at least one row;
+            the model output's shape does not match the sample (or either is not floating point).
     """
     check_scheduler(scheduler)
     check_unroll(unroll)

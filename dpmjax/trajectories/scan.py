@@ -29,14 +29,24 @@ ModelFn = Callable[..., Array]
 class Trajectory:
     """Result of :func:`sample` or :func:`invert`.
 
-    sample: the end point. samples: ``[N, *shape]``, the sample after each step (on request).
-    model_outputs: ``[N, ...]``, the raw model output of each step (on request).
-    timesteps: ``[N]``, where the model was evaluated, in the order of the steps taken.
-    sigmas: ``[N + 1]``, the noise levels visited (diffusers' sigma), in order.
-    Exact inversion only: round_trip: ``[rows]``, the measured ``max|sample(noise) - x| / max(1, max|x|)``
-    per row of the input ``x`` (one value for ``independent_rows=False``); converged: ``[rows]``,
-    whether that is within the ``tolerance`` asked for; iterations: Newton iterations of the whole-sampler
-    solve; sweeps: defect-correction sweeps made.
+    A pytree (``flax.struct`` dataclass): it passes through ``jit`` and ``vmap``. Fields that were
+    not requested, or do not apply to the run that made it, are ``None``.
+
+    Attributes:
+        sample: The end point: the sample (forward) or the noise (inversion), with the input's
+            shape and dtype.
+        samples: ``[N, *shape]``, the sample after each step; only with ``return_samples=True``.
+        model_outputs: ``[N, ...]``, the raw model output of each step; only with
+            ``return_model_outputs=True``.
+        timesteps: ``[N]``, where the model was evaluated, in the order of the steps taken.
+        sigmas: ``[N + 1]``, the noise levels visited (diffusers' sigma), in order.
+        round_trip: Exact inversion only: ``[rows]``, the measured
+            ``max|sample(noise) - x| / max(1, max|x|)`` per row of the input ``x`` (one value for
+            ``independent_rows=False``).
+        iterations: Exact inversion only: Newton iterations of the whole-sampler solve.
+        sweeps: Exact inversion only: defect-correction sweeps made.
+        converged: Exact inversion only: ``[rows]``, whether ``round_trip`` is within the
+            ``tolerance`` asked for.
     """
 
     sample: Array
@@ -53,9 +63,13 @@ class Trajectory:
 class ScanOptions(NamedTuple):
     """Static settings of one trajectory scan (hashable: one compiled program per distinct value).
 
-    return_samples / return_outputs: stack each step's sample / raw model output; checkpoint:
-    rematerialise each step in the backward pass; unroll: the scan's unroll factor; progress /
-    label: a progress line on stderr.
+    Attributes:
+        return_samples: Stack each step's sample (``[N, *shape]``).
+        return_outputs: Stack each step's raw model output (``[N, ...]``).
+        checkpoint: Rematerialise each step in the backward pass.
+        unroll: The scan's unroll factor.
+        progress: Print a progress line on stderr.
+        label: The progress line's label.
     """
 
     return_samples: bool = False
@@ -67,7 +81,17 @@ class ScanOptions(NamedTuple):
 
 
 def call_model(model_fn: ModelFn, x: Array, t: Array, cond: Any) -> Array:
-    """``model_fn(x, t)``, or ``model_fn(x, t, cond)`` when a condition is given."""
+    """``model_fn(x, t)``, or ``model_fn(x, t, cond)`` when a condition is given.
+
+    Args:
+        model_fn: The model, ``model_fn(sample, timestep[, cond]) -> model_output``.
+        x: The sample.
+        t: The timestep.
+        cond: Any pytree passed through unchanged, or ``None`` for an unconditional call.
+
+    Returns:
+        The model output.
+    """
     return model_fn(x, t) if cond is None else model_fn(x, t, cond)
 
 
@@ -79,6 +103,25 @@ def scan_steps(scheduler, model_fn, options: ScanOptions, state, x, cond, keys, 
     place, then reads the older slots. (Blocks of K steps with a tuple of K buffers avoid the
     dynamic slices but were no faster on the CPU: XLA then recomputes the cheap outputs in each
     consumer, and the program holds K copies of the model.)
+
+    ``scan_steps_jit`` is this function jitted with ``scheduler``, ``model_fn`` and ``options``
+    static; ``scan_steps_donating`` is the same program reusing ``x``'s buffer for the result.
+
+    Args:
+        scheduler: The scheduler (forward or inverse) whose config the steps use.
+        model_fn: The model, ``model_fn(sample, timestep)`` or ``model_fn(sample, timestep, cond)``.
+        options: The static :class:`ScanOptions`.
+        state: A :class:`~dpmjax.state.SchedulerState` after ``set_timesteps`` (or
+            ``state_on_grid``); its ``N`` timesteps are the steps taken.
+        x: The starting sample.
+        cond: The condition passed to ``model_fn``, or ``None``.
+        keys: ``[N]`` random keys, one per step, for SDE types drawing their noise; else ``None``.
+        noises: ``[N, *x.shape]`` per-step noise for SDE types given it explicitly; else ``None``.
+
+    Returns:
+        ``(x_N, samples, outputs)``: the end point; the ``[N, *shape]`` samples after each step
+        (``None`` unless ``options.return_samples``); the ``[N, ...]`` raw model outputs (``None``
+        unless ``options.return_outputs``).
     """
     config = scheduler.config
     n = state.timesteps.shape[0]
@@ -161,6 +204,44 @@ def sample(
     model-output history) per step instead of every activation of the model. ``unroll`` unrolls
     the scan by that factor. ``donate=True`` lets the result reuse ``noise``'s device buffer
     (``noise`` is then deleted): one sample less in memory.
+
+    The model is called inside the compiled loop as ``model_fn(sample, timestep)`` or, with
+    ``cond``, ``model_fn(sample, timestep, cond)``.
+
+    Args:
+        model_fn: The model: ``model_fn(sample, timestep[, cond]) -> model_output``, the output of
+            the kind the scheduler's ``prediction_type`` names, with the sample's shape (twice its
+            channels with a learned ``variance_type``).
+        noise: The starting sample, a floating-point array; its shape is the sample shape (leading
+            axis: batch) and its dtype the sample's dtype.
+        scheduler: A :class:`~dpmjax.DPMSolverMultistepScheduler` (forward); its config fixes the
+            grid, the order and the algorithm.
+        num_inference_steps: ``N``, the number of steps (an integer in
+            ``[1, num_train_timesteps]``).
+        cond: Any pytree passed unchanged as ``model_fn``'s third argument; ``None`` (default)
+            calls ``model_fn(sample, timestep)``.
+        key: A ``jax.random`` key for SDE types (``algorithm_type`` ``"sde-dpmsolver"`` or
+            ``"sde-dpmsolver++"``), split into one key per step.
+        noises: ``[N, *noise.shape]``, the per-step noise of an SDE type, instead of ``key``.
+        return_samples: Also return the sample after each step (``Trajectory.samples``).
+        return_model_outputs: Also return each step's raw model output
+            (``Trajectory.model_outputs``).
+        checkpoint: Rematerialise each step in the backward pass (less memory under ``jax.grad``).
+        unroll: The scan's unroll factor, an integer >= 1 (default 1).
+        progress: Print a progress line on stderr while the steps run.
+        donate: Let the result reuse ``noise``'s device buffer; ``noise`` is deleted.
+
+    Returns:
+        A :class:`Trajectory` with ``sample`` (the end point), ``timesteps`` and ``sigmas``, and
+        ``samples`` / ``model_outputs`` when asked for.
+
+    Raises:
+        ValueError: ``scheduler`` is not a dpmjax scheduler, or is an inverse scheduler (use
+            :func:`dpmjax.invert`); ``unroll`` is not an integer >= 1; ``num_inference_steps`` is
+            not an integer in ``[1, num_train_timesteps]`` (or too many for ``"leading"``
+            spacing); ``key`` or ``noises`` is given to a deterministic sampler; an SDE sampler
+            gets neither; ``noises`` does not have shape ``[N, *noise.shape]``; the model output's
+            shape does not match the sample (or either is not floating point).
     """
     check_scheduler(scheduler)
     check_unroll(unroll)

@@ -54,12 +54,17 @@ Array = jax.Array
 class NullTextInversion:
     """Result of :func:`null_text_inversion`.
 
-    noise: the pivot's noise ``z*_N`` (start of the reconstruction). null_embeddings: ``uncond``
-    with a leading ``[N]`` axis, one per sampler step. reconstruction: guided sampling from ``noise``
-    with those embeddings (the image it restores). losses: ``[N]``, the largest per-row mean squared
-    error to the pivot after each step's optimisation; initial_losses: the same before it (with the
-    embedding carried over from the step before). optimizer_steps: ``[N]``, steps taken.
-    pivot: the ``w = 1`` inversion that was retraced.
+    Attributes:
+        noise: The pivot's noise ``z*_N`` (start of the reconstruction).
+        null_embeddings: ``uncond`` with a leading ``[N]`` axis, one per sampler step.
+        reconstruction: Guided sampling from ``noise`` with those embeddings (the image it
+            restores).
+        losses: ``[N]``, the largest per-row mean squared error to the pivot after each step's
+            optimisation.
+        initial_losses: ``[N]``, the same before it (with the embedding carried over from the step
+            before).
+        optimizer_steps: ``[N]``, optimiser steps taken at each sampler step.
+        pivot: The ``w = 1`` inversion that was retraced (a :class:`~dpmjax.Trajectory`).
     """
 
     noise: Array
@@ -316,18 +321,56 @@ def null_text_inversion(
     model_params: Any = None,
     progress: bool = False,
 ) -> NullTextInversion:
-    """Invert ``data`` so that guided sampling at ``guidance_scale`` reconstructs it; see the module
-    docstring. ``uncond`` is the initial unconditional input (e.g. the embedding of the empty
-    prompt), ``optimizer`` any optax transformation (default ``optax.adam(1e-2)``).
-    ``exact_pivot=True`` retraces the *exact* inversion at ``w = 1`` (:func:`dpmjax.invert` with
-    ``exact=True``), whose reconstruction is exact, instead of the plain one.
+    """Invert ``data`` so that guided sampling at ``guidance_scale`` reconstructs it.
+
+    Mokady et al. 2023 (arXiv:2211.09794), see the module docstring: the pivot ``z*`` is the
+    inversion of ``data`` at ``w = 1``; then, step by step, the unconditional input ``u_k`` of the
+    guided model ``eps(x, t, u) + w (eps(x, t, c) - eps(x, t, u))`` is tuned so that the guided
+    sampler's step lands on the pivot:
+    ``u_k = argmin_u || F_k(xbar_k; u) - z*_{k+1} ||^2``. Each ``u_k`` starts from ``u_{k-1}``.
 
     The inversion compiles once per shape and optimiser *settings*: a fresh ``optax.adam(1e-2)``
     on every call reuses the program, because the optimiser is recognised by the code of its
     functions and the values they close over (numbers, strings, dtypes, small concrete arrays,
     nested transformations and schedules). An optimiser closing over anything else (a traced
     value, an array over 64 KiB, an object with its own ``__eq__``) is recognised by identity
-    only: pass the same object again to reuse its program."""
+    only: pass the same object again to reuse its program.
+
+    Args:
+        model: The conditional model ``model(x, t, cond)`` of
+            :func:`dpmjax.classifier_free_guidance` (``model(x, t, cond, model_params)`` when
+            ``model_params`` is given).
+        data: The data to invert, batched on axis 0 (e.g. Stable Diffusion latents).
+        scheduler: A deterministic :class:`~dpmjax.DPMSolverMultistepScheduler` (the sampler to
+            retrace).
+        num_inference_steps: ``N``, the number of sampler steps.
+        cond: The conditioning ``c``: a pytree whose leaves are batched on axis 0 like ``data``
+            (text embeddings ``[B, L, D]`` for Stable Diffusion).
+        uncond: The initial unconditional input (e.g. the embedding of the empty prompt), a pytree
+            like ``cond``.
+        guidance_scale: The guidance scale ``w``, a Python number (it is static).
+        optimizer: Any optax transformation (default ``optax.adam(1e-2)``, as in the paper).
+        inner_steps: Optimiser steps per sampler step at most (an integer >= 0, default 10).
+        tolerance: Per row, stop a step's optimisation once its mean squared error to the pivot is
+            below this (a number >= 0, default ``1e-5``).
+        exact_pivot: Retrace the *exact* inversion at ``w = 1`` (:func:`dpmjax.invert` with
+            ``exact=True``), whose reconstruction is exact, instead of the plain one.
+        model_params: The model's weights, passed as ``model(x, t, cond, model_params)``, so that
+            they enter the compiled program as an argument rather than as constants (for large
+            models); ``None`` (default) calls ``model(x, t, cond)``.
+        progress: Print progress lines on stderr.
+
+    Returns:
+        A :class:`NullTextInversion`: the noise, the per-step null embeddings, the reconstruction,
+        the losses and the pivot.
+
+    Raises:
+        ValueError: ``scheduler`` is not a dpmjax scheduler, is an inverse scheduler or is
+            stochastic (an SDE ``algorithm_type``); ``guidance_scale`` is not a real number;
+            ``inner_steps`` is not an integer >= 0; ``tolerance`` is not a number >= 0; ``data``
+            has no batch axis; or :func:`dpmjax.invert` refuses the pivot's inversion (e.g.
+            ``num_inference_steps`` not an integer in ``[1, num_train_timesteps]``).
+    """
     _checked(scheduler, guidance_scale, inner_steps, tolerance)
     optimizer = _KeyedOptimizer(_default_optimizer() if optimizer is None else optimizer)
     x = jnp.asarray(data)
@@ -359,9 +402,34 @@ def sample_with_null_embeddings(
     model_params: Any = None,
     progress: bool = False,
 ) -> Array:
-    """Guided sampling from ``noise`` with one unconditional input per step (``null_embeddings``,
-    leading axis ``[N]``, from :func:`null_text_inversion`). With the inversion's ``cond`` it
-    reconstructs the image; with another ``cond`` it edits it."""
+    """Guided sampling from ``noise`` with one unconditional input per step.
+
+    The embeddings come from :func:`null_text_inversion`. With the inversion's ``cond`` it
+    reconstructs the image; with another ``cond`` it edits it (prompt-to-prompt style).
+
+    Args:
+        model: The conditional model ``model(x, t, cond)`` (``model(x, t, cond, model_params)``
+            when ``model_params`` is given).
+        noise: The starting sample, e.g. :attr:`NullTextInversion.noise`, batched on axis 0.
+        scheduler: A deterministic :class:`~dpmjax.DPMSolverMultistepScheduler`.
+        num_inference_steps: ``N``, the number of sampler steps (as in the inversion).
+        cond: The conditioning: a pytree whose leaves are batched on axis 0 like ``noise``.
+        null_embeddings: One unconditional input per step: a pytree with a leading ``[N]`` axis
+            on every leaf (:attr:`NullTextInversion.null_embeddings`).
+        guidance_scale: The guidance scale ``w``, a Python number (it is static).
+        model_params: The model's weights, passed as ``model(x, t, cond, model_params)``;
+            ``None`` (default) calls ``model(x, t, cond)``.
+        progress: Print a progress line on stderr.
+
+    Returns:
+        The sample after the ``N`` guided steps, with ``noise``'s shape.
+
+    Raises:
+        ValueError: ``scheduler`` is not a dpmjax scheduler, is an inverse scheduler or is
+            stochastic; ``guidance_scale`` is not a real number; ``num_inference_steps`` is not
+            an integer in ``[1, num_train_timesteps]``; some leaf of ``null_embeddings`` does not
+            have a leading axis of ``N``.
+    """
     _checked(scheduler, guidance_scale, 0, 0.0)
     noise = jnp.asarray(noise)
     state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape, solver.compute_dtype(noise))

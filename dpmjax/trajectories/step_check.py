@@ -31,10 +31,19 @@ from .scan import ModelFn, sample
 
 
 class StepInversionCheck(NamedTuple):
-    """Per step ``k`` of the sampler (noise first): ``sigma_from[k] -> sigma_to[k]``, and counts of
-    rows whose solve came back to the true input (``on_true_input``), converged elsewhere
-    (``elsewhere``: the step folds there), or did not converge (``unsolved``); ``distance[k]`` is
-    the largest distance from the true input among the rows that converged."""
+    """Result of :func:`check_step_inversion`: one entry per step ``k`` of the sampler (noise first).
+
+    Every field is a NumPy array of length ``N``. ``table()`` formats them as a Markdown table.
+
+    Attributes:
+        sigma_from: The noise level step ``k`` starts from.
+        sigma_to: The noise level step ``k`` moves to (``sigma_from[k] -> sigma_to[k]``).
+        on_true_input: Count of rows whose solve came back to the true input.
+        elsewhere: Count of rows whose solve converged elsewhere (the step folds there).
+        unsolved: Count of rows whose solve did not converge.
+        distance: The largest distance from the true input among the rows that converged
+            (relative to ``max(1, max|row|)`` of the step's output; 0 where none converged).
+    """
 
     sigma_from: np.ndarray
     sigma_to: np.ndarray
@@ -45,6 +54,7 @@ class StepInversionCheck(NamedTuple):
 
     @property
     def rows(self) -> int:
+        """The number of rows checked (the batch size of ``noise``)."""
         return int(self.on_true_input[0] + self.elsewhere[0] + self.unsolved[0])
 
     @property
@@ -53,6 +63,11 @@ class StepInversionCheck(NamedTuple):
         return bool(np.all(self.on_true_input == self.rows))
 
     def table(self) -> str:
+        """The check as a Markdown table, one line per step.
+
+        Returns:
+            The table: step, sigma, on true input, elsewhere (fold), unsolved, max distance.
+        """
         lines = ["| step | sigma | on true input | elsewhere (fold) | unsolved | max distance |", "|---|---|---|---|---|---|"]
         for k in range(len(self.sigma_from)):
             lines.append(f"| {k + 1} | {self.sigma_from[k]:.3g} -> {self.sigma_to[k]:.3g} | {self.on_true_input[k]} | "
@@ -70,10 +85,34 @@ def check_step_inversion(
     tolerance: float = 1e-5,
     max_iterations: int = 50,
 ) -> StepInversionCheck:
-    """Sample from ``noise`` (``[B, ...]``, rows independent) and solve each step back from its output;
-    see the module docstring. A row's solve *converged* when its residual is within ``tolerance``
-    (relative to max(1, max|row|)), and came back to the *true input* when it is also within
-    ``100 * tolerance`` of it."""
+    """Sample from ``noise`` (``[B, ...]``, rows independent) and solve each step back from its output.
+
+    See the module docstring: every step is solved, given its true history, from the plain
+    (DDIM-like) predictor with damped Newton-Krylov. A row's solve *converged* when its residual is
+    within ``tolerance`` (relative to max(1, max|row|)), and came back to the *true input* when it
+    is also within ``100 * tolerance`` of it.
+
+    Args:
+        model_fn: The model, ``model_fn(sample, timestep[, cond])``, as in :func:`dpmjax.sample`.
+        noise: ``[B, ...]``, the starting noise; its rows are independent problems.
+        scheduler: A deterministic :class:`~dpmjax.DPMSolverMultistepScheduler` (the sampler to
+            check).
+        num_inference_steps: ``N``, the number of sampler steps.
+        cond: Any pytree passed unchanged as ``model_fn``'s third argument; ``None`` (default)
+            calls ``model_fn(sample, timestep)``.
+        tolerance: The residual within which a row's solve counts as converged, relative to
+            ``max(1, max|row|)`` (default ``1e-5``).
+        max_iterations: Newton iterations per step's solve at most (default 50).
+
+    Returns:
+        A :class:`StepInversionCheck` with the per-step counts.
+
+    Raises:
+        ValueError: ``scheduler`` is not a deterministic ``DPMSolverMultistepScheduler``;
+            ``noise`` has no batch axis with at least one row; or :func:`dpmjax.sample` refuses
+            the sampling (e.g. ``num_inference_steps`` not an integer in
+            ``[1, num_train_timesteps]``).
+    """
     if not isinstance(scheduler, DPMSolverMultistepScheduler) or scheduler.config.is_sde:
         raise ValueError("check_step_inversion takes a deterministic DPMSolverMultistepScheduler (the sampler to invert).")
     noise = jnp.asarray(noise)

@@ -45,12 +45,19 @@ __version__ = "0.1.0"
 
 @flax.struct.dataclass
 class SchedulerOutput:
-    """Result of ``step``: the new sample and the new state (also iterable as a pair)."""
+    """Result of ``step``: the new sample and the new state (also iterable as a pair).
+
+    Attributes:
+        prev_sample: The sample after the step (diffusers' name: the sample at the *previous*,
+            less noisy timestep for a sampler), with the input sample's shape and dtype.
+        state: The scheduler state after the step.
+    """
 
     prev_sample: Array
     state: SchedulerState
 
     def to_tuple(self):
+        """The pair ``(prev_sample, state)``."""
         return (self.prev_sample, self.state)
 
     def __iter__(self):
@@ -122,7 +129,25 @@ def _initial_state(config: SchedulerConfig, forward: bool) -> SchedulerState:
 
 
 class DPMSolverMultistepBase:
-    """Shared implementation; subclasses fix the direction of the grid."""
+    """Shared implementation; subclasses fix the direction of the grid.
+
+    A scheduler object holds only its frozen config; it is hashable and compares by config, so it
+    can be closed over or passed as a static argument. All arrays live in the
+    :class:`~dpmjax.state.SchedulerState`.
+
+    Args:
+        config: A :class:`~dpmjax.config.SchedulerConfig`; ``None`` (default) builds one from
+            ``kwargs``. Dicts (diffusers' ``scheduler.config``, a JSON's contents) go through
+            :meth:`from_config`.
+        **kwargs: :class:`~dpmjax.config.SchedulerConfig` fields (diffusers' names), when no
+            ``config`` is given; unset fields keep diffusers' defaults.
+
+    Raises:
+        ValueError: Both ``config`` and keyword parameters are given; ``config`` is not a
+            :class:`~dpmjax.config.SchedulerConfig`; a keyword parameter is unknown or a value is
+            invalid (see :class:`~dpmjax.config.SchedulerConfig`); the config does not suit the
+            direction (see the subclasses).
+    """
 
     forward: bool = True
     order = 1  # diffusers' attribute: model evaluations per step
@@ -154,6 +179,7 @@ class DPMSolverMultistepBase:
 
     @property
     def config(self) -> SchedulerConfig:
+        """The scheduler's frozen, hashable :class:`~dpmjax.config.SchedulerConfig`."""
         return self._config
 
     def __eq__(self, other):
@@ -169,7 +195,21 @@ class DPMSolverMultistepBase:
     @classmethod
     def from_config(cls, config: Union[SchedulerConfig, Mapping[str, Any], None] = None, **overrides: Any):
         """Build from a config dict (diffusers' ``scheduler.config`` or a JSON's contents), another
-        scheduler's config, or a :class:`SchedulerConfig`; unknown keys are ignored, ``overrides`` win."""
+        scheduler's config, or a :class:`SchedulerConfig`; unknown keys are ignored, ``overrides`` win.
+
+        Args:
+            config: A mapping of config values, a scheduler (dpmjax's or diffusers'; its
+                ``config`` is read), a :class:`SchedulerConfig`, or ``None`` (default: diffusers'
+                defaults). Keys this config does not know, and ``_``-keys, are ignored.
+            **overrides: :class:`SchedulerConfig` fields that replace the values from ``config``.
+
+        Returns:
+            A scheduler of this class.
+
+        Raises:
+            ValueError: An override names no :class:`SchedulerConfig` field; a value is invalid;
+                the config does not suit this scheduler's direction.
+        """
         if config is None:
             values = {}
         elif isinstance(config, SchedulerConfig):
@@ -183,18 +223,45 @@ class DPMSolverMultistepBase:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], subfolder: Optional[str] = None, **overrides: Any):
-        """Load ``scheduler_config.json`` from a local folder (or the file itself); nothing is downloaded."""
+        """Load ``scheduler_config.json`` from a local folder (or the file itself); nothing is downloaded.
+
+        Args:
+            pretrained_model_name_or_path: A local folder holding ``scheduler_config.json`` (or
+                holding ``subfolder`` that does), or the JSON file itself.
+            subfolder: The folder inside ``pretrained_model_name_or_path`` with the config, e.g.
+                ``"scheduler"`` for a diffusers pipeline folder.
+            **overrides: :class:`SchedulerConfig` fields that replace the file's values.
+
+        Returns:
+            A scheduler of this class.
+
+        Raises:
+            FileNotFoundError: There is no config file at that path.
+            ValueError: The file does not hold a JSON object; an override is unknown; a value is
+                invalid; the config does not suit this scheduler's direction.
+        """
         return cls.from_config(read_config_file(pretrained_model_name_or_path, subfolder), **overrides)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> str:
-        """Write diffusers' ``scheduler_config.json`` (with ``_class_name``) into ``save_directory``."""
+        """Write diffusers' ``scheduler_config.json`` (with ``_class_name``) into ``save_directory``.
+
+        Args:
+            save_directory: The folder to write into; created if missing.
+
+        Returns:
+            The path of the written file.
+        """
         values = {"_class_name": type(self).__name__, "_dpmjax_version": __version__}
         values.update(self._config.to_dict())
         return write_config_file(os.fspath(save_directory), values)
 
     # ------------------------------------------------------------------ state
     def create_state(self) -> SchedulerState:
-        """The state before ``set_timesteps``: training tables and the full training grid."""
+        """The state before ``set_timesteps``: training tables and the full training grid.
+
+        Returns:
+            A :class:`~dpmjax.state.SchedulerState` whose inference fields are ``None``.
+        """
         return _initial_state(self._config, self.forward)
 
     def _check_channel_axis(self, ndim: int) -> None:
@@ -241,6 +308,33 @@ class DPMSolverMultistepBase:
         coefficient of every step; ``dtype`` is that of the model-output history.
         ``timesteps`` (custom descending timesteps) and ``mu`` (dynamic flow shift, ``flow_shift =
         e^mu``) are for the forward scheduler, as in diffusers.
+
+        Args:
+            state: The state to extend, e.g. from :meth:`create_state`.
+            num_inference_steps: ``N``, the number of steps: an integer in
+                ``[1, num_train_timesteps]`` (NumPy integers accepted). Required by the inverse
+                scheduler; the forward scheduler takes it or ``timesteps``.
+            shape: The sample's shape (required): the model-output history is allocated for it.
+            dtype: A floating-point dtype, that of the model-output history (default float32).
+            timesteps: Forward scheduler only: custom timesteps, strictly decreasing integers in
+                ``[0, num_train_timesteps - 1]``, instead of ``num_inference_steps``.
+            mu: Forward scheduler only, with ``use_dynamic_shifting=True``: the dynamic flow
+                shift, ``flow_shift = e^mu``.
+
+        Returns:
+            A new :class:`~dpmjax.state.SchedulerState` on the grid, at step 0.
+
+        Raises:
+            ValueError: ``state`` is not a :class:`~dpmjax.state.SchedulerState` (it comes first);
+                ``shape`` is missing, not a sequence of integers or has negative sizes; ``dtype``
+                is not floating point; ``num_inference_steps`` is not an integer, is outside
+                ``[1, num_train_timesteps]`` or too large for ``"leading"`` spacing; the forward
+                scheduler gets both or neither of ``num_inference_steps`` and ``timesteps``,
+                ``timesteps`` with an alternative sigma grid (Karras, exponential, Beta, Lu,
+                flow) or not strictly decreasing integers in range, or ``mu`` without
+                ``use_dynamic_shifting=True``; the inverse scheduler gets ``timesteps`` or ``mu``,
+                or no ``num_inference_steps``; ``channel_axis`` lies outside samples of ``shape``
+                (learned ``variance_type`` only).
         """
         if not isinstance(state, SchedulerState):
             raise ValueError(
@@ -261,10 +355,30 @@ class DPMSolverMultistepBase:
 
     def state_on_grid(self, state: SchedulerState, timesteps, sigmas, shape: Sequence[int], dtype=jnp.float32,
                       forward: Optional[bool] = None) -> SchedulerState:
-        """A state that steps over an explicit grid: ``timesteps[i]`` is the model's timestep at
-        noise level ``sigmas[i]``, and step ``i`` moves to ``sigmas[i + 1]``. ``forward`` (default:
-        this scheduler's direction) only decides whether a final zero sigma forces a first-order step.
-        ``set_timesteps`` is this with diffusers' grid; trajectories use it for mirrored grids."""
+        """A state that steps over an explicit grid.
+
+        ``timesteps[i]`` is the model's timestep at noise level ``sigmas[i]``, and step ``i`` moves
+        to ``sigmas[i + 1]``. ``set_timesteps`` is this with diffusers' grid; trajectories use it
+        for mirrored grids.
+
+        Args:
+            state: The state to extend, e.g. from :meth:`create_state`.
+            timesteps: ``[N]``, the model's timestep at each step (integers).
+            sigmas: ``[>= N + 1]``, the noise levels (diffusers' sigma): before each step, then
+                the end point.
+            shape: The sample's shape; the model-output history is allocated for it.
+            dtype: The dtype of the model-output history (default float32).
+            forward: Default: this scheduler's direction. Only decides whether a final zero sigma
+                forces a first-order step.
+
+        Returns:
+            A new :class:`~dpmjax.state.SchedulerState` on the grid, at step 0.
+
+        Raises:
+            ValueError: There are no timesteps, or ``sigmas`` is not 1-D with at least ``N + 1``
+                entries; ``channel_axis`` lies outside samples of ``shape`` (learned
+                ``variance_type`` only).
+        """
         timesteps = np.asarray(timesteps)
         sigmas = np.asarray(sigmas, dtype=np.float32)
         n = len(timesteps)
@@ -277,7 +391,19 @@ class DPMSolverMultistepBase:
         return state.replace(**fields)
 
     def set_begin_index(self, state: SchedulerState, begin_index: int = 0) -> SchedulerState:
-        """Start at step ``begin_index`` without looking the first timestep up (diffusers' ``set_begin_index``)."""
+        """Start at step ``begin_index`` without looking the first timestep up (diffusers' ``set_begin_index``).
+
+        Args:
+            state: A state after ``set_timesteps``.
+            begin_index: The step to take next, in ``[0, N - 1]`` (default 0); may be traced.
+
+        Returns:
+            The state with its step index set.
+
+        Raises:
+            ValueError: The state has no inference grid (``set_timesteps`` was not called);
+                a concrete ``begin_index`` lies outside ``[0, N - 1]``.
+        """
         solver.require_timesteps(state)
         n = state.timesteps.shape[0]
         known = solver.concrete_int(begin_index)
@@ -297,7 +423,39 @@ class DPMSolverMultistepBase:
         return_dict: bool = True,
     ):
         """One step; returns ``SchedulerOutput(prev_sample, state)`` or, with ``return_dict=False``,
-        the pair ``(prev_sample, state)``. SDE types need ``key`` or ``variance_noise``."""
+        the pair ``(prev_sample, state)``. SDE types need ``key`` or ``variance_noise``.
+
+        Pure and traceable: ``state`` and ``timestep`` may be traced (inside ``jit``/``scan``). The
+        order used is ``min(solver_order, steps taken + 1, order_cap[i])`` (warm-up and lower-order
+        final steps, as in diffusers). The sample keeps its dtype; the arithmetic runs in float32
+        or wider.
+
+        Args:
+            state: The state after ``set_timesteps`` (or the previous ``step``).
+            model_output: The raw model output at ``(sample, timestep)``, of the kind
+                ``prediction_type`` names, with the sample's shape (twice its channels on
+                ``channel_axis`` with a learned ``variance_type``; the first half is used).
+            timestep: The current timestep (an entry of ``state.timesteps``); on the first step it
+                locates the step (diffusers' ``index_for_timestep``), afterwards the state's
+                counter is used.
+            sample: The current sample, a floating-point array of the shape given to
+                ``set_timesteps``.
+            key: SDE types: a ``jax.random`` key for the step's noise.
+            variance_noise: SDE types: the step's noise (the sample's shape), instead of ``key``.
+            return_dict: Return a :class:`SchedulerOutput` (default) rather than a tuple.
+
+        Returns:
+            ``SchedulerOutput(prev_sample, state)``, or the tuple ``(prev_sample, state)`` with
+            ``return_dict=False``.
+
+        Raises:
+            ValueError: The state has no inference grid; ``sample``'s shape differs from the one
+                given to ``set_timesteps``; all steps of the state were taken; ``model_output`` or
+                ``sample`` is not floating point, or ``model_output``'s shape does not match;
+                an SDE type gets neither ``key`` nor ``variance_noise``, or ``variance_noise`` of
+                another shape; ``channel_axis`` lies outside the sample's axes (learned
+                ``variance_type`` only).
+        """
         self._check_channel_axis(jnp.ndim(sample))
         prev_sample, new_state = solver.step(self._config, state, model_output, timestep, sample, key, variance_noise)
         if not return_dict:
@@ -305,11 +463,31 @@ class DPMSolverMultistepBase:
         return SchedulerOutput(prev_sample=prev_sample, state=new_state)
 
     def scale_model_input(self, state: SchedulerState, sample: Array, timestep=None) -> Array:
-        """Identity: DPM-Solver needs no input scaling (kept for interchangeability)."""
+        """Identity: DPM-Solver needs no input scaling (kept for interchangeability).
+
+        Args:
+            state: The scheduler state (unused).
+            sample: The sample.
+            timestep: The timestep (unused).
+
+        Returns:
+            ``sample``, unchanged.
+        """
         return sample
 
     def add_noise(self, state: SchedulerState, original_samples: Array, noise: Array, timesteps) -> Array:
-        """``alpha_t x0 + sigma_t eps`` at the grid noise level of each timestep (leading axis = batch)."""
+        """``alpha_t x0 + sigma_t eps`` at the grid noise level of each timestep (leading axis = batch).
+
+        Args:
+            state: A state whose grid holds the timesteps (after ``set_timesteps``).
+            original_samples: ``x0``, the clean samples, batched on axis 0.
+            noise: ``eps``, Gaussian noise of the same shape.
+            timesteps: A timestep, or one per row (``[B]``); each is located on the state's grid
+                as in ``step``.
+
+        Returns:
+            The noisy samples, with ``original_samples``' shape and dtype.
+        """
         timesteps = jnp.atleast_1d(jnp.asarray(timesteps))
         index = jax.vmap(lambda t: solver.locate_step(state.timesteps, t))(timesteps)
         cdt = solver.compute_dtype(original_samples)
@@ -327,10 +505,26 @@ class DPMSolverMultistepBase:
 
     def convert_model_output(self, state: SchedulerState, model_output: Array, sample: Array) -> Array:
         """Model output -> data prediction x0 (DPM-Solver++) or noise prediction (DPM-Solver) at the
-        state's current step, thresholded if configured."""
+        state's current step, thresholded if configured.
+
+        Args:
+            state: A state with a step index (after a ``step`` or ``set_begin_index``).
+            model_output: The raw model output (twice the sample's channels with a learned
+                ``variance_type``).
+            sample: The current sample.
+
+        Returns:
+            The converted output, with ``sample``'s shape and dtype.
+
+        Raises:
+            ValueError: The state has no inference grid or no step index yet; ``model_output``
+                or ``sample`` is not floating point, or their shapes do not match;
+                ``channel_axis`` lies outside the sample's axes (learned ``variance_type`` only).
+        """
         self._check_channel_axis(jnp.ndim(sample))
         model_output = solver.mean_of_model_output(self._config, model_output, sample)
-        return solver.convert_model_output(self._config, state, self._index_of(state), model_output, sample).astype(sample.dtype)
+        return solver.convert_model_output(self._config, state, self._index_of(state), model_output=model_output,
+                                           sample=sample).astype(sample.dtype)
 
     def _noise_for(self, noise):
         if self._config.is_sde and noise is None:
@@ -338,19 +532,65 @@ class DPMSolverMultistepBase:
         return noise if self._config.is_sde else None
 
     def dpm_solver_first_order_update(self, state: SchedulerState, model_output: Array, sample: Array, noise: Optional[Array] = None) -> Array:
-        """First-order step (DDIM) from a converted model output, at the state's current step."""
+        """First-order step (DDIM) from a converted model output, at the state's current step.
+
+        Args:
+            state: A state with a step index (after a ``step`` or ``set_begin_index``).
+            model_output: The converted model output (:meth:`convert_model_output`).
+            sample: The current sample.
+            noise: SDE types: the step's Gaussian noise (required); ignored otherwise.
+
+        Returns:
+            The sample after the step, with ``sample``'s dtype.
+
+        Raises:
+            ValueError: The state has no inference grid or no step index yet; an SDE type gets
+                no ``noise``.
+        """
         self._index_of(state)
-        return solver.order_k_update(state, 1, [model_output], sample, self._noise_for(noise))
+        return solver.order_k_update(state, 1, [model_output], sample=sample, noise=self._noise_for(noise))
 
     def multistep_dpm_solver_second_order_update(self, state: SchedulerState, model_output_list: Sequence[Array], sample: Array, noise: Optional[Array] = None) -> Array:
-        """Second-order multistep step; ``model_output_list`` is oldest first (diffusers' order)."""
+        """Second-order multistep step; ``model_output_list`` is oldest first (diffusers' order).
+
+        Args:
+            state: A state with a step index (after a ``step`` or ``set_begin_index``).
+            model_output_list: Converted model outputs (:meth:`convert_model_output`), oldest first;
+                the last 2 are used.
+            sample: The current sample.
+            noise: SDE types: the step's Gaussian noise (required); ignored otherwise.
+
+        Returns:
+            The sample after the step, with ``sample``'s dtype.
+
+        Raises:
+            ValueError: The state has no inference grid or no step index yet; an SDE type gets
+                no ``noise``; the scheduler's ``solver_order`` is below 2; fewer than 2
+                outputs are given.
+        """
         self._index_of(state)
-        return solver.order_k_update(state, 2, list(model_output_list)[::-1], sample, self._noise_for(noise))
+        return solver.order_k_update(state, 2, list(model_output_list)[::-1], sample=sample, noise=self._noise_for(noise))
 
     def multistep_dpm_solver_third_order_update(self, state: SchedulerState, model_output_list: Sequence[Array], sample: Array, noise: Optional[Array] = None) -> Array:
-        """Third-order multistep step; ``model_output_list`` is oldest first (diffusers' order)."""
+        """Third-order multistep step; ``model_output_list`` is oldest first (diffusers' order).
+
+        Args:
+            state: A state with a step index (after a ``step`` or ``set_begin_index``).
+            model_output_list: Converted model outputs (:meth:`convert_model_output`), oldest first;
+                the last 3 are used.
+            sample: The current sample.
+            noise: SDE types: the step's Gaussian noise (required); ignored otherwise.
+
+        Returns:
+            The sample after the step, with ``sample``'s dtype.
+
+        Raises:
+            ValueError: The state has no inference grid or no step index yet; an SDE type gets
+                no ``noise``; the scheduler's ``solver_order`` is below 3; fewer than 3
+                outputs are given.
+        """
         self._index_of(state)
-        return solver.order_k_update(state, 3, list(model_output_list)[::-1], sample, self._noise_for(noise))
+        return solver.order_k_update(state, 3, list(model_output_list)[::-1], sample=sample, noise=self._noise_for(noise))
 
     def __len__(self):
         return self._config.num_train_timesteps
@@ -363,6 +603,19 @@ class DPMSolverMultistepScheduler(DPMSolverMultistepBase):
     ``x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} e^{lambda} x0(x_lambda) d lambda``
     (DPM-Solver++ form), approximating ``x0`` by a polynomial through the last ``solver_order``
     model outputs. Numerically diffusers' ``DPMSolverMultistepScheduler``.
+
+    Args:
+        config: A :class:`~dpmjax.config.SchedulerConfig`; ``None`` (default) builds one from
+            ``kwargs``. Dicts go through :meth:`from_config`, folders through
+            :meth:`from_pretrained`.
+        **kwargs: :class:`~dpmjax.config.SchedulerConfig` fields (diffusers' names), when no
+            ``config`` is given.
+
+    Raises:
+        ValueError: Both ``config`` and keyword parameters are given; ``config`` is not a
+            :class:`~dpmjax.config.SchedulerConfig`; a keyword parameter is unknown or a value is
+            invalid; ``final_sigmas_type="zero"`` with a noise-prediction ``algorithm_type``
+            (``"dpmsolver"``, ``"sde-dpmsolver"``), whose update is undefined at zero noise.
     """
 
     forward = True
@@ -374,6 +627,20 @@ class DPMSolverMultistepInverseScheduler(DPMSolverMultistepBase):
     DDIM-style inversion (Mokady et al. 2023, Null-text Inversion; Couairon et al. 2023, DiffEdit)
     generalised to multistep DPM-Solver. Numerically diffusers' ``DPMSolverMultistepInverseScheduler``,
     except where diffusers fails (see the README's "Differences from diffusers").
+
+    Args:
+        config: A :class:`~dpmjax.config.SchedulerConfig`; ``None`` (default) builds one from
+            ``kwargs``. Dicts go through :meth:`from_config`, folders through
+            :meth:`from_pretrained`.
+        **kwargs: :class:`~dpmjax.config.SchedulerConfig` fields (diffusers' names), when no
+            ``config`` is given.
+
+    Raises:
+        ValueError: Both ``config`` and keyword parameters are given; ``config`` is not a
+            :class:`~dpmjax.config.SchedulerConfig`; a keyword parameter is unknown or a value is
+            invalid; an SDE ``algorithm_type`` (its noise term ``sqrt(1 - e^{-2h})`` has no real
+            value when the noise rises: invert a stochastic sampler with
+            ``dpmjax.invert(..., exact=True, noises=...)``).
     """
 
     forward = False

@@ -43,7 +43,17 @@ CONFIG_NAME = "scheduler_config.json"
 def check_num_inference_steps(value: Any) -> int:
     """``num_inference_steps`` as a Python int (NumPy integers accepted); bools, floats (also
     integral ones such as ``10.0``) and anything else are a ValueError. The range is checked
-    where the grid is built."""
+    where the grid is built.
+
+    Args:
+        value: The number of inference steps as passed.
+
+    Returns:
+        ``value`` as a Python ``int``.
+
+    Raises:
+        ValueError: ``value`` is not a Python or NumPy integer (a bool, a float, a string, ...).
+    """
     return checks.integer("num_inference_steps", value)
 
 
@@ -71,37 +81,72 @@ def _lambda_min_clipped(config: "SchedulerConfig") -> float:
 class SchedulerConfig:
     """Configuration shared by the forward and the inverse DPM-Solver multistep schedulers.
 
-    Parameters (diffusers' names and defaults):
-        num_train_timesteps: number of diffusion steps the model was trained with.
-        beta_start, beta_end: ends of the beta schedule.
-        beta_schedule: ``"linear"``, ``"scaled_linear"`` (Stable Diffusion) or ``"squaredcos_cap_v2"``.
-        trained_betas: explicit betas (length ``num_train_timesteps``); overrides the three above.
-        solver_order: 1, 2 or 3 (multistep order; 2 for guided sampling, 3 unconditional).
-        prediction_type: what the model predicts: ``"epsilon"``, ``"sample"``, ``"v_prediction"``,
-            ``"flow_prediction"``.
-        thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen's dynamic thresholding of
-            the data prediction (pixel-space models only).
-        algorithm_type: ``"dpmsolver++"`` (data prediction, default), ``"dpmsolver"`` (noise
-            prediction), or their SDE variants ``"sde-dpmsolver++"`` / ``"sde-dpmsolver"``.
-        solver_type: ``"midpoint"`` or ``"heun"`` form of the second-order update.
-        lower_order_final: lower the order over the last steps when there are fewer than 15 steps.
-        euler_at_final: first-order update for the very last step.
-        use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, use_lu_lambdas, use_flow_sigmas:
-            alternative noise-level grids (at most one).
-        flow_shift: time shift of the flow-matching grid.
-        final_sigmas_type: forward scheduler only: end the schedule at ``"zero"`` noise or at
-            ``"sigma_min"`` (the smallest training noise level). Ignored by the inverse scheduler.
-        lambda_min_clipped: clip the smallest log-SNR used by the grid (for the cosine schedule).
-        variance_type: ``"learned"``/``"learned_range"`` when the model also outputs a variance: the
-            model output then has twice the sample's channels and its first half is used.
-        timestep_spacing: ``"linspace"``, ``"leading"`` or ``"trailing"`` (Lin et al. 2023, Table 2).
-        steps_offset: offset added to the timesteps for ``"leading"`` spacing.
-        rescale_betas_zero_snr: rescale the betas to zero terminal SNR (Lin et al. 2023).
-        use_dynamic_shifting, time_shift_type: flow models whose shift is given per call as ``mu``.
+    The fields carry diffusers' names and defaults, except ``channel_axis`` (dpmjax's own field).
+    Every field is checked at construction; aliases diffusers accepts so that configs of sibling
+    schedulers load (``algorithm_type="deis"``; ``solver_type`` ``"logrho"``, ``"bh1"``,
+    ``"bh2"``) are mapped to ``"dpmsolver++"`` and ``"midpoint"``.
 
-    dpmjax's own field:
-        channel_axis: the channel axis of samples and model outputs (1 for diffusers' NCHW,
-            -1 for NHWC Flax models). Only the learned-variance split depends on it.
+    Attributes:
+        num_train_timesteps: Number of diffusion steps the model was trained with (an integer
+            >= 2; default 1000).
+        beta_start: Start of the beta schedule (in ``(0, 1)`` for the linear schedules; default
+            0.0001).
+        beta_end: End of the beta schedule (in ``(0, 1)`` for the linear schedules; default 0.02).
+        beta_schedule: ``"linear"`` (default), ``"scaled_linear"`` (Stable Diffusion) or
+            ``"squaredcos_cap_v2"``.
+        trained_betas: Explicit betas (length ``num_train_timesteps``, each in ``(0, 1)``;
+            stored as a tuple); overrides the three above.
+        solver_order: 1, 2 or 3 (multistep order; 2 for guided sampling, 3 unconditional;
+            default 2).
+        prediction_type: What the model predicts: ``"epsilon"`` (default), ``"sample"``,
+            ``"v_prediction"``, ``"flow_prediction"`` (needs a data-prediction
+            ``algorithm_type``).
+        thresholding: Imagen's dynamic thresholding of the data prediction (pixel-space models
+            only; default False).
+        dynamic_thresholding_ratio: The quantile of dynamic thresholding, in ``[0, 1]`` (default
+            0.995).
+        sample_max_value: The largest threshold of dynamic thresholding, > 0 (default 1.0).
+        algorithm_type: ``"dpmsolver++"`` (data prediction, default), ``"dpmsolver"`` (noise
+            prediction), or their SDE variants ``"sde-dpmsolver++"`` / ``"sde-dpmsolver"`` (the
+            latter not with ``solver_order=3``).
+        solver_type: ``"midpoint"`` (default) or ``"heun"`` form of the second-order update.
+        lower_order_final: Lower the order over the last steps when there are fewer than 15
+            steps (default True).
+        euler_at_final: First-order update for the very last step (default False).
+        use_karras_sigmas: Karras et al. 2022 (EDM): noise levels uniform in ``sigma^(1/7)``.
+            This and the next four are alternative noise-level grids (at most one; default
+            False).
+        use_exponential_sigmas: Noise levels uniform in ``log sigma``.
+        use_beta_sigmas: Noise levels at Beta(0.6, 0.6) quantiles (Lee et al. 2024).
+        use_lu_lambdas: Lu et al. 2022 (DPM-Solver): steps uniform in log-SNR.
+        use_flow_sigmas: The (shifted) flow-matching grid.
+        flow_shift: Time shift of the flow-matching grid, > 0 (default 1.0).
+        final_sigmas_type: Forward scheduler only: end the schedule at ``"zero"`` noise (default)
+            or at ``"sigma_min"`` (the smallest training noise level). Ignored by the inverse
+            scheduler.
+        lambda_min_clipped: Clip the smallest log-SNR used by the grid (for the cosine schedule):
+            ``-inf`` (default, no clipping; ``None`` in a dict is read as ``-inf``) or a finite
+            value at most the largest log-SNR of the training schedule.
+        variance_type: ``None`` (default), or ``"learned"``/``"learned_range"`` when the model
+            also outputs a variance: the model output then has twice the sample's channels and
+            its first half is used.
+        timestep_spacing: ``"linspace"`` (default), ``"leading"`` or ``"trailing"`` (Lin et al.
+            2023, Table 2).
+        steps_offset: Offset added to the timesteps for ``"leading"`` spacing (an integer >= 0;
+            default 0).
+        rescale_betas_zero_snr: Rescale the betas to zero terminal SNR (Lin et al. 2023; default
+            False).
+        use_dynamic_shifting: Flow models whose shift is given per call as ``mu`` (needs
+            ``use_flow_sigmas=True``; default False).
+        time_shift_type: The form of that shift: ``"exponential"`` (the only one).
+        channel_axis: dpmjax's own field: the channel axis of samples and model outputs (1 for
+            diffusers' NCHW, the default; -1 for NHWC Flax models). Only the learned-variance
+            split depends on it.
+
+    Raises:
+        ValueError: A field has a value outside the ones listed (wrong type, unknown name, out of
+            range), more than one alternative grid is set, or two fields conflict as noted
+            above.
     """
 
     num_train_timesteps: int = 1000
@@ -222,6 +267,7 @@ class SchedulerConfig:
 
     @property
     def is_sde(self) -> bool:
+        """True for the stochastic algorithm types (``"sde-dpmsolver"``, ``"sde-dpmsolver++"``)."""
         return self.algorithm_type in SDE_ALGORITHMS
 
     @property
@@ -232,11 +278,24 @@ class SchedulerConfig:
     # ------------------------------------------------------------------ dict / JSON round trips
     @classmethod
     def field_names(cls) -> Tuple[str, ...]:
+        """The names of the config's fields, in declaration order."""
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], **overrides: Any) -> "SchedulerConfig":
-        """Build a config from a diffusers-style dict; unknown keys (and ``_``-keys) are ignored."""
+        """Build a config from a diffusers-style dict; unknown keys (and ``_``-keys) are ignored.
+
+        Args:
+            values: The config values, e.g. a ``scheduler_config.json``'s contents. A
+                ``lambda_min_clipped`` of ``None`` (JSON has no -inf) is read as ``-inf``.
+            **overrides: Fields that replace those in ``values``; these must be known fields.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ValueError: An override names no field; a value is invalid.
+        """
         merged = {k: v for k, v in dict(values).items() if k in cls.field_names()}
         unknown = sorted(k for k in overrides if k not in cls.field_names())
         if unknown:
@@ -249,12 +308,24 @@ class SchedulerConfig:
         return cls(**merged)
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (``trained_betas`` as a list), as diffusers' config holds them."""
         d = dataclasses.asdict(self)
         if d["trained_betas"] is not None:
             d["trained_betas"] = list(d["trained_betas"])
         return d
 
     def replace(self, **changes: Any) -> "SchedulerConfig":
+        """A copy with some fields changed, validated again.
+
+        Args:
+            **changes: The fields to change.
+
+        Returns:
+            The new config.
+
+        Raises:
+            ValueError: A change names no field, or the new values are invalid.
+        """
         return self.from_dict(self.to_dict(), **changes)
 
 
@@ -270,6 +341,18 @@ def read_config_file(path: str, subfolder: Optional[str] = None) -> dict:
 
     ``path`` is either the JSON file itself or a folder holding it (optionally in ``subfolder``,
     as in ``from_pretrained(model_dir, subfolder="scheduler")``).
+
+    Args:
+        path: The JSON file, or a folder holding it (a string or path-like).
+        subfolder: The folder inside ``path`` that holds the file, e.g. ``"scheduler"``.
+
+    Returns:
+        The JSON object as a dict (all keys, also those the config does not know).
+
+    Raises:
+        FileNotFoundError: There is no file at that path (nor a ``scheduler_config.json`` in the
+            folder).
+        ValueError: The file does not hold a JSON object.
     """
     path = os.fspath(path)
     if subfolder:
@@ -286,6 +369,18 @@ def read_config_file(path: str, subfolder: Optional[str] = None) -> dict:
 
 
 def write_config_file(directory: str, values: Mapping[str, Any]) -> str:
+    """Write ``values`` as ``scheduler_config.json`` into ``directory`` (created if missing).
+
+    Keys are sorted and indented; non-finite numbers are written as diffusers writes them
+    (``-Infinity`` for ``lambda_min_clipped``), which it reads back.
+
+    Args:
+        directory: The folder to write into.
+        values: The config values (JSON-serialisable).
+
+    Returns:
+        The path of the written file.
+    """
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, CONFIG_NAME)
     # allow_nan: diffusers itself writes -Infinity for lambda_min_clipped and reads it back.

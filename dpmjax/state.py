@@ -20,20 +20,35 @@ Array = jax.Array
 class SchedulerState:
     """State of a DPM-Solver multistep scheduler.
 
-    Training tables (length ``num_train_timesteps``, as diffusers holds them):
-        alphas_cumprod, alpha_t, sigma_t, lambda_t (``lambda = log(alpha_t / sigma_t)``).
-    Inference grid (after ``set_timesteps``; before it, the full training grid):
-        timesteps: int32 ``[N]``, the model's timestep at each step (diffusers' ``scheduler.timesteps``).
-        sigmas: float32 ``[>= N+1]``, noise level before each step (diffusers' ``scheduler.sigmas``).
-        step_alpha, step_sigma: the VP pair ``(alpha_t, sigma_t)`` of every grid point.
-        convert_coefficients: ``[N, 2]``, model output -> solver quantity (x0 or eps), linear.
-        update_coefficients: ``[N+1, K, K+2]``, the order-k update of step i (row N: identity).
-        order_cap: int32 ``[N]``, the highest order each step may use.
-    Progress:
-        model_outputs: ``[K, *shape]``, ring buffer of converted model outputs (step i in slot i % K);
-            ``[0, *shape]`` (no history) for a first-order solver, whose steps read no older output.
-        lower_order_nums: int32, steps taken since ``set_timesteps`` (saturating at K): the warm-up.
-        step_index: int32, the next step; -1 until the first ``step`` locates it from its timestep.
+    The training tables have length ``num_train_timesteps``, as diffusers holds them. The inference
+    grid is set by ``set_timesteps`` (before it, ``timesteps`` and ``sigmas`` are the full training
+    grid and the other grid and progress fields are ``None``). ``K`` is the solver order.
+
+    Attributes:
+        alphas_cumprod: Training table: diffusers' ``alphas_cumprod``.
+        alpha_t: Training table: ``alpha_t`` of every training timestep.
+        sigma_t: Training table: ``sigma_t`` of every training timestep.
+        lambda_t: Training table: ``lambda = log(alpha_t / sigma_t)`` of every training timestep.
+        init_noise_sigma: The standard deviation of the initial noise (1.0), as in diffusers.
+        timesteps: Inference grid: int32 ``[N]``, the model's timestep at each step (diffusers'
+            ``scheduler.timesteps``).
+        sigmas: Inference grid: float32 ``[>= N+1]``, noise level before each step (diffusers'
+            ``scheduler.sigmas``).
+        step_alpha: Inference grid: ``alpha_t`` of the VP pair ``(alpha_t, sigma_t)`` of every grid
+            point.
+        step_sigma: Inference grid: ``sigma_t`` of that pair.
+        convert_coefficients: Inference grid: ``[N, 2]``, model output -> solver quantity (x0 or
+            eps), linear.
+        update_coefficients: Inference grid: ``[N+1, K, K+2]``, the order-k update of step i
+            (row N: identity).
+        order_cap: Inference grid: int32 ``[N]``, the highest order each step may use.
+        model_outputs: Progress: ``[K, *shape]``, ring buffer of converted model outputs (step i in
+            slot i % K); ``[0, *shape]`` (no history) for a first-order solver, whose steps read
+            no older output.
+        lower_order_nums: Progress: int32, steps taken since ``set_timesteps`` (saturating at K):
+            the warm-up.
+        step_index: Progress: int32, the next step; -1 until the first ``step`` locates it from its
+            timestep.
     """
 
     alphas_cumprod: Array
@@ -59,11 +74,17 @@ class SchedulerState:
 
     @property
     def solver_order(self) -> Optional[int]:
+        """The solver order ``K`` of the grid's coefficients (static), or None before ``set_timesteps``."""
         return None if self.update_coefficients is None else self.update_coefficients.shape[1]
 
     def ordered_model_outputs(self) -> Array:
         """The model-output history oldest first, newest last (diffusers' ``model_outputs`` order);
-        empty for a first-order solver, which keeps none."""
+        empty for a first-order solver, which keeps none.
+
+        Returns:
+            ``[K, *shape]``, the converted model outputs, oldest first (``[0, *shape]`` at
+            order 1).
+        """
         K = self.model_outputs.shape[0]
         if K == 0:
             return self.model_outputs

@@ -40,7 +40,28 @@ FlaxDPMSolverMultistepSchedulerOutput = SchedulerOutput
 
 
 class FlaxDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
-    """diffusers <= 0.39's Flax DPM-Solver multistep scheduler, re-implemented over dpmjax."""
+    """diffusers <= 0.39's Flax DPM-Solver multistep scheduler, re-implemented over dpmjax.
+
+    A thin layer over :class:`~dpmjax.DPMSolverMultistepScheduler` with the old class's semantics:
+    the schedule always ends at the smallest training noise level (``final_sigmas_type`` is set to
+    ``"sigma_min"`` and ``euler_at_final`` to False, whatever is passed), ``add_noise`` takes any
+    training timestep, and ``dtype`` sets the model-output history's dtype.
+
+    Args:
+        config: A :class:`~dpmjax.config.SchedulerConfig`; ``None`` (default) builds one from
+            ``kwargs``.
+        dtype: The dtype of the model-output history (default float32), used by
+            ``set_timesteps`` when it is given none.
+        **kwargs: :class:`~dpmjax.config.SchedulerConfig` fields, when no ``config`` is given.
+
+    Attributes:
+        dtype: The model-output history's dtype.
+        has_state: True, as in the old Flax schedulers.
+
+    Raises:
+        ValueError: Both ``config`` and keyword parameters are given; a keyword parameter is
+            unknown, or a value is invalid (see :class:`~dpmjax.config.SchedulerConfig`).
+    """
 
     has_state = True
 
@@ -60,27 +81,115 @@ class FlaxDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
 
     @classmethod
     def from_config(cls, config: Union[SchedulerConfig, Mapping[str, Any], None] = None, dtype=jnp.float32, **overrides: Any):
+        """Build from a config dict (diffusers' ``scheduler.config`` or a JSON's contents) or a
+        :class:`~dpmjax.config.SchedulerConfig`; unknown keys are ignored, ``overrides`` win.
+
+        Args:
+            config: A mapping of config values, a :class:`~dpmjax.config.SchedulerConfig`, or
+                ``None`` (default: diffusers' defaults).
+            dtype: The dtype of the model-output history (default float32).
+            **overrides: :class:`~dpmjax.config.SchedulerConfig` fields that replace the values
+                from ``config``.
+
+        Returns:
+            The scheduler (without a state; :meth:`from_pretrained` returns both).
+
+        Raises:
+            ValueError: An override names no config field, or a value is invalid.
+        """
         values = config.to_dict() if isinstance(config, SchedulerConfig) else dict(config or {})
         return cls(SchedulerConfig.from_dict(values, **overrides), dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], subfolder: Optional[str] = None, dtype=jnp.float32, **overrides: Any):
-        """Returns ``(scheduler, state)``, as the old Flax schedulers did."""
+        """Load ``scheduler_config.json`` from a local folder; returns ``(scheduler, state)``, as the old
+        Flax schedulers did. Nothing is downloaded.
+
+        Args:
+            pretrained_model_name_or_path: A local folder holding ``scheduler_config.json`` (or
+                holding ``subfolder`` that does), or the JSON file itself.
+            subfolder: The folder inside it with the config, e.g. ``"scheduler"``.
+            dtype: The dtype of the model-output history (default float32).
+            **overrides: :class:`~dpmjax.config.SchedulerConfig` fields that replace the file's
+                values.
+
+        Returns:
+            ``(scheduler, state)``: the scheduler and its state from :meth:`create_state`.
+
+        Raises:
+            FileNotFoundError: There is no config file at that path.
+            ValueError: The file does not hold a JSON object; an override is unknown; a value is
+                invalid.
+        """
         scheduler = cls.from_config(read_config_file(pretrained_model_name_or_path, subfolder), dtype=dtype, **overrides)
         return scheduler, scheduler.create_state()
 
     def create_state(self, common: Any = None) -> SchedulerState:
-        """``common`` (the old ``CommonSchedulerState``) is accepted and ignored: the state holds its tables."""
+        """``common`` (the old ``CommonSchedulerState``) is accepted and ignored: the state holds its tables.
+
+        Args:
+            common: Ignored.
+
+        Returns:
+            The state before ``set_timesteps``: training tables and the full training grid.
+        """
         return super().create_state()
 
     def set_timesteps(self, state: SchedulerState, num_inference_steps: int, shape, dtype=None, **kwargs) -> SchedulerState:
+        """A state ready to step ``num_inference_steps`` steps over samples of ``shape``.
+
+        As :meth:`dpmjax.DPMSolverMultistepScheduler.set_timesteps`, with the scheduler's
+        ``dtype`` as the default history dtype.
+
+        Args:
+            state: The state to extend, e.g. from :meth:`create_state`.
+            num_inference_steps: ``N``, the number of steps.
+            shape: The sample's shape; the model-output history is allocated for it.
+            dtype: The model-output history's dtype; ``None`` (default) uses the scheduler's.
+            **kwargs: ``timesteps`` or ``mu``, as for the dpmjax scheduler.
+
+        Returns:
+            A new state on the grid, at step 0.
+
+        Raises:
+            ValueError: As :meth:`dpmjax.DPMSolverMultistepScheduler.set_timesteps`.
+        """
         return super().set_timesteps(state, num_inference_steps, shape, self.dtype if dtype is None else dtype, **kwargs)
 
     def step(self, state, model_output, timestep, sample, return_dict: bool = True, key=None, variance_noise=None):
+        """One step, with the old Flax signature (``return_dict`` before ``key``).
+
+        Args:
+            state: The state after ``set_timesteps`` (or the previous ``step``).
+            model_output: The raw model output at ``(sample, timestep)``.
+            timestep: The current timestep (an entry of ``state.timesteps``).
+            sample: The current sample.
+            return_dict: Return a ``FlaxDPMSolverMultistepSchedulerOutput`` (default) rather than
+                a tuple.
+            key: SDE types: a ``jax.random`` key for the step's noise.
+            variance_noise: SDE types: the step's noise, instead of ``key``.
+
+        Returns:
+            ``FlaxDPMSolverMultistepSchedulerOutput(prev_sample, state)`` (``.to_tuple()`` gives the
+            pair), or the tuple ``(prev_sample, state)`` with ``return_dict=False``.
+
+        Raises:
+            ValueError: As :meth:`dpmjax.DPMSolverMultistepScheduler.step`.
+        """
         return super().step(state, model_output, timestep, sample, key=key, variance_noise=variance_noise, return_dict=return_dict)
 
     def add_noise(self, state: SchedulerState, original_samples: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
-        """``sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps`` at any training timestep (old semantics)."""
+        """``sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps`` at any training timestep (old semantics).
+
+        Args:
+            state: A state of this scheduler (its training tables are used).
+            original_samples: ``x0``, the clean samples, batched on axis 0.
+            noise: ``eps``, Gaussian noise of the same shape.
+            timesteps: A training timestep, or one per row (``[B]``).
+
+        Returns:
+            The noisy samples, with ``original_samples``' shape and dtype.
+        """
         alphas_cumprod = state.alphas_cumprod[jnp.atleast_1d(jnp.asarray(timesteps))]
         expand = (-1,) + (1,) * (original_samples.ndim - 1)
         a = jnp.sqrt(alphas_cumprod).reshape(expand)

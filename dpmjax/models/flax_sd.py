@@ -38,7 +38,14 @@ Array = jax.Array
 
 class UNetInputs(NamedTuple):
     """What the guided UNet model takes as ``cond``: the UNet's ``params``, the text embeddings
-    ``[B or 1, L, D]`` and the unconditional ones (same shape; ``None`` without guidance)."""
+    ``[B or 1, L, D]`` and the unconditional ones (same shape; ``None`` without guidance).
+
+    Attributes:
+        params: The UNet's parameters (they travel as an argument of the compiled scan).
+        text_embeddings: ``[B or 1, L, D]``, the text embeddings (e.g. ``[1, 77, 768]`` for SD 1.x).
+        uncond_embeddings: The unconditional embeddings (same shape), or ``None`` without
+            guidance.
+    """
 
     params: Any
     text_embeddings: Array
@@ -47,7 +54,19 @@ class UNetInputs(NamedTuple):
 
 def unet_eps(unet, params, latents: Array, timestep, encoder_hidden_states: Array) -> Array:
     """One UNet call: ``eps(latents [B, C, H, W], timestep, encoder_hidden_states [B or 1, L, D])``
-    in the latents' dtype (timestep broadcast over the batch, as diffusers' Flax pipeline does)."""
+    in the latents' dtype (timestep broadcast over the batch, as diffusers' Flax pipeline does).
+
+    Args:
+        unet: The Flax UNet module (diffusers' ``FlaxUNet2DConditionModel``); it runs in its own
+            ``dtype``.
+        params: Its parameters.
+        latents: ``[B, C, H, W]``, NCHW latents.
+        timestep: The timestep, a scalar or ``[B]``.
+        encoder_hidden_states: ``[B or 1, L, D]``, the text embeddings (broadcast over the batch).
+
+    Returns:
+        The UNet's noise prediction, with the latents' shape and dtype.
+    """
     batch = latents.shape[0]
     t = jnp.broadcast_to(jnp.asarray(timestep), (batch,))
     states = jnp.broadcast_to(encoder_hidden_states, (batch,) + encoder_hidden_states.shape[1:])
@@ -90,7 +109,20 @@ def guided_unet(unet, guidance_scale: float = 7.5) -> Callable[[Array, Array, UN
     """``model_fn(latents, t, inputs: UNetInputs)`` with classifier-free guidance (Ho & Salimans
     2022): ``u + w (c - u)`` from one UNet call on the doubled batch ``[uncond; text]``; at
     ``w = 1`` one call on the text embeddings alone. Cached per ``(unet, w)``, so repeated
-    ``sample``/``invert`` calls reuse one compiled program."""
+    ``sample``/``invert`` calls reuse one compiled program.
+
+    Args:
+        unet: The Flax UNet module.
+        guidance_scale: The guidance scale ``w``, a Python number (it is static; default 7.5).
+
+    Returns:
+        ``model_fn(latents, t, inputs)``, for :func:`dpmjax.sample` and :func:`dpmjax.invert` with
+        ``cond=inputs`` (a :class:`UNetInputs`).
+
+    Raises:
+        ValueError: ``guidance_scale`` is not a real number; when ``model_fn`` is called with
+            ``w != 1`` and ``inputs.uncond_embeddings`` is ``None``.
+    """
     w = checks.real("guidance_scale", guidance_scale, note=" (a Python number: it is static)")
 
     def model_fn(latents, t, inputs: UNetInputs):
@@ -109,7 +141,15 @@ def guided_unet(unet, guidance_scale: float = 7.5) -> Callable[[Array, Array, UN
 @_per_unet
 def unet_with_embedding(unet) -> Callable[[Array, Array, Any], Array]:
     """``model(latents, t, embeddings, params)``: the conditional form that
-    :func:`dpmjax.null_text.null_text_inversion` takes with ``model_params=params``."""
+    :func:`dpmjax.null_text_inversion` takes with ``model_params=params``.
+
+    Args:
+        unet: The Flax UNet module.
+
+    Returns:
+        ``model(latents, t, embeddings, params)``, one UNet call (:func:`unet_eps`); cached per
+        UNet.
+    """
 
     def model(latents, t, embeddings, params):
         return unet_eps(unet, params, latents, t, embeddings)
@@ -135,21 +175,49 @@ def for_diffusers_pipelines():
     """dpmjax's ``FlaxDPMSolverMultistepScheduler`` for diffusers 0.39's own Flax pipelines
     (:class:`dpmjax.models.flax_sd_pipelines.FlaxDPMSolverMultistepScheduler`): a ``FlaxSchedulerMixin``
     that ``from_pretrained(folder, scheduler=...)`` accepts and ``save_pretrained`` saves as diffusers'
-    own class. Imports diffusers (< 0.40): an ImportError says what to install when it is missing."""
+    own class. Imports diffusers (< 0.40): an ImportError says what to install when it is missing.
+
+    Returns:
+        The class :class:`dpmjax.models.flax_sd_pipelines.FlaxDPMSolverMultistepScheduler`.
+
+    Raises:
+        ImportError: diffusers is missing, or is 0.40 or newer.
+    """
     from .flax_sd_pipelines import FlaxDPMSolverMultistepScheduler
 
     return FlaxDPMSolverMultistepScheduler
 
 
 def cast_floating(params, dtype):
-    """``params`` with every floating leaf cast to ``dtype`` (e.g. bf16 weights for a bf16 UNet)."""
+    """``params`` with every floating leaf cast to ``dtype`` (e.g. bf16 weights for a bf16 UNet).
+
+    Args:
+        params: A pytree of parameters.
+        dtype: The floating-point dtype to cast to.
+
+    Returns:
+        The pytree with floating leaves cast; other leaves unchanged.
+    """
     return jax.tree_util.tree_map(lambda p: p.astype(dtype) if jnp.issubdtype(jnp.asarray(p).dtype, jnp.floating) else p, params)
 
 
 def load_unet(path: str, dtype=jnp.float32, **kwargs):
     """``(unet, params)`` from a folder in diffusers' Flax layout (``config.json`` and
     ``diffusion_flax_model.msgpack``, as ``save_pretrained`` writes them; ``subfolder="unet"`` for
-    a whole pipeline folder). ``dtype`` is the compute dtype; the params are cast to it as well."""
+    a whole pipeline folder). ``dtype`` is the compute dtype; the params are cast to it as well.
+
+    Args:
+        path: The folder (or a pipeline folder, with ``subfolder="unet"``).
+        dtype: The compute dtype (default float32); the params are cast to it.
+        **kwargs: Passed to diffusers' ``FlaxUNet2DConditionModel.from_pretrained`` (e.g.
+            ``subfolder``).
+
+    Returns:
+        ``(unet, params)``: the Flax UNet module and its parameters.
+
+    Raises:
+        ImportError: diffusers is missing, or is 0.40 or newer.
+    """
     diffusers = _old_diffusers()
     unet, params = diffusers.FlaxUNet2DConditionModel.from_pretrained(path, dtype=dtype, **kwargs)
     return unet, cast_floating(params, dtype)
@@ -164,7 +232,22 @@ def tiny_unet(seed: int = 0, sample_size: int = 8, cross_attention_dim: int = 32
     UNet compiles for ~25 s on a CPU). The output convolution is scaled by ``output_scale``, as
     diffusion models often start from a zero output layer: at full scale a random noise prediction
     makes the data prediction ``(x - sigma eps) / alpha`` ~15x the data at SD's largest noise level.
-    ``in_channels=9`` gives the inpainting UNet's input (latents, mask, masked-image latents)."""
+    ``in_channels=9`` gives the inpainting UNet's input (latents, mask, masked-image latents).
+
+    Args:
+        seed: The NumPy seed of the weights (default 0).
+        sample_size: The latents' height and width (default 8).
+        cross_attention_dim: The text embeddings' width ``D`` (default 32).
+        dtype: The UNet's compute dtype and the params' dtype (default float32).
+        output_scale: The scale of the output convolution's weights (default 0.1).
+        in_channels: The input channels (default 4; 9 for the inpainting UNet).
+
+    Returns:
+        ``(unet, params)``: the Flax UNet module and its random parameters.
+
+    Raises:
+        ImportError: diffusers is missing, or is 0.40 or newer.
+    """
     diffusers = _old_diffusers()
     unet = diffusers.FlaxUNet2DConditionModel(
         sample_size=sample_size, in_channels=in_channels, out_channels=4,
@@ -192,7 +275,17 @@ def tiny_unet(seed: int = 0, sample_size: int = 8, cross_attention_dim: int = 32
 
 def random_params(shapes, seed: int):
     """Random weights of the given shapes from NumPy: LeCun-normal kernels, N(0, 0.02) embeddings
-    and biases, unit norm scales (a seeded Flax ``init`` compiles for seconds)."""
+    and biases, unit norm scales (a seeded Flax ``init`` compiles for seconds).
+
+    Args:
+        shapes: A pytree of shape-and-dtype leaves (e.g. from ``jax.eval_shape`` of an ``init``);
+            leaves named ``kernel`` and ``scale`` are treated as such, all others as biases and
+            embeddings.
+        seed: The NumPy seed.
+
+    Returns:
+        The pytree of random arrays, in the leaves' dtypes.
+    """
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -221,7 +314,21 @@ def tiny_pipeline(folder: Optional[str] = None, seed: int = 0, unet_output_scale
     ``unet_output_scale`` scales the UNet's output convolution (see :func:`tiny_unet`). With ``folder`` it is also saved there
     (``save_pretrained``), so ``FlaxStableDiffusionPipeline.from_pretrained(folder)`` loads it.
     Needs diffusers < 0.40 and transformers < 5 (the last releases with Flax classes). For tests,
-    notebooks and trying the editing workflow: the images it makes are not pictures."""
+    notebooks and trying the editing workflow: the images it makes are not pictures.
+
+    Args:
+        folder: A folder to save the pipeline in; ``None`` (default) saves nothing.
+        seed: The seed of the random weights (default 0).
+        unet_output_scale: The scale of the UNet's output convolution (default 0.1).
+        vae_scaling_factor: The VAE's latent scaling factor (default 1.4).
+
+    Returns:
+        ``(pipeline, params)``: the pipeline and its ``params`` dict (``"vae"``,
+        ``"text_encoder"``, ``"unet"``, ``"scheduler"``), as diffusers' Flax pipelines take them.
+
+    Raises:
+        ImportError: diffusers (< 0.40) or transformers is missing, or diffusers is 0.40 or newer.
+    """
     import tempfile
 
     diffusers = _old_diffusers()

@@ -19,7 +19,7 @@ classifier-free guidance, sampled back with the target prompt and decoded:
   float32 precision (per-row ``round_trip``/``converged`` in the result), so the only change to the
   image comes from the prompt (and the VAE's own encode/decode error);
 * ``method="plain"``: DDIM-style inversion of the same sampler (one UNet call per step);
-* ``method="null-text"``: null-text inversion (:mod:`dpmjax.null_text`): the unconditional
+* ``method="null-text"``: null-text inversion (:mod:`dpmjax.trajectories.null_text`): the unconditional
   embedding is tuned per step so that guided sampling with the source prompt retraces the
   ``w = 1`` inversion; the edit samples the target prompt with those per-step embeddings.
 
@@ -62,7 +62,16 @@ INSTALL = 'pip install "diffusers<0.40" "transformers<5" flax'
 class EditParts(NamedTuple):
     """The parts of a Flax Stable Diffusion pipeline the edit uses (a pipeline has them as
     attributes). ``scheduler_config``: the pipeline's scheduler config (a dict), for its noise
-    schedule; ``None`` for Stable Diffusion's."""
+    schedule; ``None`` for Stable Diffusion's.
+
+    Attributes:
+        tokenizer: The pipeline's CLIP tokenizer.
+        text_encoder: The Flax CLIP text encoder.
+        vae: The Flax VAE (``FlaxAutoencoderKL``).
+        unet: The Flax UNet (``FlaxUNet2DConditionModel``).
+        scheduler_config: The pipeline's scheduler config (a dict), for its noise schedule;
+            ``None`` for Stable Diffusion's.
+    """
 
     tokenizer: Any
     text_encoder: Any
@@ -74,13 +83,20 @@ class EditParts(NamedTuple):
 class EditResult(NamedTuple):
     """Result of :func:`edit_images`.
 
-    images: ``[B, H, W, 3]`` float32 in [0, 1], the edited images. latents: ``[B, 4, h, w]``, the
-    edited latents. source_latents: the input images' latents (VAE mean times its scaling
-    factor). noise: their inversion. reconstruction_latents: sampling ``noise`` with the source
-    prompt (``None`` where not computed, see ``reconstruct``). round_trip / converged: ``[B]``, exact
-    inversion's measured ``max|sample(noise) - source_latents| / max(1, max|source_latents|)`` per row
-    and whether it is within ``tolerance`` (``None`` for the other methods). null_text_losses: ``[N]``,
-    the per-step losses of null-text inversion (``None`` otherwise).
+    Attributes:
+        images: ``[B, H, W, 3]`` float32 in [0, 1], the edited images (a NumPy array).
+        latents: ``[B, 4, h, w]``, the edited latents.
+        source_latents: The input images' latents (VAE mean times its scaling factor).
+        noise: Their inversion.
+        reconstruction_latents: Sampling ``noise`` with the source prompt (``None`` where not
+            computed, see ``reconstruct``).
+        round_trip: ``[B]``, exact inversion's measured
+            ``max|sample(noise) - source_latents| / max(1, max|source_latents|)`` per row
+            (``None`` for the other methods).
+        converged: ``[B]``, whether ``round_trip`` is within ``tolerance`` (``None`` for the other
+            methods).
+        null_text_losses: ``[N]``, the per-step losses of null-text inversion (``None``
+            otherwise).
     """
 
     images: np.ndarray
@@ -137,18 +153,50 @@ def _text_embedder(text_encoder):
 
 def encode_images(vae, vae_params, images) -> Array:
     """``[B, 4, H/f, W/f]`` latents of NHWC images in [0, 1] (uint8: 0-255): the mean of the VAE's
-    latent distribution times its scaling factor, as diffusers' pipelines scale latents."""
+    latent distribution times its scaling factor, as diffusers' pipelines scale latents.
+
+    Args:
+        vae: The Flax VAE (``FlaxAutoencoderKL``).
+        vae_params: Its parameters.
+        images: ``[B, H, W, 3]`` (or one image ``[H, W, 3]``), floats in [0, 1] or uint8.
+
+    Returns:
+        ``[B, 4, H/f, W/f]`` float32 NCHW latents (``f`` the VAE's downsampling factor).
+
+    Raises:
+        ValueError: ``images`` is not NHWC RGB, is neither floating point nor uint8, or has
+            values outside [0, 1].
+    """
     return _encoder(vae)(vae_params, _as_unit_images(images))
 
 
 def decode_latents(vae, vae_params, latents) -> np.ndarray:
-    """NHWC images in [0, 1] (float32) of NCHW latents: the VAE's decoder on latents / scaling factor."""
+    """NHWC images in [0, 1] (float32) of NCHW latents: the VAE's decoder on latents / scaling factor.
+
+    Args:
+        vae: The Flax VAE (``FlaxAutoencoderKL``).
+        vae_params: Its parameters.
+        latents: ``[B, 4, h, w]``, NCHW latents.
+
+    Returns:
+        ``[B, H, W, 3]`` float32 images in [0, 1] (a NumPy array).
+    """
     return np.asarray(_decoder(vae)(vae_params, jnp.asarray(latents, jnp.float32)))
 
 
 def embed_prompts(tokenizer, text_encoder, text_params, prompts: Sequence[str]) -> Array:
     """``[len(prompts), L, D]`` text embeddings, tokenized as diffusers' pipelines do (padded to
-    the tokenizer's ``model_max_length``)."""
+    the tokenizer's ``model_max_length``).
+
+    Args:
+        tokenizer: The CLIP tokenizer.
+        text_encoder: The Flax CLIP text encoder.
+        text_params: Its parameters.
+        prompts: The prompts.
+
+    Returns:
+        ``[len(prompts), L, D]`` float32 embeddings (``L`` the tokenizer's ``model_max_length``).
+    """
     ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="np").input_ids
     return _text_embedder(text_encoder)(text_params, jnp.asarray(ids))
@@ -191,7 +239,21 @@ def edit_scheduler(scheduler_config: Optional[Mapping[str, Any]] = None, solver_
     pipeline's ``scheduler.config``; Stable Diffusion's when ``None``), DPM-Solver++ of
     ``solver_order`` on the log-SNR grid ending at the smallest noise level (:data:`EDIT_SCHEDULER`),
     then ``overrides`` (a dict of scheduler parameters; a full :class:`~dpmjax.SchedulerConfig` is
-    used as it is)."""
+    used as it is).
+
+    Args:
+        scheduler_config: A pipeline's ``scheduler.config`` (its noise schedule is used; keys that
+            are not scheduler fields are ignored); ``None`` (default) for Stable Diffusion's.
+        solver_order: The DPM-Solver++ order, 1, 2 or 3 (default 2).
+        overrides: A dict of scheduler parameters applied last, or a full
+            :class:`~dpmjax.SchedulerConfig` used as it is.
+
+    Returns:
+        The :class:`~dpmjax.DPMSolverMultistepScheduler`.
+
+    Raises:
+        ValueError: A value is invalid (see :class:`~dpmjax.SchedulerConfig`).
+    """
     if isinstance(overrides, SchedulerConfig):
         return DPMSolverMultistepScheduler(overrides)
     base = dict(flax_sd.SD_SCHEDULE if scheduler_config is None else scheduler_config)
@@ -231,21 +293,53 @@ def edit_images(
 ) -> EditResult:
     """Edit ``images`` from ``source_prompt`` (what they show) to ``target_prompt``.
 
-    ``pipeline_or_parts``: a diffusers 0.39 Flax Stable Diffusion pipeline (its tokenizer, text
-    encoder, VAE, UNet and scheduler config are used) or :class:`EditParts`; ``params``: the
-    pipeline's params (``"text_encoder"``, ``"vae"``, ``"unet"``; others are ignored).
-    ``images``: NHWC in [0, 1] (``[B, H, W, 3]``; uint8 0-255 accepted), H and W multiples of
-    the VAE's factor (8 for Stable Diffusion). Prompts: one string, or one per image.
-    ``method``: ``"exact"``, ``"plain"`` or ``"null-text"`` (see the module docstring).
-    ``guidance_scale``: classifier-free guidance of the edit (and of the inversion:
-    ``inversion_guidance_scale`` sets another for plain and exact inversion); the unconditional
-    input is ``negative_prompt``'s embedding. ``scheduler_config``: scheduler parameters
-    overriding the edit's sampler (:func:`edit_scheduler`). ``reconstruct``: also sample the noise
-    with the source prompt (``reconstruction_latents``); by default where it is cheap next to the
-    inversion (exact: one sampling pass against many; null-text: free) and not for plain.
-    ``tolerance``/``max_sweeps``/``max_iterations``: exact inversion's (:func:`dpmjax.invert`);
-    ``null_text_steps``/``optimizer``: null-text inversion's inner optimiser steps per sampler
-    step and optax optimiser (Adam at 1e-2 by default). ``progress``: progress bars on stderr.
+    The images are encoded with the VAE, inverted to noise with the source prompt under
+    classifier-free guidance, sampled back with the target prompt and decoded (see the module
+    docstring for the three methods).
+
+    Args:
+        pipeline_or_parts: A diffusers 0.39 Flax Stable Diffusion pipeline (its tokenizer, text
+            encoder, VAE, UNet and scheduler config are used), :class:`EditParts`, or a mapping
+            with those keys.
+        params: The pipeline's params (``"text_encoder"``, ``"vae"``, ``"unet"``; others are
+            ignored).
+        images: NHWC in [0, 1] (``[B, H, W, 3]``, or one image ``[H, W, 3]``; uint8 0-255
+            accepted), H and W multiples of the VAE's factor (8 for Stable Diffusion).
+        source_prompt: What the images show: one string, or one per image.
+        target_prompt: What they should show: one string, or one per image.
+        method: ``"exact"`` (default), ``"plain"`` or ``"null-text"`` (see the module docstring).
+        num_inference_steps: Sampler steps (default 50).
+        guidance_scale: Classifier-free guidance of the edit (and of the inversion, unless
+            ``inversion_guidance_scale`` is given; default 3.0).
+        solver_order: The DPM-Solver++ order, 1, 2 or 3 (default 2).
+        scheduler_config: Scheduler parameters overriding the edit's sampler (a dict, or a full
+            :class:`~dpmjax.SchedulerConfig` used as it is; see :func:`edit_scheduler`).
+        negative_prompt: The prompt whose embedding is the unconditional input (default ``""``).
+        inversion_guidance_scale: Another guidance scale for plain and exact inversion; ``None``
+            (default) uses ``guidance_scale``.
+        reconstruct: Also sample the noise with the source prompt (``reconstruction_latents``);
+            by default (``None``) where it is cheap next to the inversion (exact: one sampling
+            pass against many; null-text: free) and not for plain. ``False`` never returns it.
+        tolerance: Exact inversion's tolerance (:func:`dpmjax.invert`; default ``1e-5``).
+        max_sweeps: Exact inversion's defect-correction sweeps at most (default 10).
+        max_iterations: Exact inversion's Newton iterations at most (default 30).
+        null_text_steps: Null-text inversion's inner optimiser steps per sampler step
+            (default 10).
+        optimizer: Null-text inversion's optax optimiser (Adam at 1e-2 by default).
+        progress: Progress bars on stderr.
+
+    Returns:
+        An :class:`EditResult` with the edited images and latents, the source latents, the noise,
+        and, depending on the method, the reconstruction, the round trips or the null-text
+        losses.
+
+    Raises:
+        ValueError: ``method`` is not one of the three; ``pipeline_or_parts`` lacks a tokenizer,
+            text encoder, VAE or UNet; ``images`` is not NHWC RGB, not floats in [0, 1] or uint8,
+            or its height or width is not a multiple of the VAE's factor; a prompt is neither a
+            string nor one string per image; or the scheduler, inversion or sampling refuses
+            its arguments (see :func:`edit_scheduler`, :func:`dpmjax.invert`,
+            :func:`dpmjax.null_text_inversion`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
@@ -355,7 +449,19 @@ def _old_flax_stack():
 
 
 def read_image(path: str, height: int, width: int) -> np.ndarray:
-    """``[height, width, 3]`` float32 in [0, 1]: the image centre-cropped to the aspect ratio and resized."""
+    """``[height, width, 3]`` float32 in [0, 1]: the image centre-cropped to the aspect ratio and resized.
+
+    Args:
+        path: The image file (PNG, JPEG, ... : what Pillow reads); converted to RGB.
+        height: The height of the result in pixels.
+        width: The width of the result in pixels.
+
+    Returns:
+        ``[height, width, 3]`` float32 in [0, 1].
+
+    Raises:
+        OSError: The file cannot be read as an image.
+    """
     from PIL import Image
 
     with Image.open(path) as image:
@@ -369,7 +475,13 @@ def read_image(path: str, height: int, width: int) -> np.ndarray:
 
 
 def write_images(path: str, rows: Sequence[Sequence[np.ndarray]]) -> None:
-    """One PNG: each row the given NHWC-less images ([H, W, 3] in [0, 1]) side by side."""
+    """One PNG: each row the given NHWC-less images ([H, W, 3] in [0, 1]) side by side.
+
+    Args:
+        path: The PNG to write; its folder is created if missing.
+        rows: The rows of the grid, each a sequence of ``[H, W, 3]`` images in [0, 1] (values
+            outside are clipped).
+    """
     from PIL import Image
 
     grid = np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
@@ -379,7 +491,19 @@ def write_images(path: str, rows: Sequence[Sequence[np.ndarray]]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``dpmjax edit``: see :func:`_parser`."""
+    """``dpmjax edit``: see :func:`_parser`.
+
+    Encodes the images, inverts them with the source prompt, samples with the target prompt,
+    decodes, and writes one PNG with one row per image (original | edited).
+
+    Args:
+        argv: The command-line arguments; ``None`` (default) reads ``sys.argv``.
+
+    Returns:
+        The exit status: 0 on success; 2 when diffusers < 0.40 / transformers < 5 are missing,
+        the pipeline folder or an image is missing or unreadable, or ``--steps`` /
+        ``--guidance`` is out of range.
+    """
     args = _parser().parse_args(argv)
     try:
         Pipeline = _old_flax_stack()

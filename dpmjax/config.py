@@ -87,8 +87,8 @@ class SchedulerConfig:
     ``"bh2"``) are mapped to ``"dpmsolver++"`` and ``"midpoint"``.
 
     Attributes:
-        num_train_timesteps: Number of diffusion steps the model was trained with (an integer
-            >= 2; default 1000).
+        num_train_timesteps: Number of diffusion steps the model was trained with (an
+            integer >= 2; default 1000).
         beta_start: Start of the beta schedule (in ``(0, 1)`` for the linear schedules; default
             0.0001).
         beta_end: End of the beta schedule (in ``(0, 1)`` for the linear schedules; default 0.02).

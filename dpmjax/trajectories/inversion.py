@@ -110,12 +110,12 @@ def invert(
         noises: ``[N, *shape]``, the per-step noises a stochastic sampler used. Only a first-order
             ``sde-dpmsolver++`` sampler is accepted, with ``exact=True``.
         max_sweeps: Exact only: defect-correction sweeps at most (an integer >= 0, default 10).
-        max_iterations: Exact only: Newton iterations of every Newton solve at most (an integer
-            >= 1, default 30).
+        max_iterations: Exact only: Newton iterations of every Newton solve at most (an
+            integer >= 1, default 30).
         tolerance: Exact only: bounds every Newton solve, relative to ``max(1, max|row|)``, and is
             the round trip ``converged`` tests; a number in ``(0, 1)`` (default ``1e-5``).
-        gmres_restart: Exact only: the Krylov space size of the Newton solves' GMRES (an integer
-            >= 1, default 5).
+        gmres_restart: Exact only: the Krylov space size of the Newton solves' GMRES (an
+            integer >= 1, default 5).
         gmres_maxiter: Exact only: GMRES restart cycles per linear solve (an integer >= 1,
             default 1).
         independent_rows: Exact only: treat the rows (axis 0) of ``sample`` as independent

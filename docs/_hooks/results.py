@@ -8,6 +8,10 @@
   ``benchmarks/results/FILE`` (a JSON file a benchmark wrote), in the format the benchmark itself
   prints, so no measured number is copied by hand. An unknown file or table fails the build.
 
+* Sphinx roles left in docstrings (``:class:`~dpmjax.SchedulerConfig```, ``:func:`sample```) are
+  shown as code and linked where the object is documented on the site (an optional cross-reference:
+  no warning where it is not).
+
 Text results (``*.md``, ``*.txt``) are included with pymdownx.snippets (``--8<--``) instead.
 """
 
@@ -25,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 NOTEBOOKS = ROOT / "notebooks"
 MARKER = re.compile(r"^\[\[results: (\S+) (\S+)\]\]$", re.M)
+ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc):<code>(~?)([\w.]+)</code>")
 
 
 @event_priority(100)  # before mkdocs-jupyter's on_files, so that it renders the notebooks added here
@@ -39,6 +44,14 @@ def on_files(files, config):
 
 def on_page_markdown(markdown, page, config, files):
     return MARKER.sub(lambda m: render(m.group(1), m.group(2)), markdown)
+
+
+def on_page_content(html, page, config, files):
+    def link(match):
+        short, target = match.groups()
+        shown = target.rsplit(".", 1)[-1] if short else target.lstrip(".")
+        return f'<autoref identifier="{target.lstrip(".")}" optional><code>{shown}</code></autoref>'
+    return ROLE.sub(link, html)
 
 
 def render(name: str, table: str) -> str:

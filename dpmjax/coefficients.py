@@ -59,7 +59,7 @@ def log_snr(alpha: np.ndarray, sigma: np.ndarray) -> np.ndarray:
         return np.log(alpha) - np.log(sigma)
 
 
-def conversion_coefficients(config: SchedulerConfig, sigmas: np.ndarray, alpha: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+def conversion_coefficients(config: SchedulerConfig, sigmas: np.ndarray, *, alpha: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """``(a, b)`` per grid point such that the solver's model output is ``a * x + b * model_output``.
 
     DPM-Solver++ integrates the data prediction ``x0 = (x - sigma_t eps) / alpha_t``; DPM-Solver the
@@ -84,7 +84,7 @@ def conversion_coefficients(config: SchedulerConfig, sigmas: np.ndarray, alpha: 
     return np.stack(table, axis=-1)
 
 
-def _d_coefficients(config: SchedulerConfig, order: int, h: float, alpha_t: float, sigma_t: float, alpha_s: float, sigma_s: float):
+def _d_coefficients(config: SchedulerConfig, order: int, h: float, *, alpha_t: float, sigma_t: float, alpha_s: float, sigma_s: float):
     """``(c_x, [coefficients of D0, D1, D2][:order], c_z)`` of one update, as in the module docstring."""
     algorithm, heun = config.algorithm_type, config.solver_type == "heun"
     em, ep = np.expm1(-h), np.expm1(h)
@@ -111,7 +111,7 @@ def _d_coefficients(config: SchedulerConfig, order: int, h: float, alpha_t: floa
     return c_x, np.asarray(d[:order], dtype=np.float64), c_z
 
 
-def _differences_matrix(order: int, h: float, h0: float, h1: float) -> np.ndarray:
+def _differences_matrix(order: int, h: float, *, h0: float, h1: float) -> np.ndarray:
     """Matrix ``M`` with ``(D0, D1, D2) = M @ (m_0, m_1, m_2)`` for the multistep differences."""
     if order == 1:
         return np.ones((1, 1))
@@ -131,7 +131,7 @@ def _differences_matrix(order: int, h: float, h0: float, h1: float) -> np.ndarra
     )
 
 
-def update_row(config: SchedulerConfig, lam: np.ndarray, alpha: np.ndarray, sigma: np.ndarray, i: int, order: int) -> np.ndarray:
+def update_row(config: SchedulerConfig, lam: np.ndarray, *, alpha: np.ndarray, sigma: np.ndarray, i: int, order: int) -> np.ndarray:
     """Coefficients ``(c_x, c_0, ..., c_{K-1}, c_z)`` of the order-``order`` update at step ``i``."""
     K = config.solver_order
     row = np.zeros(K + 2)
@@ -147,8 +147,8 @@ def update_row(config: SchedulerConfig, lam: np.ndarray, alpha: np.ndarray, sigm
         for k in range(min(order, i + 1), 0, -1):
             h0 = lam[i] - lam[i - 1] if k >= 2 else np.nan
             h1 = lam[i - 1] - lam[i - 2] if k >= 3 else np.nan
-            c_x, d, c_z = _d_coefficients(config, k, h, alpha[i + 1], sigma[i + 1], alpha[i], sigma[i])
-            c_m = d @ _differences_matrix(k, h, h0, h1)
+            c_x, d, c_z = _d_coefficients(config, k, h, alpha_t=alpha[i + 1], sigma_t=sigma[i + 1], alpha_s=alpha[i], sigma_s=sigma[i])
+            c_m = d @ _differences_matrix(k, h, h0=h0, h1=h1)
             if sigma[i + 1] == 0.0:  # a step to zero noise: no sample or noise term remains
                 c_x, c_z = 0.0, 0.0
             candidate = np.concatenate([[c_x], c_m, np.zeros(K - k), [c_z]])
@@ -180,9 +180,9 @@ def step_tables(config: SchedulerConfig, sigmas: np.ndarray, num_steps: int, for
     update = np.zeros((num_steps + 1, K, K + 2))
     for i in range(num_steps):
         for k in range(1, K + 1):
-            update[i, k - 1] = update_row(config, lam, alpha, sigma, i, k)
+            update[i, k - 1] = update_row(config, lam, alpha=alpha, sigma=sigma, i=i, order=k)
     update[num_steps, :, 0] = 1.0  # a step past the end is the identity
-    convert = conversion_coefficients(config, sigmas[:num_steps], alpha[:num_steps], sigma[:num_steps])
+    convert = conversion_coefficients(config, sigmas[:num_steps], alpha=alpha[:num_steps], sigma=sigma[:num_steps])
     if not np.all(np.isfinite(convert)):
         bad = int(np.argmin(np.all(np.isfinite(convert), axis=-1)))
         raise ValueError(

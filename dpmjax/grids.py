@@ -105,7 +105,7 @@ def _leading_ratio(span: int, n: int, config: SchedulerConfig) -> int:
     return ratio
 
 
-def _sigma_family(config: SchedulerConfig, sigma_first: float, sigma_last: float, n: int) -> Optional[np.ndarray]:
+def _sigma_family(config: SchedulerConfig, *, sigma_first: float, sigma_last: float, n: int) -> Optional[np.ndarray]:
     """The ``n`` noise levels of the configured sigma family (Karras, exponential or Beta) from
     ``sigma_first`` to ``sigma_last``, in either direction; ``None`` for the other grids."""
     if config.use_karras_sigmas:
@@ -158,7 +158,7 @@ def forward_grid(
     sigmas = train.sigmas
     log_sigmas = np.log(sigmas)
     round_ts = config.beta_schedule != "squaredcos_cap_v2"
-    family = _sigma_family(config, sigmas[-1].item(), sigmas[0].item(), n)
+    family = _sigma_family(config, sigma_first=sigmas[-1].item(), sigma_last=sigmas[0].item(), n=n)
     if family is not None:
         s = family
         ts = _timesteps_of(s, log_sigmas)
@@ -200,7 +200,7 @@ def inverse_grid(config: SchedulerConfig, train: TrainingSchedule, num_inference
     sigmas = train.sigmas
     log_sigmas = np.log(sigmas)
     duplicate_last = True
-    family = _sigma_family(config, sigmas[0].item(), sigmas[-1].item(), n)
+    family = _sigma_family(config, sigma_first=sigmas[0].item(), sigma_last=sigmas[-1].item(), n=n)
     if family is not None:
         s = family
         ts = _timesteps_of(s, log_sigmas)

@@ -11,7 +11,7 @@ so its cost is one small gather and a handful of fused multiply-adds over the sa
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -125,7 +125,8 @@ def dynamic_threshold(x0: Array, ratio: float, max_value: float) -> Array:
     return (jnp.clip(flat, -s, s) / s).reshape(x0.shape).astype(dtype)
 
 
-def convert_model_output(config: SchedulerConfig, state: SchedulerState, index: Array, model_output: Array, sample: Array) -> Array:
+def convert_model_output(config: SchedulerConfig, state: SchedulerState, index: Array, *, model_output: Array,
+                         sample: Array) -> Array:
     """The quantity the solver integrates, at step ``index``: the data prediction x0 (DPM-Solver++)
     or the noise prediction eps (DPM-Solver), thresholded if ``config.thresholding``."""
     cdt = compute_dtype(sample)
@@ -150,7 +151,7 @@ def convert_model_output(config: SchedulerConfig, state: SchedulerState, index: 
 
 
 # ----------------------------------------------------------------------------- the linear update
-def linear_update(row: Array, sample: Array, outputs_newest_first: Sequence[Array], noise: Optional[Array]) -> Array:
+def linear_update(row: Array, sample: Array, outputs_newest_first: Sequence[Array], *, noise: Optional[Array] = None) -> Array:
     """``c_x x + sum_k c_k m_k + c_z z`` for one coefficient row ``(c_x, c_0, .., c_{K-1}, c_z)``."""
     K = row.shape[0] - 2
     result = row[0] * sample
@@ -161,7 +162,44 @@ def linear_update(row: Array, sample: Array, outputs_newest_first: Sequence[Arra
     return result
 
 
-def step_noise(config: SchedulerConfig, sample: Array, key: Optional[Array], variance_noise: Optional[Array], cdt) -> Optional[Array]:
+class StepEquation(NamedTuple):
+    """One step as an equation in its input ``y``, for inverting it:
+
+        F(y) = c_x y + c_0 m(y) + r,   r = sum_{k>=1} c_k m_{i-k} + c_z z   (the known part),
+
+    with the older outputs ``m_{i-k}`` and the noise ``z`` held fixed. ``F(y) = x_next`` is the
+    fixed point ``y = g(y) = (x_next - r - c_0 m(y)) / c_x``; ``g`` with ``m`` at ``x_next`` is the
+    explicit (DDIM-like) predictor (Hong et al. 2024, "On Exact Inversion of DPM-Solvers").
+    """
+
+    row: Array
+    history: list
+    noise: Optional[Array]
+    known: Array
+
+    @property
+    def invertible(self) -> Array:
+        """``|c_x| > 1e-6``: a step to zero noise (``c_x = 0``) keeps nothing of its input."""
+        return jnp.abs(self.row[0]) > 1e-6
+
+    def forward(self, y: Array, m_y: Array) -> Array:
+        """``F(y)`` given ``m_y``, the converted model output at ``y``."""
+        return linear_update(self.row, y, [m_y] + self.history, noise=self.noise)
+
+    def fixed_point_map(self, x_next: Array, m_y: Array) -> Array:
+        """``g(y) = (x_next - r - c_0 m(y)) / c_x`` given ``m_y`` (``c_x`` replaced by 1 where it is 0)."""
+        return (x_next - self.known - self.row[1] * m_y) / jnp.where(self.invertible, self.row[0], 1.0)
+
+
+def step_equation(row: Array, history: Sequence[Array], noise: Optional[Array], like: Array) -> StepEquation:
+    """The :class:`StepEquation` of the step with update ``row``, older converted outputs ``history``
+    (newest first) and SDE ``noise`` (or None), for samples shaped like ``like``."""
+    zero = jnp.zeros_like(like)
+    known = linear_update(row.at[:2].set(0.0), zero, [zero] + list(history), noise=noise)
+    return StepEquation(row=row, history=list(history), noise=noise, known=known)
+
+
+def step_noise(config: SchedulerConfig, sample: Array, *, key: Optional[Array], variance_noise: Optional[Array], cdt) -> Optional[Array]:
     """The Gaussian noise of an SDE step (``variance_noise`` if given, else drawn from ``key``)."""
     if not config.is_sde:
         return None
@@ -223,9 +261,10 @@ def step_order(steps_taken, solver_order: int, order_cap):
     return jnp.minimum(jnp.minimum(steps_taken + 1, solver_order), order_cap)
 
 
-def converted_output(config: SchedulerConfig, state: SchedulerState, index, model_output: Array, sample: Array) -> Array:
+def converted_output(config: SchedulerConfig, state: SchedulerState, index, *, model_output: Array, sample: Array) -> Array:
     """``convert(mean(model_output))``: the solver's quantity at step ``index`` from a raw model output."""
-    return convert_model_output(config, state, index, mean_of_model_output(config, model_output, sample), sample)
+    return convert_model_output(config, state, index, model_output=mean_of_model_output(config, model_output, sample),
+                                sample=sample)
 
 
 def step_from_output(config: SchedulerConfig, state: SchedulerState, *, index, row: Array, sample: Array,
@@ -238,9 +277,9 @@ def step_from_output(config: SchedulerConfig, state: SchedulerState, *, index, r
     (Lu et al. 2022, DPM-Solver++, arXiv:2211.01095, Alg. 2 written as one linear combination).
     """
     in_schedule = jnp.minimum(index, state.timesteps.shape[0] - 1)
-    m0 = converted_output(config, state, in_schedule, model_output, sample)
+    m0 = converted_output(config, state, in_schedule, model_output=model_output, sample=sample)
     history, previous = push_history(history, m0, index)
-    return update(config, row, sample, m0, previous, key, noise), history
+    return update(config, row, sample, converted=m0, previous=previous, key=key, variance_noise=noise), history
 
 
 def history_length(solver_order: int) -> int:
@@ -263,15 +302,15 @@ def push_history(history: Array, converted: Array, index) -> tuple:
     return history, previous
 
 
-def update(config: SchedulerConfig, row: Array, sample: Array, converted: Array, previous: Sequence[Array],
+def update(config: SchedulerConfig, row: Array, sample: Array, *, converted: Array, previous: Sequence[Array],
            key: Optional[Array] = None, variance_noise: Optional[Array] = None) -> Array:
     """The step's linear update from the converted model output and the older ones (newest first),
     with an SDE step's noise; returns the next sample in the sample's dtype."""
     cdt = compute_dtype(sample)
     x = sample.astype(cdt)
-    noise = step_noise(config, x, key, variance_noise, cdt)
+    noise = step_noise(config, x, key=key, variance_noise=variance_noise, cdt=cdt)
     outputs = [converted.astype(cdt)] + [m.astype(cdt) for m in previous]
-    return linear_update(row.astype(cdt), x, outputs, noise).astype(sample.dtype)
+    return linear_update(row.astype(cdt), x, outputs, noise=noise).astype(sample.dtype)
 
 
 def trajectory_rows(state: SchedulerState) -> Array:
@@ -283,7 +322,8 @@ def trajectory_rows(state: SchedulerState) -> Array:
     return state.update_coefficients[steps, step_order(steps, K, state.order_cap) - 1]
 
 
-def order_k_update(state: SchedulerState, order: int, outputs_newest_first: Sequence[Array], sample: Array, noise: Optional[Array]) -> Array:
+def order_k_update(state: SchedulerState, order: int, outputs_newest_first: Sequence[Array], *, sample: Array,
+                   noise: Optional[Array]) -> Array:
     """The order-``order`` update at ``state.step_index`` from already converted model outputs."""
     require_timesteps(state)
     index = concrete_int(state.step_index)
@@ -296,4 +336,4 @@ def order_k_update(state: SchedulerState, order: int, outputs_newest_first: Sequ
     cdt = compute_dtype(sample)
     row = state.update_coefficients[state.step_index, order - 1].astype(cdt)
     outputs = [m.astype(cdt) for m in outputs_newest_first[:order]]
-    return linear_update(row, sample.astype(cdt), outputs, None if noise is None else noise.astype(cdt)).astype(sample.dtype)
+    return linear_update(row, sample.astype(cdt), outputs, noise=None if noise is None else noise.astype(cdt)).astype(sample.dtype)

@@ -143,7 +143,7 @@ def exact_inversion(scheduler, inverse, model_fn, options: ExactOptions, state, 
 
     def converted(k, y):
         out = call_model(model_fn, y, state.timesteps[k], cond)
-        return solver.converted_output(config, state, k, out, y), out
+        return solver.converted_output(config, state, k, model_output=out, sample=y), out
 
     def sampled(x_noise, return_samples=False):
         return scan_steps(scheduler, model_fn, ScanOptions(return_samples=return_samples), state, x_noise, cond, None, noises)
@@ -165,13 +165,11 @@ def exact_inversion(scheduler, inverse, model_fn, options: ExactOptions, state, 
             k, y_previous, z_k, *history = inputs
             row = update_rows[k].astype(cdt)
             noise = z_k if config.is_sde else None
-            F = lambda y: solver.linear_update(row, y, [converted(k, y)[0]] + history, noise)  # noqa: E731
-            zero = jnp.zeros_like(x_next)
-            rest = solver.linear_update(row.at[:2].set(0.0), zero, [zero] + history, noise)
-            c_x = row[0]
-            invertible = jnp.abs(c_x) > 1e-6  # c_x = 0: a step to zero noise, the output is the model's alone
+            equation = solver.step_equation(row, history, noise, x_next)
+            F = lambda y: equation.forward(y, converted(k, y)[0])  # noqa: E731
+            c_x, invertible = row[0], equation.invertible
             # F(y) = x_next as a fixed point y = g(y); g(x_next) is the explicit (DDIM-like) predictor
-            g = lambda y: (x_next - rest - row[1] * converted(k, y)[0]) / jnp.where(invertible, c_x, 1.0)  # noqa: E731
+            g = lambda y: equation.fixed_point_map(x_next, converted(k, y)[0])  # noqa: E731
             y0 = jnp.where(from_predictor & invertible, g(x_next), jnp.where(from_predictor, x_next, y_previous))
             # each step a hundredth of the tolerance: the round trip adds up every step's residual
             tolerance = options.tolerance / 100

@@ -177,8 +177,9 @@ def invert(
         if scheduler.config.algorithm_type != "sde-dpmsolver++" or scheduler.config.solver_order != 1:
             raise ValueError(
                 "exact inversion of a stochastic sampler needs algorithm_type='sde-dpmsolver++' with solver_order=1 "
-                f"(got {scheduler.config.algorithm_type!r}, order {scheduler.config.solver_order}); invert its ODE "
-                "counterpart (algorithm_type='dpmsolver++') instead."
+                f"(got {scheduler.config.algorithm_type!r}, order {scheduler.config.solver_order}): an SDE step's inverse "
+                "amplifies every error, and only the first-order step is solved exactly. Invert its ODE counterpart "
+                "(algorithm_type='dpmsolver++') instead."
             )
         _, noises = stochastic_inputs(scheduler, n, x.shape, None, noises)
         if noises is None:

@@ -148,19 +148,17 @@ def _solve_steps(scheduler, model_fn, tolerance, max_iterations, state, inputs, 
 
     def converted(k, y):
         out = model_fn(y, state.timesteps[k]) if cond is None else model_fn(y, state.timesteps[k], cond)
-        return solver.convert_model_output(config, state, k, solver.mean_of_model_output(config, out, y), y)
+        return solver.converted_output(config, state, k, model_output=out, sample=y)
 
     true_converted = jax.vmap(converted)(jnp.arange(n), inputs)  # the history each step really had
 
     def solve(_, k):
         row = rows[k]
         history = [true_converted[jnp.maximum(k - j, 0)] for j in range(1, K)]
-        F = lambda y: solver.linear_update(row, y, [converted(k, y)] + history, None)  # noqa: E731
         x_next = outputs[k]
-        zero = jnp.zeros_like(x_next)
-        rest = solver.linear_update(row.at[:2].set(0.0), zero, [zero] + history, None)
-        c_x = row[0]
-        y0 = jnp.where(jnp.abs(c_x) > 1e-6, (x_next - rest - row[1] * converted(k, x_next)) / jnp.where(c_x == 0, 1.0, c_x), x_next)
+        equation = solver.step_equation(row, history, None, x_next)
+        F = lambda y: equation.forward(y, converted(k, y))  # noqa: E731
+        y0 = jnp.where(equation.invertible, equation.fixed_point_map(x_next, converted(k, x_next)), x_next)
         result = newton_krylov(F, x_next, y0, max_iterations=max_iterations, tolerance=tolerance / 10, rows=batch)
         return None, (result.solution, result.residual)
 

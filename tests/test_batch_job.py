@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpmjax.apps import batch_job
+from dpmjax.apps import batch_job, output_store
 from dpmjax.models import digits
 
 STEPS = 5
@@ -578,7 +578,7 @@ def test_temporary_files_of_killed_runs_are_removed_wherever_the_job_writes(stor
     assert run_cli(tmp_path / "input", out, "--steps", STEPS).returncode == 0
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    tag = batch_job._HOST_TAG
+    tag = output_store._HOST_TAG
     leftovers = [out / f".0123456789.{tag}.{dead.pid}.x1y2z3_a.tmp", out / "chunks" / f".0123456789.{tag}.{dead.pid}.q1w2e3r4.tmp",
                  out / "failed" / f".0123456789.{tag}.{dead.pid}.r4t5y6u7.tmp",
                  out / "chunks" / "sub" / f".0123456789.{tag}.{dead.pid}.sub00001.tmp"]
@@ -707,10 +707,10 @@ def test_a_fingerprint_another_run_recorded_differently_is_refused(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"chunk": "part-00000.npy", "fingerprint": {"size": 1, "sha256": "aa"}}))
     same = {path: {"chunk": "part-00000.npy", "fingerprint": {"size": 1, "sha256": "aa"}}}
-    batch_job._write_fingerprints(same, {}, output_dir=tmp_path)
+    output_store.OutputStore(tmp_path)._write_fingerprints(same, {})
     other = {path: {"chunk": "part-00000.npy", "fingerprint": {"size": 1, "sha256": "bb"}}}
     with pytest.raises(ValueError, match="input shard part-00000.npy is not the one"):
-        batch_job._write_fingerprints(other, {}, output_dir=tmp_path)
+        output_store.OutputStore(tmp_path)._write_fingerprints(other, {})
 
 
 def test_a_quarantined_shard_fixed_with_other_rows_is_computed_by_the_resume(tmp_path):
@@ -737,7 +737,7 @@ def test_trajectories_are_a_setting_and_stale_claims_are_removed(tmp_path):
     batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, save_trajectory=True, progress=False)
     with pytest.raises(ValueError, match="save_trajectory: was True, now False"):
         batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, progress=False)
-    (tmp_path / "out" / "claims" / batch_job._short_hash("part-00001.npy")).write_text("part-00001.npy\nhost 1\n")
+    (tmp_path / "out" / "claims" / output_store._short_hash("part-00001.npy")).write_text("part-00001.npy\nhost 1\n")
     summary = batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, save_trajectory=True,
                             progress=False)
     assert summary.recorded == [] and list((tmp_path / "out" / "claims").iterdir()) == []
@@ -756,7 +756,7 @@ def test_float16_shards_are_checked_without_warnings_and_only_files_count_as_don
         warnings.simplefilter("error")
         assert checked(x, (1, 8, 8)).dtype == np.float32
     (tmp_path / "chunks" / "x.npy").mkdir(parents=True)
-    batch_job._write_manifest(output_dir=tmp_path, names=["x.npy"], row_shape=(1, 8, 8), settings={})
+    output_store.OutputStore(tmp_path).write_manifest(names=["x.npy"], row_shape=(1, 8, 8), settings={})
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["shards"] == [] and manifest["missing"] == ["x.npy"]
 

@@ -1,0 +1,526 @@
+"""Where the batch job writes: the OUTPUT folder, its layout and every write into it (plain
+``.npy`` files and JSON, no format of our own). NAME is an input chunk's name, subfolders kept.
+
+    OUTPUT/
+    ├── settings.json          the job's settings, the input's resolved path and its shards
+    ├── inputs/NAME.json       the fingerprint (size + SHA-256) of input shard NAME the job started on
+    ├── chunks/NAME.npy        the noise of chunk NAME (float32): the record that the chunk is done
+    ├── trajectories/NAME.npy  with save_trajectory: [rows, N, *row_shape], the path noise-ward
+    ├── round_trips/NAME.npy   exact inversion: every row's measured round trip
+    ├── failed/NAME.json       a quarantined chunk and why (a rerun tries it again)
+    ├── claims/HASH            a chunk being computed, locked (flock) by its process while it works
+    ├── events.jsonl           one line per chunk started / recorded / failed, for audits
+    └── manifest.json          at the end: the recorded shards, the settings, the inputs' fingerprints
+
+Guarantees:
+
+* An atomic claim: ``settings.json`` is created exclusively (a complete temporary file hard-linked
+  into place, or O_EXCL where there are no links), so the folder belongs to the first run's job.
+  A run with other settings (another input path or other shards included) is refused, as is a
+  folder of other files, and a shard whose bytes changed under a resume (a quarantined shard may
+  be fixed).
+* A chunk is computed once: a process computes a chunk only under its claim (an flock on
+  ``claims/HASH``, released by the kernel when the process dies, so never stale) and only while
+  ``chunks/NAME.npy`` does not exist; once that file exists the chunk is never computed again.
+* A crash never leaves a half-written record: every file is written to a temporary
+  ``.HASH.HOST.PID.RANDOM.tmp`` beside it, fsynced and renamed into place, and a chunk's noise is
+  written after its trajectory and round trips. The next run removes the temporary files of dead
+  processes of its host and any untouched for an hour before it started (only names of exactly
+  that form, only at the root and in the folders above), logs chunks a kill left recorded but
+  unlogged, and removes their leftover claim files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .input_stores import read_json
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: chunks are not claimed
+    fcntl = None
+
+STALE_TEMP_SECONDS = 3600  # a temporary file untouched this long before a run starts is a dead writer's
+MAX_NAME_BYTES = 255  # the longest file name most file systems take
+# settings added after outputs were first written: an older settings.json without them is not refused
+LATER_SETTINGS = ("fill_value_is_data", "input_shards", "input", "save_trajectory")
+# the folders the job writes files into (with subfolders: chunk names may have them); the root too, not below it
+JOB_FOLDERS = ("chunks", "trajectories", "round_trips", "failed", "inputs")
+# the job's temporary files, exactly: ".HASH.HOST.PID.RANDOM.tmp" (see _temp_prefix; RANDOM from tempfile.mkstemp)
+TEMP_NAME = re.compile(r"\.[0-9a-f]{10}\.(?P<host>[0-9a-f]{8})\.(?P<pid>[0-9]+)\.[a-z0-9_]{8}\.tmp")
+
+
+class ChunkClaim:
+    """This process' claim on one chunk: an open, flock-ed ``claims/HASH``."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+
+    def release(self, recorded: bool) -> None:
+        """Give the claim back; a recorded chunk's claim file is removed (whoever takes the file
+        later finds the chunk recorded and leaves it)."""
+        if recorded:
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+
+class OutputStore:
+    """The OUTPUT folder of one job (see the module docstring). Its methods are safe to call from
+    the job's worker threads; processes sharing the folder coordinate through the files."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self._events_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------- before anything is written
+    def check_usable(self, input_dir: Path) -> None:
+        """OUTPUT must be a folder (or not exist yet) apart from INPUT, and missing, empty or an
+        output of this job (it has ``settings.json``): the job never writes into its input, nor
+        into (or cleans) a folder of someone else's files."""
+        _check_apart(Path(input_dir), self.root)
+        try:
+            entries = [entry for entry in os.listdir(self.root) if not TEMP_NAME.fullmatch(entry)]
+        except FileNotFoundError:
+            return
+        if not entries or "settings.json" in entries or self._settings_path.exists():  # (a run creating it now)
+            return
+        raise ValueError(f"output {self.root} is a folder of other files ({len(entries)} entries, no settings.json), "
+                         f"not an output of this job: name a new or empty folder.")
+
+    def settings(self) -> Optional[dict]:
+        """The settings the output was started with, or ``None`` for a new output."""
+        return self._read_settings() if self._settings_path.exists() else None
+
+    def check_same_settings(self, before: dict, settings: dict) -> None:
+        """A resumed job must compute what the interrupted one did: an output holding one
+        setting's noise is never topped up with another's (nor with another input's shards). The
+        input is known by its resolved path (and, for zarr, its metadata): a moved input is another job."""
+        compared = [key for key in settings if key != "input_shards" and not (key in LATER_SETTINGS and key not in before)]
+        changed = [key for key in compared if before.get(key) != settings[key]]
+        if "input" not in changed:
+            self._check_same_shards(before, settings)
+        if not changed:
+            return
+        detail = "; ".join(f"{key}: was {before.get(key)!r}, now {settings[key]!r}" for key in changed
+                           if key not in ("scheduler", "input"))
+        if "input" in changed:
+            detail = "; ".join(filter(None, [_input_change(before.get("input"), settings["input"]), detail]))
+        if "scheduler" in changed:
+            was = before.get("scheduler") if isinstance(before.get("scheduler"), dict) else {}
+            keys = sorted(k for k in set(was) | set(settings["scheduler"]) if was.get(k) != settings["scheduler"].get(k))
+            detail = "; ".join(filter(None, [detail, f"scheduler config differs in {', '.join(keys)}"]))
+        raise ValueError(f"output {self.root} was started with other settings ({detail}): "
+                         f"rerun with the same settings or write to a new output folder.")
+
+    def check_inputs(self, fingerprints: dict) -> None:
+        """Each shard's bytes (``fingerprints``: name -> the input store's fingerprint now) must be
+        those the job started on; reads only."""
+        self._input_changes(fingerprints)
+
+    # ------------------------------------------------------------------------- claiming the folder
+    def claim(self, settings: dict, fingerprints: dict, started: float) -> None:
+        """Make the folder this job's (the first write): create ``settings.json`` exclusively, or,
+        if some run created it first, require the same settings (processes of one job share the
+        output; two jobs never do). Then record the inputs' fingerprints and remove the temporary
+        files of writers dead before ``started`` (a ``time.time()``)."""
+        if not _create_exclusive(self._settings_path, json.dumps(settings, indent=1)):
+            self.check_same_settings(self._read_settings(), settings)
+        # once the output is this job's: the records as they are now (another run may have written some meanwhile)
+        self._write_fingerprints(*self._input_changes(fingerprints))
+        (self.root / "chunks").mkdir(parents=True, exist_ok=True)
+        self._remove_dead_writers_files(started)
+
+    # ------------------------------------------------------------------------- chunks
+    def is_recorded(self, name: str) -> bool:
+        """Whether chunk ``name`` is done: its noise file exists (a folder there is not a record)."""
+        return (self.root / "chunks" / name).is_file()
+
+    def claim_chunk(self, name: str) -> Optional[ChunkClaim]:
+        """Try to take chunk ``name`` for this process: an exclusive, non-blocking flock on
+        ``claims/HASH`` (the kernel drops it when the process dies, so a killed run's claims are
+        never stale). ``None`` when another process holds the chunk. Where the file system has no
+        locks the chunk is taken unclaimed."""
+        path = self.root / "claims" / _short_hash(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        if fcntl is None:
+            return ChunkClaim(path, fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError:  # no locks here (some network file systems): unclaimed
+            return ChunkClaim(path, fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{name}\n{socket.gethostname()} {os.getpid()}\n".encode())
+        return ChunkClaim(path, fd)
+
+    def write_chunk(self, name: str, noise: np.ndarray, trajectory: Optional[np.ndarray] = None,
+                    round_trip: Optional[np.ndarray] = None) -> None:
+        """Write a chunk's outputs, each atomically, the noise last (the record: from then on the
+        chunk is done), and drop an earlier quarantine record of it."""
+        if trajectory is not None:
+            _atomic_save(self.root / "trajectories" / name, trajectory)
+        if round_trip is not None:
+            _atomic_save(self.root / "round_trips" / name, round_trip)
+        _atomic_save(self.root / "chunks" / name, noise)
+        _side_path(self.root / "failed", name).unlink(missing_ok=True)
+
+    def quarantine(self, name: str, reason: str) -> None:
+        """Record chunk ``name`` as failed, and why (a rerun tries it again)."""
+        _atomic_write_text(_side_path(self.root / "failed", name), json.dumps({"chunk": name, "reason": reason}))
+
+    def failure_since(self, name: str, since: float) -> Optional[str]:
+        """Why chunk ``name`` was quarantined, if that happened at ``since`` (a ``time.time()``) or later."""
+        report = _side_path(self.root / "failed", name)
+        try:
+            if report.stat().st_mtime < since:
+                return None
+            return json.loads(report.read_text())["reason"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def tidy_recorded(self, recorded: Sequence[str]) -> None:
+        """What a killed run may leave of chunks it recorded: log the ones it did not log yet, and
+        remove their claim files."""
+        self._log_unlogged_records(recorded)
+        self._remove_recorded_claims(recorded)
+
+    # ------------------------------------------------------------------------- events, manifest
+    def log(self, **event) -> None:
+        """Append one event (with the time and this process' id) to ``events.jsonl``, fsynced."""
+        with self._events_lock:
+            _append_event(self._events_path, **event)
+
+    def write_manifest(self, names: Sequence[str], row_shape: Optional[tuple], settings: dict) -> None:
+        """``manifest.json``: the recorded shards in job order, the settings, each recorded shard's
+        input fingerprint, and the shards still missing."""
+        done = [name for name in names if self.is_recorded(name)]
+        if row_shape is None and done:  # nothing read by this run: the recorded outputs say it
+            row_shape = tuple(np.load(self.root / "chunks" / done[0], mmap_mode="r").shape[1:])
+        fingerprints = {}
+        for name in done:
+            record = _fingerprint_record(_side_path(self.root / "inputs", name))
+            fingerprints[name] = record["fingerprint"] if record else None
+        job_settings = {key: value for key, value in settings.items() if key != "input_shards"}
+        _atomic_write_text(self.root / "manifest.json", json.dumps({
+            "shards": done, "row_shape": list(row_shape) if row_shape else None, "of": "noise", **job_settings,
+            "input_fingerprints": fingerprints, "missing": [n for n in names if n not in set(done)]}, indent=1))
+
+    # ------------------------------------------------------------------------- inside
+    @property
+    def _settings_path(self) -> Path:
+        return self.root / "settings.json"
+
+    @property
+    def _events_path(self) -> Path:
+        return self.root / "events.jsonl"
+
+    def _read_settings(self) -> dict:
+        """An existing ``settings.json``: a JSON object, or a ``ValueError`` naming the file. A file
+        another process is creating right now (the no-hard-link fallback) is given a moment."""
+        path = self._settings_path
+        for _ in range(20):
+            try:
+                before = json.loads(path.read_text())
+                break
+            except (OSError, ValueError):
+                if time.time() - path.stat().st_mtime > 2:
+                    before = read_json(path, "output settings")  # the reason, with the file named
+                time.sleep(0.1)
+        else:
+            before = read_json(path, "output settings")
+        if not isinstance(before, dict):
+            raise ValueError(f"output settings {path} is not a JSON object: this folder was not written by this job, "
+                             f"so write to a new output folder.")
+        return before
+
+    def _check_same_shards(self, before: dict, settings: dict) -> None:
+        """The input's shard names must be those the output was started on."""
+        if "input_shards" not in before:
+            return
+        listed = before["input_shards"] if isinstance(before["input_shards"], list) else []
+        was, now = {name for name in listed if isinstance(name, str)}, set(settings["input_shards"])
+        added, gone = sorted(now - was), sorted(was - now)
+        if added or gone:
+            name, what = (added[0], "is new") if added else (gone[0], "is gone")
+            more = len(added) + len(gone) - 1
+            raise ValueError(f"the input is not the one output {self.root} was started on: its shard {name} {what}"
+                             f"{f' (and {more} more shards differ)' if more else ''}; restore that input or write to a new output folder.")
+
+    def _input_changes(self, fingerprints: dict) -> tuple:
+        """Each shard's bytes must be those the job started on (``inputs/NAME.json``); a shard not
+        yet recorded whose earlier version was quarantined or unreadable may have been fixed. Reads
+        only; returns ``(new, fixed)``, the fingerprint records to write (``path -> record``)."""
+        new, fixed = {}, {}
+        for name, now in fingerprints.items():
+            path = _side_path(self.root / "inputs", name)
+            before = _fingerprint_record(path)
+            if before is None:
+                (fixed if path.exists() else new)[path] = {"chunk": name, "fingerprint": now}  # a record lost to a crash: anew
+                continue
+            if before.get("fingerprint") == now:
+                continue
+            if self._may_be_fixed(name, before.get("fingerprint")):
+                fixed[path] = {"chunk": name, "fingerprint": now}
+                continue
+            raise ValueError(f"input shard {name} is not the one output {self.root} was started on (its bytes changed: "
+                             f"was {_short(before.get('fingerprint'))}, now {_short(now)}); restore it or write to a new output folder.")
+        return new, fixed
+
+    def _write_fingerprints(self, new: dict, fixed: dict) -> None:
+        """Record the fingerprints of shards seen for the first time (``new``) and of fixed ones. A
+        record another run wrote meanwhile must hold the same fingerprint: else the two runs read
+        other bytes under one shard name, and this one is refused."""
+        for path, record in new.items():  # one small file per shard: not fsynced (a record lost to a crash is made anew)
+            if _create_exclusive(path, json.dumps(record), durable=False):
+                continue
+            before = _fingerprint_record(path)
+            if before is not None and before.get("fingerprint") != record["fingerprint"]:
+                raise ValueError(f"input shard {record['chunk']} is not the one output {self.root} was started on (another "
+                                 f"run recorded it as {_short(before.get('fingerprint'))}, this run read "
+                                 f"{_short(record['fingerprint'])}); restore it or write to a new output folder.")
+        for path, record in fixed.items():
+            _atomic_write_text(path, json.dumps(record))
+
+    def _may_be_fixed(self, name: str, before) -> bool:
+        """A shard may change under a resumed job only while its chunk is not recorded and it was
+        quarantined (or unreadable when the job started): that change is its fix."""
+        if self.is_recorded(name):
+            return False
+        return _side_path(self.root / "failed", name).exists() or (isinstance(before, dict) and "error" in before)
+
+    def _remove_dead_writers_files(self, started: float) -> None:
+        """Temporary files left by killed runs where the job writes: the root (not below it) and
+        the folders of :data:`JOB_FOLDERS` with theirs; see :func:`_is_dead_writers`."""
+        places = [(self.root, [entry.name for entry in os.scandir(self.root) if entry.is_file(follow_symlinks=False)])]
+        for job_folder in JOB_FOLDERS:
+            places += [(Path(folder), files) for folder, _, files in os.walk(self.root / job_folder)]
+        for folder, files in places:
+            for file in files:
+                if _is_dead_writers(folder / file, started):
+                    (folder / file).unlink(missing_ok=True)
+
+    def _remove_recorded_claims(self, recorded: Sequence[str]) -> None:
+        """A run killed between recording a chunk and giving its claim back leaves ``claims/HASH``:
+        remove those of recorded chunks nobody holds (whoever opened one finds its chunk recorded)."""
+        for name in recorded:
+            if not (self.root / "claims" / _short_hash(name)).exists():
+                continue
+            claim = self.claim_chunk(name)
+            if claim is not None:
+                claim.release(recorded=True)
+
+    def _log_unlogged_records(self, recorded: Sequence[str]) -> None:
+        """A run killed between writing a chunk's output (the record) and logging it leaves the
+        chunk done but unlogged: log it now (``"found": true``), so the audit has one "recorded"
+        per chunk. A chunk still claimed is being logged by its live process and is left to it. A
+        line cut short by the kill is ended first, so the next event starts on a line of its own."""
+        events = self._events_path
+        if events.exists() and events.stat().st_size:
+            with open(events, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+        logged = set()
+        if recorded and events.exists():  # one pass over the log, only when a rerun finds finished chunks
+            with open(events) as f:
+                for line in f:
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(event, dict) and event.get("event") == "recorded":
+                        logged.add(event.get("chunk"))
+        for name in recorded:
+            if name in logged:
+                continue
+            claim = self.claim_chunk(name)
+            if claim is None:
+                continue
+            try:
+                rows = int(np.load(self.root / "chunks" / name, mmap_mode="r").shape[0])
+                self.log(chunk=name, event="recorded", rows=rows, found=True)
+            finally:
+                claim.release(recorded=True)
+
+
+# ----------------------------------------------------------------------------- paths and records
+def _check_apart(input_dir: Path, output_dir: Path) -> None:
+    """OUTPUT must be a folder (or not exist yet) apart from INPUT: the job never writes into its input."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output {output_dir} is a file, not a folder: name a folder (it is created if missing).")
+    above = next((p for p in output_dir.absolute().parents if p.exists() or p.is_symlink()), None)
+    if above is not None and not above.is_dir():
+        raise ValueError(f"output {output_dir} cannot be created: {above} is a file, not a folder.")
+    source, target = input_dir.resolve(), output_dir.resolve()
+    if source == target:
+        relation = "is the input"
+    elif target.is_relative_to(source):
+        relation = "lies inside the input"
+    elif source.is_relative_to(target):
+        relation = "contains the input"
+    else:
+        return
+    raise ValueError(f"output {output_dir} {relation} {input_dir}: the job never writes into its input, "
+                     f"so name an output folder outside it.")
+
+
+def _input_change(was, now: dict) -> str:
+    """How the input differs from the one a job started on, in a few words."""
+    was_path = was.get("path") if isinstance(was, dict) else None
+    if was_path == now.get("path"):
+        return f"input {now.get('path')}: its {'zarr metadata' if 'metadata_sha256' in now else 'kind'} changed"
+    return (f"input: was {was_path if isinstance(was_path, str) else json.dumps(was)[:120]}, now {now.get('path')} "
+            f"(the input's path is part of the job: an input moved or copied elsewhere is another job's)")
+
+
+def _fingerprint_record(path: Path) -> Optional[dict]:
+    """``inputs/NAME.json`` as written, or ``None`` if it is missing or unreadable."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "fingerprint" in record else None
+
+
+def _short(fingerprint) -> str:
+    """A fingerprint in a few words, for messages."""
+    if isinstance(fingerprint, dict) and "sha256" in fingerprint:
+        return f"{fingerprint['size']} bytes, sha256 {fingerprint['sha256'][:12]}"
+    return json.dumps(fingerprint)[:120]
+
+
+def _short_hash(text: str, length: int = 16) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+_HOST_TAG = _short_hash(socket.gethostname(), 8)  # in temporary names: whose host they are
+
+
+def _temp_prefix(path: Path) -> str:
+    """A short temporary name beside ``path``: ``.HASH.HOST.PID.`` (a 255-byte shard name must not
+    make its temporary name too long)."""
+    return f".{_short_hash(path.name, 10)}.{_HOST_TAG}.{os.getpid()}."
+
+
+def _side_path(folder: Path, name: str) -> Path:
+    """``folder/NAME.json`` for chunk ``NAME.npy`` (subfolders kept); a name too long for that gets
+    a hash instead (the JSON inside names the chunk)."""
+    base = name[:-len(".npy")] if name.endswith(".npy") else name
+    path = folder / f"{base}.json"
+    return path if len(path.name.encode()) <= MAX_NAME_BYTES else path.parent / f"{_short_hash(name)}.json"
+
+
+# ----------------------------------------------------------------------------- files, atomically
+def _fsync_folder(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _create_exclusive(path: Path, text: str, durable: bool = True) -> bool:
+    """Create ``path`` holding ``text`` if it does not exist, atomically: a temporary file (fsynced
+    if ``durable``), hard-linked into place (the link fails if ``path`` exists), so ``path`` is never
+    seen half written. Returns whether this call created it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system: an exclusive create, written in place
+            try:
+                with open(path, "xb") as f:
+                    f.write(text.encode())
+            except FileExistsError:
+                return False
+        if durable:
+            _fsync_folder(path.parent)
+        return True
+    finally:
+        os.unlink(tmp)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync, rename into place, fsync the
+    folder: ``path`` then exists whole or not at all, also across a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    _atomic_write(path, lambda f: np.save(f, array))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _append_event(path: Path, **event) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(event, time=time.time(), pid=os.getpid())) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------- temporary files of dead writers
+def _pid_is_dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def _is_dead_writers(tmp: Path, started: float) -> bool:
+    """Whether ``tmp`` is a temporary file of this job (its name matches :data:`TEMP_NAME` exactly)
+    that is left over: written by a process of this host that is gone, or untouched for
+    :data:`STALE_TEMP_SECONDS` before this run started (any host). A live process' file, here or
+    elsewhere, is left alone: it may be writing it."""
+    match = TEMP_NAME.fullmatch(tmp.name)
+    if match is None:
+        return False
+    pid = int(match["pid"])
+    if pid == os.getpid():
+        return False
+    if match["host"] == _HOST_TAG and _pid_is_dead(pid):
+        return True
+    try:
+        return tmp.stat().st_mtime < started - STALE_TEMP_SECONDS
+    except FileNotFoundError:
+        return False

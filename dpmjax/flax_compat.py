@@ -21,7 +21,7 @@ It is a thin layer over :class:`~dpmjax.DPMSolverMultistepScheduler` with the ol
 semantics: the schedule ends at the smallest training noise level (``final_sigmas_type="sigma_min"``),
 ``add_noise`` takes any training timestep, and ``dtype`` sets the model-output history's dtype.
 The old class's dynamic thresholding was broken (a percentile of 0.995 %, and a maximum where a
-clip belongs); this one thresholds as diffusers' PyTorch schedulers do (see the README).
+clip belongs); this one thresholds as diffusers' PyTorch schedulers do (see "Numerics and differences from diffusers" in the docs).
 """
 
 from __future__ import annotations

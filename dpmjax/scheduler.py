@@ -626,7 +626,7 @@ class DPMSolverMultistepInverseScheduler(DPMSolverMultistepBase):
 
     DDIM-style inversion (Mokady et al. 2023, Null-text Inversion; Couairon et al. 2023, DiffEdit)
     generalised to multistep DPM-Solver. Numerically diffusers' ``DPMSolverMultistepInverseScheduler``,
-    except where diffusers fails (see the README's "Differences from diffusers").
+    except where diffusers fails (see "Numerics and differences from diffusers" in the docs, docs/numerics.md).
 
     Args:
         config: A :class:`~dpmjax.config.SchedulerConfig`; ``None`` (default) builds one from

@@ -1,5 +1,5 @@
 """Where dpmjax deliberately differs from diffusers: each case shows diffusers failing (live) and
-dpmjax doing the documented thing instead. The README's "Differences from diffusers" lists them."""
+dpmjax doing the documented thing instead. docs/numerics.md ("Differences from diffusers") lists them."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def test_second_order_convergence_for_every_parameterisation(kind, algorithm, pr
 @pytest.mark.parametrize("kind", ["forward", "inverse"])
 def test_default_grid_converges(kind):
     """diffusers' default uniform-in-t grid: order 1 converges at first order; higher orders are
-    limited by the grid's very uneven log-SNR steps (the README reports the measured values)."""
+    limited by the grid's very uneven log-SNR steps (docs/numerics.md reports the measured values)."""
     with jax.enable_x64(True):
         p1 = observed_order(kind, 1)
         p2 = observed_order(kind, 2)

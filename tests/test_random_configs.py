@@ -56,7 +56,7 @@ def cases(draw_):
 
 
 def refusal_is_documented(kind, config, message):
-    """dpmjax refuses only what diffusers cannot run either, or what the README lists."""
+    """dpmjax refuses only what diffusers cannot run either, or what docs/numerics.md lists."""
     documented = []
     if kind == "inverse" and config["algorithm_type"].startswith("sde"):
         documented.append("inverse scheduler")  # diffusers: NaN from the first real step (#10748)
@@ -96,7 +96,7 @@ def test_random_config_agrees_or_differs_as_documented(case):
 
     comparable = not (kind == "inverse" and (config.get("use_flow_sigmas") or config.get("use_lu_lambdas")))
     if not comparable or not all(diffusers_accepts(kind, k) for k in config):
-        return  # diffusers' inverse has no Lu grid, and its flow grid runs the wrong way (README)
+        return  # diffusers' inverse has no Lu grid, and its flow grid runs the wrong way (docs/numerics.md)
     try:
         ref32 = diffusers_trajectory(kind, config, n, x0, noises)
         ref64 = diffusers_trajectory(kind, config, n, x0, noises, float64=True)

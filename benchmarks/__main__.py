@@ -123,7 +123,7 @@ def compile_seconds(steps, order=2, shape=(1, 4, 64, 64)):
     x = jnp.zeros(shape)
     model = lambda x, t: 0.1 * x  # noqa: E731  (a new function: nothing cached)
     start = time.perf_counter()
-    scan_steps_jit.lower(inv, model, ScanOptions(label="invert"), state, x, None, None, None).compile()
+    scan_steps_jit.lower(inv, model, ScanOptions(label="invert"), state=state, x=x, cond=None, keys=None, noises=None).compile()
     return time.perf_counter() - start
 
 

@@ -57,7 +57,8 @@ def worker(rows: int, steps: int, process_id: int, processes: int, port: int) ->
         times.append(time.perf_counter() - start)
     forward = scheduler.set_timesteps(scheduler.create_state(), steps, x.shape)
     inverse, mirror = mirrored_state(scheduler, forward, x.shape)
-    compiled = scan_steps_jit.lower(inverse, model, ScanOptions(label="invert"), mirror, x, None, None, None).compile()
+    compiled = scan_steps_jit.lower(inverse, model, ScanOptions(label="invert"), state=mirror, x=x, cond=None, keys=None,
+                                    noises=None).compile()
     memory = compiled.memory_analysis()
     per_device = None if memory is None else int(memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes)
     if jax.process_index() == 0:

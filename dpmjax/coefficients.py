@@ -172,7 +172,7 @@ def order_caps(config: SchedulerConfig, num_steps: int, forward: bool) -> np.nda
     return caps
 
 
-def step_tables(config: SchedulerConfig, sigmas: np.ndarray, num_steps: int, forward: bool) -> StepTables:
+def step_tables(config: SchedulerConfig, sigmas: np.ndarray, num_steps: int, *, forward: bool) -> StepTables:
     """All per-step tables of a grid with ``num_steps`` steps over ``sigmas`` (diffusers' sigmas)."""
     alpha, sigma = alpha_sigma_from_sigma(sigmas, flow=config.use_flow_sigmas)
     lam = log_snr(alpha, sigma)

@@ -154,7 +154,8 @@ class FlaxDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
         Raises:
             ValueError: As :meth:`dpmjax.DPMSolverMultistepScheduler.set_timesteps`.
         """
-        return super().set_timesteps(state, num_inference_steps, shape, self.dtype if dtype is None else dtype, **kwargs)
+        return super().set_timesteps(state, num_inference_steps, shape, dtype=self.dtype if dtype is None else dtype,
+                                     **kwargs)
 
     def step(self, state, model_output, timestep, sample, return_dict: bool = True, key=None, variance_noise=None):
         """One step, with the old Flax signature (``return_dict`` before ``key``).
@@ -176,7 +177,8 @@ class FlaxDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
         Raises:
             ValueError: As :meth:`dpmjax.DPMSolverMultistepScheduler.step`.
         """
-        return super().step(state, model_output, timestep, sample, key=key, variance_noise=variance_noise, return_dict=return_dict)
+        return super().step(state, model_output, timestep, sample=sample, key=key, variance_noise=variance_noise,
+                            return_dict=return_dict)
 
     def add_noise(self, state: SchedulerState, original_samples: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
         """``sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps`` at any training timestep (old semantics).

@@ -122,6 +122,7 @@ def forward_grid(
     config: SchedulerConfig,
     train: TrainingSchedule,
     num_inference_steps: Optional[int] = None,
+    *,
     timesteps: Optional[Sequence[int]] = None,
     flow_shift: Optional[float] = None,
 ) -> Grid:

@@ -72,18 +72,16 @@ def _cacheable(value):
     return True
 
 
-def _cached_grid(config, forward, num_inference_steps, timesteps, shift):
+def _cached_grid(config, forward, num_inference_steps, *, timesteps, shift):
     """Grids depend only on hashable host values: compute each once (set_timesteps is then cheap)."""
-    key = (config, forward, num_inference_steps, timesteps, shift)
-    if not _cacheable(key):
-        return _compute_grid(*key)
-    return _cached_grid_lru(*key)
+    compute = _cached_grid_lru if _cacheable((config, forward, num_inference_steps, timesteps, shift)) else _compute_grid
+    return compute(config, forward, num_inference_steps, timesteps=timesteps, shift=shift)
 
 
-def _compute_grid(config, forward, num_inference_steps, timesteps, shift):
+def _compute_grid(config, forward, num_inference_steps, *, timesteps, shift):
     train = training_schedule(config)
     if forward:
-        return forward_grid(config, train, num_inference_steps, timesteps, shift)
+        return forward_grid(config, train, num_inference_steps, timesteps=timesteps, flow_shift=shift)
     return inverse_grid(config, train, num_inference_steps)
 
 
@@ -91,11 +89,11 @@ _cached_grid_lru = functools.lru_cache(maxsize=256)(_compute_grid)
 
 
 @functools.lru_cache(maxsize=32)
-def _state_fields(config, timestep_bytes: bytes, sigma_bytes: bytes, num_steps: int, forward: bool, shape, dtype: str):
+def _state_fields(config, timestep_bytes: bytes, sigma_bytes: bytes, *, num_steps: int, forward: bool, shape, dtype: str):
     """The arrays ``state_on_grid`` sets, built once per grid and shape. They are immutable device
     arrays, made concrete even when called under a trace, so sharing them between states is safe."""
     sigmas = np.frombuffer(sigma_bytes, dtype=np.float32)
-    tables = step_tables(config, sigmas.astype(np.float64), num_steps, forward)
+    tables = step_tables(config, sigmas.astype(np.float64), num_steps, forward=forward)
     with jax.ensure_compile_time_eval():
         return dict(
             timesteps=jnp.asarray(np.frombuffer(timestep_bytes, dtype=np.int64), jnp.int32),
@@ -285,12 +283,12 @@ class DPMSolverMultistepBase:
                 shift = float(math.exp(mu))
             if timesteps is not None:
                 timesteps = tuple(np.asarray(timesteps).tolist()) if np.ndim(timesteps) == 1 else timesteps
-            return _cached_grid(self._config, True, num_inference_steps, timesteps, shift)
+            return _cached_grid(self._config, True, num_inference_steps, timesteps=timesteps, shift=shift)
         if timesteps is not None or mu is not None:
             raise ValueError("the inverse scheduler takes neither custom timesteps nor mu; pass num_inference_steps.")
         if num_inference_steps is None:
             raise ValueError("num_inference_steps is required.")
-        return _cached_grid(self._config, False, num_inference_steps, None, None)
+        return _cached_grid(self._config, False, num_inference_steps, timesteps=None, shift=None)
 
     def set_timesteps(
         self,
@@ -351,7 +349,7 @@ class DPMSolverMultistepBase:
         if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype!r}.")
         grid = self._grid(num_inference_steps, timesteps, mu)
-        return self.state_on_grid(state, grid.timesteps, grid.sigmas, shape, dtype)
+        return self.state_on_grid(state, grid.timesteps, grid.sigmas, shape=shape, dtype=dtype)
 
     def state_on_grid(self, state: SchedulerState, timesteps, sigmas, shape: Sequence[int], dtype=jnp.float32,
                       forward: Optional[bool] = None) -> SchedulerState:
@@ -386,8 +384,8 @@ class DPMSolverMultistepBase:
             raise ValueError(f"a grid needs N >= 1 timesteps and at least N + 1 sigmas, got {n} and {sigmas.shape}.")
         self._check_channel_axis(len(tuple(shape)))
         direction = self.forward if forward is None else forward
-        fields = _state_fields(self._config, timesteps.astype(np.int64).tobytes(), sigmas.tobytes(), n, direction,
-                               tuple(shape), jnp.dtype(dtype).name)
+        fields = _state_fields(self._config, timesteps.astype(np.int64).tobytes(), sigmas.tobytes(), num_steps=n,
+                               forward=direction, shape=tuple(shape), dtype=jnp.dtype(dtype).name)
         return state.replace(**fields)
 
     def set_begin_index(self, state: SchedulerState, begin_index: int = 0) -> SchedulerState:
@@ -457,7 +455,8 @@ class DPMSolverMultistepBase:
                 ``variance_type`` only).
         """
         self._check_channel_axis(jnp.ndim(sample))
-        prev_sample, new_state = solver.step(self._config, state, model_output, timestep, sample, key, variance_noise)
+        prev_sample, new_state = solver.step(self._config, state, model_output, timestep=timestep, sample=sample, key=key,
+                                             variance_noise=variance_noise)
         if not return_dict:
             return prev_sample, new_state
         return SchedulerOutput(prev_sample=prev_sample, state=new_state)

@@ -191,7 +191,7 @@ class StepEquation(NamedTuple):
         return (x_next - self.known - self.row[1] * m_y) / jnp.where(self.invertible, self.row[0], 1.0)
 
 
-def step_equation(row: Array, history: Sequence[Array], noise: Optional[Array], like: Array) -> StepEquation:
+def step_equation(row: Array, history: Sequence[Array], *, noise: Optional[Array], like: Array) -> StepEquation:
     """The :class:`StepEquation` of the step with update ``row``, older converted outputs ``history``
     (newest first) and SDE ``noise`` (or None), for samples shaped like ``like``."""
     zero = jnp.zeros_like(like)
@@ -220,6 +220,7 @@ def step(
     config: SchedulerConfig,
     state: SchedulerState,
     model_output: Array,
+    *,
     timestep,
     sample: Array,
     key: Optional[Array] = None,

@@ -236,8 +236,8 @@ def test_the_trajectory_compiles_to_one_loop_whatever_its_length():
         state = fwd.set_timesteps(fwd.create_state(), n, SHAPE)
         from dpmjax.trajectories.scan import ScanOptions, scan_steps_jit
 
-        return scan_steps_jit.lower(fwd, model, ScanOptions(label="sample"), state, jnp.zeros(SHAPE), None, None,
-                                    None).as_text()
+        return scan_steps_jit.lower(fwd, model, ScanOptions(label="sample"), state=state, x=jnp.zeros(SHAPE), cond=None,
+                                    keys=None, noises=None).as_text()
 
     short, long = program(10), program(200)
     assert abs(len(long) - len(short)) < 0.02 * len(short)

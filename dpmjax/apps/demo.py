@@ -28,7 +28,7 @@ def analytic_model(data, prediction_type: str) -> Callable:
     """``model(x, alpha, sigma)`` returning the exact model output of ``data`` in the given parameterisation."""
 
     def model(x, alpha, sigma):
-        return model_output_from_denoised(prediction_type, x, data.denoise(x, alpha, sigma), alpha, sigma)
+        return model_output_from_denoised(prediction_type, x, data.denoise(x, alpha, sigma), alpha=alpha, sigma=sigma)
 
     return model
 
@@ -50,7 +50,8 @@ def run_grid(
         x, st = carry
         i, k = inputs
         out = model(x, st.step_alpha[i].astype(x.dtype), st.step_sigma[i].astype(x.dtype))
-        x, st = scheduler.step(st, out, st.timesteps[i], x, key=k if scheduler.config.is_sde else None, return_dict=False)
+        x, st = scheduler.step(st, out, st.timesteps[i], sample=x, key=k if scheduler.config.is_sde else None,
+                               return_dict=False)
         return (x, st), None
 
     # Start at step 0 explicitly: on grids whose timesteps repeat, a lookup by timestep would not.
@@ -80,9 +81,9 @@ def roundtrip_errors(
             s_inv = inverse.set_timesteps(inverse.create_state(), n, (batch,))
             s_fwd = forward.set_timesteps(forward.create_state(), n, (batch,))
             alpha0, sigma0 = float(s_inv.step_alpha[0]), float(s_inv.step_sigma[0])
-            x = data.sample(jax.random.PRNGKey(seed), (batch,), alpha0, sigma0)
-            noise, _ = jax.jit(run_grid, static_argnums=(0, 2))(inverse, s_inv, model, x)
-            recon, _ = jax.jit(run_grid, static_argnums=(0, 2))(forward, s_fwd, model, noise)
+            x = data.sample(jax.random.PRNGKey(seed), (batch,), alpha=alpha0, sigma=sigma0)
+            noise, _ = jax.jit(run_grid, static_argnums=(0, 2))(inverse, s_inv, model, sample=x)
+            recon, _ = jax.jit(run_grid, static_argnums=(0, 2))(forward, s_fwd, model, sample=noise)
             error = jnp.abs(recon - x) / jnp.max(jnp.abs(x))
             results[(order, n)] = (float(jnp.median(error)), float(jnp.max(error)))
     return results
@@ -139,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base = base.replace(**GRIDS[args.grid])
 
     start = time.perf_counter()
-    results = roundtrip_errors(args.data, args.orders, args.steps, args.batch, base)
+    results = roundtrip_errors(args.data, args.orders, args.steps, batch=args.batch, base_config=base)
     elapsed = time.perf_counter() - start
     print(f"dpmjax on {jax.default_backend()} (jax {jax.__version__}): {args.data} data, batch {args.batch}, {args.grid} grid")
     print("round trip: invert (DPMSolverMultistepInverseScheduler) then sample (DPMSolverMultistepScheduler), float32")

@@ -40,7 +40,7 @@ def psnr(x: jax.Array, reference: jax.Array) -> float:
 
 def guided_model(model: digits.Digits, labels: jax.Array, scale: float):
     null = jnp.full_like(labels, digits.NULL_LABEL)
-    return classifier_free_guidance(model.conditional, labels, null, scale)
+    return classifier_free_guidance(model.conditional, labels, null, guidance_scale=scale)
 
 
 def reconstruct(model, images, labels, *, scheduler, n: int, scale: float, exact: bool, progress: bool = False):
@@ -53,15 +53,15 @@ def reconstruct(model, images, labels, *, scheduler, n: int, scale: float, exact
 def reconstruct_counted(model, images, labels, *, scheduler, n: int, scale: float, exact: bool, progress: bool = False):
     """:func:`reconstruct` and the number of rows whose round trip converged (exact inversion; None for plain)."""
     fn = guided_model(model, labels, scale)
-    result = invert(fn, images, scheduler, n, exact=exact, progress=progress)
+    result = invert(fn, images, scheduler, num_inference_steps=n, exact=exact, progress=progress)
     converged = int(jnp.sum(result.converged)) if exact else None
-    return result.sample, sample(fn, result.sample, scheduler, n, progress=progress).sample, converged
+    return result.sample, sample(fn, result.sample, scheduler, num_inference_steps=n, progress=progress).sample, converged
 
 
 def reconstruct_null_text(model, images, labels, *, scheduler, n: int, scale: float, inner_steps: int, progress: bool = False):
     """``(noise, reconstruction)`` by null-text inversion: the null label embedding tuned per step
     (optax Adam, learning rate 1e-2, ``inner_steps`` per step) to retrace the ``w = 1`` inversion."""
-    result = null_text_inversion(model.conditional, images, scheduler, n, cond=model.embed(labels),
+    result = null_text_inversion(model.conditional, images, scheduler, num_inference_steps=n, cond=model.embed(labels),
                                  uncond=model.embed(jnp.full_like(labels, digits.NULL_LABEL)), guidance_scale=scale,
                                  inner_steps=inner_steps, progress=progress)
     return result.noise, result.reconstruction
@@ -73,7 +73,7 @@ def sample_quality(model, scheduler_config, count: int, n: int, scale: float, th
     labels = jnp.arange(count) % 10
     noise = jax.random.normal(jax.random.PRNGKey(seed), (count,) + digits.SHAPE)
     scheduler = DPMSolverMultistepScheduler(scheduler_config.replace(thresholding=thresholding, sample_max_value=1.0))
-    images = sample(guided_model(model, labels, scale), noise, scheduler, n).sample
+    images = sample(guided_model(model, labels, scale), noise, scheduler, num_inference_steps=n).sample
     accuracy = float(jnp.mean(digits.classify(model.classifier, images) == labels))
     return accuracy, float(jnp.mean(jnp.abs(images) > 1.05)), images
 
@@ -168,7 +168,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"\nguided samples from noise (N={n_quality}, w={w_quality:g}, one per class x {max(1, args.count // 10)}): "
           "classifier accuracy, pixels outside [-1.05, 1.05]")
     for thresholding in (False, True):
-        accuracy, outside, _ = sample_quality(model, scheduler.config, max(10, args.count), n_quality, w_quality, thresholding)
+        accuracy, outside, _ = sample_quality(model, scheduler.config, max(10, args.count), n=n_quality, scale=w_quality,
+                                              thresholding=thresholding)
         print(f"  thresholding={thresholding}: accuracy {accuracy:.2f}, outside {100 * outside:.1f}% of pixels")
 
     k = min(10, images.shape[0])
@@ -177,7 +178,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         noise, recon = shown[method]
         rows += [noise[:k], recon[:k]]
         titles += [f"noise ({method})", f"{method}: {psnr(recon, images):.0f} dB"]
-    plot_grid(rows, titles, args.out, f"held-out digits, N={args.steps[len(args.steps) // 2]}, guidance {args.guidance[-1]:g}")
+    plot_grid(rows, titles, args.out,
+              suptitle=f"held-out digits, N={args.steps[len(args.steps) // 2]}, guidance {args.guidance[-1]:g}")
     print(f"wrote {args.out} ({time.perf_counter() - start:.1f} s)")
     return 0
 

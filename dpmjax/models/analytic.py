@@ -197,6 +197,6 @@ def timestep_model(data, config, prediction_type: Optional[str] = None):
     def model_fn(x, t):
         abar = alphas_cumprod[jnp.asarray(t, jnp.int32)].astype(x.dtype)
         alpha, sigma = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
-        return model_output_from_denoised(prediction_type, x, data.denoise(x, alpha, sigma), alpha, sigma)
+        return model_output_from_denoised(prediction_type, x, data.denoise(x, alpha, sigma), alpha=alpha, sigma=sigma)
 
     return model_fn

@@ -127,13 +127,14 @@ def guided_unet(unet, guidance_scale: float = 7.5) -> Callable[[Array, Array, UN
 
     def model_fn(latents, t, inputs: UNetInputs):
         if w == 1.0:
-            return unet_eps(unet, inputs.params, latents, t, inputs.text_embeddings)
+            return unet_eps(unet, inputs.params, latents, timestep=t, encoder_hidden_states=inputs.text_embeddings)
         if inputs.uncond_embeddings is None:
             raise ValueError(f"guidance_scale={w} needs UNetInputs.uncond_embeddings.")
         batch = latents.shape[0]
         text, uncond = (jnp.broadcast_to(e, (batch,) + e.shape[1:]) for e in (inputs.text_embeddings, inputs.uncond_embeddings))
         doubled_latents, embeddings = guidance.doubled(latents, uncond, text)
-        return guidance.guide_doubled(unet_eps(unet, inputs.params, doubled_latents, t, embeddings), w)
+        eps = unet_eps(unet, inputs.params, doubled_latents, timestep=t, encoder_hidden_states=embeddings)
+        return guidance.guide_doubled(eps, w)
 
     return model_fn
 
@@ -152,7 +153,7 @@ def unet_with_embedding(unet) -> Callable[[Array, Array, Any], Array]:
     """
 
     def model(latents, t, embeddings, params):
-        return unet_eps(unet, params, latents, t, embeddings)
+        return unet_eps(unet, params, latents, timestep=t, encoder_hidden_states=embeddings)
 
     return model
 

@@ -354,7 +354,8 @@ def edit_images(
     w = float(guidance_scale)
     w_invert = w if inversion_guidance_scale is None else float(inversion_guidance_scale)
 
-    embed = lambda prompts: embed_prompts(parts.tokenizer, parts.text_encoder, params["text_encoder"], prompts)  # noqa: E731
+    embed = lambda prompts: embed_prompts(  # noqa: E731
+        parts.tokenizer, parts.text_encoder, params["text_encoder"], prompts=prompts)
     both = embed(source + target + [negative_prompt])
     source_emb, target_emb, uncond = both[:batch], both[batch:2 * batch], both[2 * batch:]
     same_prompt = source == target
@@ -367,29 +368,30 @@ def edit_images(
         model = flax_sd.unet_with_embedding(parts.unet)
         nulls = jnp.broadcast_to(uncond, source_emb.shape)
         kwargs = {} if optimizer is None else {"optimizer": optimizer}
-        inverted = null_text_inversion(model, latents, scheduler, n, cond=source_emb, uncond=nulls, guidance_scale=w,
-                                       inner_steps=null_text_steps, model_params=unet_params, progress=progress, **kwargs)
+        inverted = null_text_inversion(model, latents, scheduler, num_inference_steps=n, cond=source_emb, uncond=nulls,
+                                       guidance_scale=w, inner_steps=null_text_steps, model_params=unet_params,
+                                       progress=progress, **kwargs)
         noise, recon, losses = inverted.noise, inverted.reconstruction, inverted.losses
         edited = recon if same_prompt else sample_with_null_embeddings(
-            model, noise, scheduler, n, cond=target_emb, null_embeddings=inverted.null_embeddings, guidance_scale=w,
-            model_params=unet_params, progress=progress)
+            model, noise, scheduler, num_inference_steps=n, cond=target_emb, null_embeddings=inverted.null_embeddings,
+            guidance_scale=w, model_params=unet_params, progress=progress)
     else:
         exact = method == "exact"
         source_inputs = flax_sd.UNetInputs(unet_params, source_emb, uncond)
         extra = {"tolerance": tolerance, "max_sweeps": max_sweeps, "max_iterations": max_iterations} if exact else {}
-        inverted = invert(flax_sd.guided_unet(parts.unet, w_invert), latents, scheduler, n, cond=source_inputs,
-                          exact=exact, progress=progress, **extra)
+        inverted = invert(flax_sd.guided_unet(parts.unet, w_invert), latents, scheduler, num_inference_steps=n,
+                          cond=source_inputs, exact=exact, progress=progress, **extra)
         noise = inverted.sample
         if exact:
             round_trip, converged = inverted.round_trip, inverted.converged
         model_fn = flax_sd.guided_unet(parts.unet, w)
-        edited = sample(model_fn, noise, scheduler, n, cond=flax_sd.UNetInputs(unet_params, target_emb, uncond),
-                        progress=progress).sample
+        edited = sample(model_fn, noise, scheduler, num_inference_steps=n,
+                        cond=flax_sd.UNetInputs(unet_params, target_emb, uncond), progress=progress).sample
         if same_prompt and w == w_invert:
             recon = edited
         elif reconstruct or (reconstruct is None and exact):
-            recon = sample(flax_sd.guided_unet(parts.unet, w_invert), noise, scheduler, n, cond=source_inputs,
-                           progress=progress).sample
+            recon = sample(flax_sd.guided_unet(parts.unet, w_invert), noise, scheduler, num_inference_steps=n,
+                           cond=source_inputs, progress=progress).sample
     if reconstruct is False:
         recon = None
     return EditResult(images=decode_latents(parts.vae, params["vae"], edited), latents=edited, source_latents=latents,
@@ -528,9 +530,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as error:
         print(f"dpmjax edit: cannot read an image: {error}", file=sys.stderr)
         return 2
-    result = edit_images(pipeline, params, images, args.prompt, args.target_prompt, method=args.method,
-                         num_inference_steps=args.steps, guidance_scale=args.guidance, solver_order=args.order,
-                         progress=True)
+    result = edit_images(pipeline, params, images, source_prompt=args.prompt, target_prompt=args.target_prompt,
+                         method=args.method, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                         solver_order=args.order, progress=True)
     rows = [[edited] if args.edited_only else [original, edited] for original, edited in zip(images, result.images)]
     write_images(args.out, rows)
     for i, path in enumerate(args.image):

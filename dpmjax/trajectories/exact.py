@@ -102,8 +102,11 @@ class _Sweeps(NamedTuple):
     count: Array
 
 
-def exact_inversion(scheduler, inverse, model_fn, options: ExactOptions, state, mirror, data, cond, noises):
+def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, state, mirror, data, cond, noises):
     """Exact inversion of the sampler ``scheduler`` on ``state``; see the module docstring.
+
+    ``exact_inversion_jit`` is this function jitted with ``scheduler``, ``inverse``, ``model_fn`` and
+    ``options`` static; the arguments after ``model_fn`` are keyword-only.
 
     Args:
         scheduler: The sampler (a forward scheduler).
@@ -142,18 +145,19 @@ def exact_inversion(scheduler, inverse, model_fn, options: ExactOptions, state, 
                   gmres_restart=options.gmres_restart, gmres_maxiter=options.gmres_maxiter, rows=rows)
 
     def converted(k, y):
-        out = call_model(model_fn, y, state.timesteps[k], cond)
+        out = call_model(model_fn, y, state.timesteps[k], cond=cond)
         return solver.converted_output(config, state, k, model_output=out, sample=y), out
 
     def sampled(x_noise, return_samples=False):
-        return scan_steps(scheduler, model_fn, ScanOptions(return_samples=return_samples), state, x_noise, cond, None, noises)
+        return scan_steps(scheduler, model_fn, ScanOptions(return_samples=return_samples), state=state, x=x_noise, cond=cond,
+                          keys=None, noises=noises)
 
     def error_of(x_sampled):
         """Per row: max|x_sampled - data| / max(1, max|data|) (the scale of the Newton residuals)."""
         return row_max_abs(x_sampled - target, rows) / scale
 
     def plain(x):  # plain inversion (``inverse`` on ``mirror``): the sampler's noise levels mirrored
-        return scan_steps(inverse, model_fn, ScanOptions(), mirror, x, cond, None, None)[0]
+        return scan_steps(inverse, model_fn, ScanOptions(), state=mirror, x=x, cond=cond, keys=None, noises=None)[0]
 
     def step_solves(X, M, update_rows, from_predictor, iterations=options.max_iterations):
         """Each sampler step ``x_{k+1} = F_k(x_k)`` solved for ``x_k`` by Newton-Krylov, from the data end,
@@ -165,7 +169,7 @@ def exact_inversion(scheduler, inverse, model_fn, options: ExactOptions, state, 
             k, y_previous, z_k, *history = inputs
             row = update_rows[k].astype(cdt)
             noise = z_k if config.is_sde else None
-            equation = solver.step_equation(row, history, noise, x_next)
+            equation = solver.step_equation(row, history, noise=noise, like=x_next)
             F = lambda y: equation.forward(y, converted(k, y)[0])  # noqa: E731
             c_x, invertible = row[0], equation.invertible
             # F(y) = x_next as a fixed point y = g(y); g(x_next) is the explicit (DDIM-like) predictor
@@ -184,7 +188,7 @@ def exact_inversion(scheduler, inverse, model_fn, options: ExactOptions, state, 
             unsolved = ~invertible | (accelerated.residual > 10 * tolerance)
             result = newton_krylov(F, x_next, y0, solve_rows=unsolved,
                                    **dict(newton, tolerance=tolerance, max_iterations=iterations))
-            progress_line.report(progress, n - 1 - k, n, "invert (exact, per step)")
+            progress_line.report(progress, n - 1 - k, n, label="invert (exact, per step)")
             return result.solution, (result.solution, converted(k, result.solution)[0])
 
         zero = jnp.zeros_like(M[:1])
@@ -247,7 +251,7 @@ def exact_inversion(scheduler, inverse, model_fn, options: ExactOptions, state, 
             trial_sampled = sampled(trial)[0]
             trial_error = error_of(trial_sampled)
             better = carry.active & (trial_error < carry.error)
-            progress_line.report(progress, carry.count, options.max_sweeps, "invert (exact, sweeps)")
+            progress_line.report(progress, carry.count, options.max_sweeps, label="invert (exact, sweeps)")
             return _Sweeps(
                 noise=jnp.where(per_row(better), trial, carry.noise),
                 sampled=jnp.where(per_row(better), trial_sampled, carry.sampled),
@@ -273,7 +277,7 @@ def exact_inversion(scheduler, inverse, model_fn, options: ExactOptions, state, 
             # each iteration evaluates the whole sampler dozens of times: a cap bounds the cost where
             # the sampler is not invertible (measured at N = 10, guidance 3: half the cost, no row lost)
             settings["max_iterations"] = min(options.max_iterations, _SHOOTING_ITERATIONS)
-        progress_line.report(progress, n - 1, n, "invert (exact, whole sampler)")
+        progress_line.report(progress, n - 1, n, label="invert (exact, whole sampler)")
         result = newton_krylov(lambda x_noise: sampled(x_noise)[0], target, start, solve_rows=start_error > options.tolerance,
                                **settings)
         improved = result.residual < start_error
@@ -325,4 +329,4 @@ def exact_inversion(scheduler, inverse, model_fn, options: ExactOptions, state, 
     return X, outputs, errors, sweep_count, iterations
 
 
-exact_inversion_jit = jax.jit(exact_inversion, static_argnums=(0, 1, 2, 3))
+exact_inversion_jit = jax.jit(exact_inversion, static_argnums=(0, 1, 2), static_argnames=("options",))

@@ -32,7 +32,7 @@ from .scan import (ModelFn, ScanOptions, Trajectory, as_array, check_scheduler, 
 Array = jax.Array
 
 
-def mirrored_state(scheduler: DPMSolverMultistepBase, forward_state: SchedulerState, shape, dtype=jnp.float32):
+def mirrored_state(scheduler: DPMSolverMultistepBase, forward_state: SchedulerState, shape, *, dtype=jnp.float32):
     """``(inverse_scheduler, state)`` stepping a sampler's grid backwards
     (:func:`dpmjax.grids.mirrored_grid`), with the sampler's config (its ODE counterpart for SDE types).
 
@@ -57,7 +57,7 @@ def mirrored_state(scheduler: DPMSolverMultistepBase, forward_state: SchedulerSt
     grid = mirrored_grid(forward, n, training_schedule(scheduler.config))
     ode = {"sde-dpmsolver++": "dpmsolver++", "sde-dpmsolver": "dpmsolver"}.get(scheduler.config.algorithm_type)
     inverse = DPMSolverMultistepInverseScheduler(scheduler.config.replace(algorithm_type=ode) if ode else scheduler.config)
-    return inverse, inverse.state_on_grid(inverse.create_state(), grid.timesteps, grid.sigmas, shape, dtype)
+    return inverse, inverse.state_on_grid(inverse.create_state(), grid.timesteps, grid.sigmas, shape=shape, dtype=dtype)
 
 
 def invert(
@@ -161,12 +161,15 @@ def invert(
             )
         if noises is not None:
             raise ValueError("noises belong to a stochastic sampler; the inverse scheduler is deterministic.")
-        state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, x.shape, solver.compute_dtype(x))
+        state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, x.shape,
+                                        dtype=solver.compute_dtype(x))
         n = state.num_inference_steps
-        y, samples, outputs = scan_steps_jit(scheduler, model_fn, scan_options, state, x, cond, None, None)
+        y, samples, outputs = scan_steps_jit(scheduler, model_fn, scan_options, state=state, x=x, cond=cond, keys=None,
+                                             noises=None)
         return Trajectory(y, samples, outputs, state.timesteps, visited_sigmas(state, n))
 
-    forward_state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, x.shape, solver.compute_dtype(x))
+    forward_state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, x.shape,
+                                            dtype=solver.compute_dtype(x))
     n = forward_state.num_inference_steps
     if scheduler.config.is_sde:
         if not exact:
@@ -181,14 +184,15 @@ def invert(
                 "amplifies every error, and only the first-order step is solved exactly. Invert its ODE counterpart "
                 "(algorithm_type='dpmsolver++') instead."
             )
-        _, noises = stochastic_inputs(scheduler, n, x.shape, None, noises)
+        _, noises = stochastic_inputs(scheduler, n, x.shape, key=None, noises=noises)
         if noises is None:
             raise ValueError("inverting a stochastic sampler needs the noises it used: pass noises ([N, *shape]).")
     elif noises is not None:
         raise ValueError(f"noises are only used with stochastic samplers, not algorithm_type={scheduler.config.algorithm_type!r}.")
     if not exact:
-        inverse, mirror = mirrored_state(scheduler, forward_state, x.shape, solver.compute_dtype(x))
-        y, path, outputs = scan_steps_jit(inverse, model_fn, scan_options, mirror, x, cond, None, None)
+        inverse, mirror = mirrored_state(scheduler, forward_state, x.shape, dtype=solver.compute_dtype(x))
+        y, path, outputs = scan_steps_jit(inverse, model_fn, scan_options, state=mirror, x=x, cond=cond, keys=None,
+                                          noises=None)
         return Trajectory(y, path, outputs, mirror.timesteps, visited_sigmas(mirror, n))
 
     max_iterations, gmres_restart, gmres_maxiter, max_sweeps = (
@@ -205,9 +209,10 @@ def invert(
                            gmres_restart=gmres_restart, gmres_maxiter=gmres_maxiter,
                            rows=x.shape[0] if independent_rows else 1, return_outputs=return_model_outputs,
                            progress=progress)
-    inverse, mirror = mirrored_state(scheduler, forward_state, x.shape, solver.compute_dtype(x))
-    X, outputs, round_trip, sweeps, iterations = exact_inversion_jit(scheduler, inverse, model_fn, options, forward_state,
-                                                                     mirror, x, cond, noises)
+    inverse, mirror = mirrored_state(scheduler, forward_state, x.shape, dtype=solver.compute_dtype(x))
+    X, outputs, round_trip, sweeps, iterations = exact_inversion_jit(scheduler, inverse, model_fn, options=options,
+                                                                     state=forward_state, mirror=mirror, data=x, cond=cond,
+                                                                     noises=noises)
     return Trajectory(
         sample=X[0].astype(x.dtype),
         samples=X[::-1].astype(x.dtype) if return_samples else None,

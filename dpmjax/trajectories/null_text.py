@@ -116,9 +116,10 @@ class _ScanSettings(NamedTuple):
     progress: bool
 
 
-def _guided_scan(scheduler, model, settings: _ScanSettings, state, noise, cond, nulls, targets, model_params):
+def _guided_scan(scheduler, model, settings: _ScanSettings, *, state, noise, cond, nulls, targets, model_params):
     """One scan over the sampler's steps. ``settings.optimize``: tune each step's null (from the
-    previous step's) towards ``targets[k]``; else use ``nulls[k]`` as given."""
+    previous step's) towards ``targets[k]``; else use ``nulls[k]`` as given. ``_guided_scan_jit`` is
+    this function jitted with the first three arguments static; the others are keyword-only."""
     guidance_scale, inner_steps, tolerance = settings.guidance_scale, settings.inner_steps, settings.tolerance
     optimize, progress, optimizer = settings.optimize, settings.progress, settings.optimizer.optimizer
     config = scheduler.config
@@ -166,7 +167,7 @@ def _guided_scan(scheduler, model, settings: _ScanSettings, state, noise, cond, 
             errors = (jnp.max(error), jnp.max(before))
         else:
             errors = (jnp.asarray(0.0, jnp.float32),) * 2
-        progress_line.report(progress, i, n, "null-text inversion" if optimize else "sample (null-text)")
+        progress_line.report(progress, i, n, label="null-text inversion" if optimize else "sample (null-text)")
         return (x_next, history, null), (null, errors, taken)
 
     first_null = jax.tree_util.tree_map(lambda a: a[0], nulls)
@@ -284,7 +285,7 @@ _NO_OPTIMIZER = _KeyedOptimizer(optax.identity())
 _guided_scan_jit = jax.jit(_guided_scan, static_argnums=(0, 1, 2))
 
 
-def _checked(scheduler, guidance_scale, inner_steps, tolerance):
+def _checked(scheduler, guidance_scale, *, inner_steps, tolerance):
     check_scheduler(scheduler)
     if not scheduler.forward:
         raise ValueError("null-text inversion retraces a sampler: pass a DPMSolverMultistepScheduler.")
@@ -371,22 +372,24 @@ def null_text_inversion(
             has no batch axis; or :func:`dpmjax.invert` refuses the pivot's inversion (e.g.
             ``num_inference_steps`` not an integer in ``[1, num_train_timesteps]``).
     """
-    _checked(scheduler, guidance_scale, inner_steps, tolerance)
+    _checked(scheduler, guidance_scale, inner_steps=inner_steps, tolerance=tolerance)
     optimizer = _KeyedOptimizer(_default_optimizer() if optimizer is None else optimizer)
     x = jnp.asarray(data)
     if x.ndim == 0:
         raise ValueError("data must have a batch axis.")
     pivot_model, pivot_cond = (model, cond) if model_params is None else (_packed(model), (cond, model_params))
-    pivot = invert(pivot_model, x, scheduler, num_inference_steps, cond=pivot_cond, exact=exact_pivot,
-                   return_samples=True, progress=progress)
+    pivot = invert(pivot_model, x, scheduler, num_inference_steps=num_inference_steps, cond=pivot_cond,
+                   exact=exact_pivot, return_samples=True, progress=progress)
     path = pivot.samples  # inversion order: path[j] is the sampler's point N - 1 - j; path[-1] the noise
     targets = jnp.concatenate([path[:-1][::-1], x[None].astype(path.dtype)])
-    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, x.shape, solver.compute_dtype(x))
+    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, x.shape,
+                                    dtype=solver.compute_dtype(x))
     n = state.num_inference_steps
     settings = _ScanSettings(guidance_scale=float(guidance_scale), optimizer=optimizer, inner_steps=int(inner_steps),
                              tolerance=float(tolerance), optimize=True, progress=progress)
-    recon, nulls, (losses, initial), taken = _guided_scan_jit(scheduler, model, settings, state, pivot.sample, cond,
-                                                              _per_step(uncond, n), targets, model_params)
+    recon, nulls, (losses, initial), taken = _guided_scan_jit(scheduler, model, settings, state=state, noise=pivot.sample,
+                                                              cond=cond, nulls=_per_step(uncond, n), targets=targets,
+                                                              model_params=model_params)
     return NullTextInversion(pivot.sample, nulls, recon, losses, initial, taken, pivot)
 
 
@@ -430,14 +433,16 @@ def sample_with_null_embeddings(
             an integer in ``[1, num_train_timesteps]``; some leaf of ``null_embeddings`` does not
             have a leading axis of ``N``.
     """
-    _checked(scheduler, guidance_scale, 0, 0.0)
+    _checked(scheduler, guidance_scale, inner_steps=0, tolerance=0.0)
     noise = jnp.asarray(noise)
-    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape, solver.compute_dtype(noise))
+    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape,
+                                    dtype=solver.compute_dtype(noise))
     n = state.num_inference_steps
     leading = {jnp.shape(a)[0] if jnp.ndim(a) else None for a in jax.tree_util.tree_leaves(null_embeddings)}
     if leading != {n}:
         raise ValueError(f"null_embeddings must have a leading axis of num_inference_steps={n} on every leaf, got {leading}.")
     settings = _ScanSettings(guidance_scale=float(guidance_scale), optimizer=_NO_OPTIMIZER, inner_steps=0, tolerance=0.0,
                              optimize=False, progress=progress)
-    x, _, _, _ = _guided_scan_jit(scheduler, model, settings, state, noise, cond, null_embeddings, None, model_params)
+    x, _, _, _ = _guided_scan_jit(scheduler, model, settings, state=state, noise=noise, cond=cond, nulls=null_embeddings,
+                                  targets=None, model_params=model_params)
     return x

@@ -49,7 +49,8 @@ def _tick(i, total: int, label: str) -> None:
     show(label, int(np.max(np.asarray(i))) + 1, total)
 
 
-def report(enabled: bool, i, total: int, label: str) -> None:
-    """Inside a compiled loop: show step ``i`` (0-based, traced) of ``total`` when ``enabled`` (static)."""
+def report(enabled: bool, i, total: int, *, label: str) -> None:
+    """Inside a compiled loop: show step ``i`` (0-based, traced) of ``total`` when ``enabled`` (static),
+    under ``label``."""
     if enabled:
         jax.debug.callback(_tick, i, total, label, ordered=False)

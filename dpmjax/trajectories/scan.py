@@ -80,7 +80,7 @@ class ScanOptions(NamedTuple):
     label: str = ""
 
 
-def call_model(model_fn: ModelFn, x: Array, t: Array, cond: Any) -> Array:
+def call_model(model_fn: ModelFn, x: Array, t: Array, *, cond: Any) -> Array:
     """``model_fn(x, t)``, or ``model_fn(x, t, cond)`` when a condition is given.
 
     Args:
@@ -95,7 +95,7 @@ def call_model(model_fn: ModelFn, x: Array, t: Array, cond: Any) -> Array:
     return model_fn(x, t) if cond is None else model_fn(x, t, cond)
 
 
-def scan_steps(scheduler, model_fn, options: ScanOptions, state, x, cond, keys, noises):
+def scan_steps(scheduler, model_fn, options: ScanOptions, *, state, x, cond, keys, noises):
     """The whole trajectory from step 0, one scan iteration per step: ``(x_N, samples, outputs)``.
 
     Each step's update row (warm-up orders applied) is gathered before the loop. The model-output
@@ -105,7 +105,8 @@ def scan_steps(scheduler, model_fn, options: ScanOptions, state, x, cond, keys, 
     consumer, and the program holds K copies of the model.)
 
     ``scan_steps_jit`` is this function jitted with ``scheduler``, ``model_fn`` and ``options``
-    static; ``scan_steps_donating`` is the same program reusing ``x``'s buffer for the result.
+    static; ``scan_steps_donating`` is the same program reusing ``x``'s buffer for the result. The
+    arguments after ``options`` are keyword-only.
 
     Args:
         scheduler: The scheduler (forward or inverse) whose config the steps use.
@@ -129,10 +130,10 @@ def scan_steps(scheduler, model_fn, options: ScanOptions, state, x, cond, keys, 
     def body(carry, inputs):
         x, history = carry
         i, t, row, key, noise = inputs
-        out = call_model(model_fn, x, t, cond)
+        out = call_model(model_fn, x, t, cond=cond)
         x_new, history = solver.step_from_output(config, state, index=i, row=row, sample=x, model_output=out,
                                                  history=history, key=key, noise=noise)
-        progress_line.report(options.progress, i, n, options.label)
+        progress_line.report(options.progress, i, n, label=options.label)
         return (x_new, history), (x_new if options.return_samples else None, out if options.return_outputs else None)
 
     if options.checkpoint:
@@ -144,11 +145,12 @@ def scan_steps(scheduler, model_fn, options: ScanOptions, state, x, cond, keys, 
 
 
 scan_steps_jit = jax.jit(scan_steps, static_argnums=(0, 1, 2))
-# the same program, reusing the input sample's buffer for the output (donate=True)
-scan_steps_donating = jax.jit(scan_steps, static_argnums=(0, 1, 2), donate_argnums=(4,))
+# the same program, reusing the input sample's buffer for the output (donate=True); ``x`` is passed by
+# keyword, so it is donated by name
+scan_steps_donating = jax.jit(scan_steps, static_argnums=(0, 1, 2), donate_argnames=("x",))
 
 
-def stochastic_inputs(scheduler, n: int, shape, key, noises):
+def stochastic_inputs(scheduler, n: int, shape, *, key, noises):
     if not scheduler.config.is_sde:
         return None, None
     if noises is not None:
@@ -253,11 +255,12 @@ def sample(
             f"deterministic (algorithm_type={scheduler.config.algorithm_type!r}): pass neither."
         )
     noise = as_array(noise)
-    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape, solver.compute_dtype(noise))
+    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape,
+                                    dtype=solver.compute_dtype(noise))
     n = state.num_inference_steps
-    keys, noises = stochastic_inputs(scheduler, n, noise.shape, key, noises)
+    keys, noises = stochastic_inputs(scheduler, n, noise.shape, key=key, noises=noises)
     run = scan_steps_donating if donate else scan_steps_jit
     options = ScanOptions(return_samples=return_samples, return_outputs=return_model_outputs, checkpoint=checkpoint,
                           unroll=unroll, progress=progress, label="sample")
-    x, samples, outputs = run(scheduler, model_fn, options, state, noise, cond, keys, noises)
+    x, samples, outputs = run(scheduler, model_fn, options, state=state, x=noise, cond=cond, keys=keys, noises=noises)
     return Trajectory(x, samples, outputs, state.timesteps, visited_sigmas(state, n))

@@ -118,8 +118,9 @@ def check_step_inversion(
     noise = jnp.asarray(noise)
     if noise.ndim < 1 or noise.shape[0] < 1:
         raise ValueError(f"noise must have a batch axis with at least one row, got shape {tuple(noise.shape)}.")
-    path = sample(model_fn, noise, scheduler, num_inference_steps, cond=cond, return_samples=True)
-    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape, solver.compute_dtype(noise))
+    path = sample(model_fn, noise, scheduler, num_inference_steps=num_inference_steps, cond=cond, return_samples=True)
+    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape,
+                                    dtype=solver.compute_dtype(noise))
     inputs = jnp.concatenate([noise[None], path.samples[:-1]])  # the true input of each step
     found, residual = _solve_steps(scheduler=scheduler, model_fn=model_fn, tolerance=float(tolerance),
                                    max_iterations=int(max_iterations), state=state, inputs=inputs,
@@ -156,7 +157,7 @@ def _solve_steps(scheduler, model_fn, tolerance, max_iterations, state, inputs, 
         row = rows[k]
         history = [true_converted[jnp.maximum(k - j, 0)] for j in range(1, K)]
         x_next = outputs[k]
-        equation = solver.step_equation(row, history, None, x_next)
+        equation = solver.step_equation(row, history, noise=None, like=x_next)
         F = lambda y: equation.forward(y, converted(k, y))  # noqa: E731
         y0 = jnp.where(equation.invertible, equation.fixed_point_map(x_next, converted(k, x_next)), x_next)
         result = newton_krylov(F, x_next, y0, max_iterations=max_iterations, tolerance=tolerance / 10, rows=batch)

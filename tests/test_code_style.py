@@ -1,0 +1,147 @@
+"""Rules of the code itself, checked on the source with ``ast`` (no imports, no JAX).
+
+Call any function with more than three parameters by keyword: a positional call once sent the batch
+size into another parameter and silently turned off per-row solving. Inside ``dpmjax/`` no call to
+a function defined in dpmjax may pass more than three positional arguments; pass the fourth and later
+ones by keyword (or make them keyword-only with ``*``, which Python then enforces).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, Iterator, List, Set
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dpmjax"
+MAX_POSITIONAL = 3
+
+# Files whose calls are not checked (their definitions still count as dpmjax functions).
+EXCLUDED_FILES = {
+    "apps/batch_job.py",  # (being refactored; remove this exclusion)
+}
+
+# Names of dpmjax functions that common libraries also use for their own functions and methods, so
+# that a call by that name alone cannot be told apart (calls are matched by name, without types).
+# Empty at present: every name defined in dpmjax is checked; add a name here only with the library
+# call that makes it ambiguous.
+AMBIGUOUS_NAMES: Set[str] = set()
+
+# Callables that wrap a function and keep its parameters: ``name = jax.jit(f, ...)``,
+# ``functools.lru_cache(...)(f)`` and ``jax.jit(f)(...)`` are calls of ``f``.
+WRAPPERS = {"jit", "lru_cache", "cache", "checkpoint", "remat", "wraps"}
+
+
+def _sources() -> Dict[str, ast.Module]:
+    return {path.relative_to(PACKAGE).as_posix(): ast.parse(path.read_text(), filename=str(path))
+            for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _callable_name(node) -> str | None:
+    """The last part of a dotted name (``f``, ``module.f``, ``self.f``), else None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return None
+
+
+def _wrapped(node, known: Set[str]) -> str | None:
+    """The dpmjax function ``node`` evaluates to: a known name, a wrapper applied to one
+    (``jax.jit(f, ...)``, ``functools.lru_cache(...)(f)``), or either branch of ``a if c else b``."""
+    name = _callable_name(node)
+    if name is not None:
+        return name if name in known else None
+    if isinstance(node, ast.IfExp):
+        return _wrapped(node.body, known) or _wrapped(node.orelse, known)
+    if isinstance(node, ast.Call) and node.args:
+        wrapper = node.func.func if isinstance(node.func, ast.Call) else node.func
+        if _callable_name(wrapper) in WRAPPERS:
+            return _wrapped(node.args[0], known)
+    return None
+
+
+def _dpmjax_functions(modules: Dict[str, ast.Module]) -> Set[str]:
+    """Names of every ``def`` in dpmjax, and of names bound to one through a wrapper
+    (``scan_steps_jit = jax.jit(scan_steps, ...)``, ``run = a_jit if donate else b_jit``)."""
+    known = {node.name for tree in modules.values() for node in ast.walk(tree)
+             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    while True:
+        aliases = {target.id for tree in modules.values() for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                   for target in node.targets if isinstance(target, ast.Name) and _wrapped(node.value, known)}
+        if aliases <= known:
+            return known - AMBIGUOUS_NAMES
+        known |= aliases
+
+
+def _parameters(node) -> Set[str]:
+    args = node.args
+    names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+    names += [a.arg for a in (args.vararg, args.kwarg) if a is not None]
+    return set(names)
+
+
+class _Calls(ast.NodeVisitor):
+    """Calls of dpmjax functions with too many positional arguments. A callee that is a parameter of
+    an enclosing function (a user's ``model(x, t, c, params)``) is the caller's, not dpmjax's."""
+
+    def __init__(self, known: Set[str]):
+        self.known = known
+        self.scopes: List[Set[str]] = []
+        self.found: List[tuple] = []
+
+    def _scoped(self, node):
+        self.scopes.append(_parameters(node))
+        self.generic_visit(node)
+        self.scopes.pop()
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _scoped
+
+    def visit_Call(self, node: ast.Call):
+        name = _wrapped(node.func, self.known)
+        is_parameter = isinstance(node.func, ast.Name) and any(node.func.id in scope for scope in self.scopes)
+        positional = sum(not isinstance(a, ast.Starred) for a in node.args)
+        if name is not None and not is_parameter and positional > MAX_POSITIONAL:
+            self.found.append((node.lineno, name, positional))
+        self.generic_visit(node)
+
+
+def offending_calls(modules: Dict[str, ast.Module]) -> Iterator[str]:
+    known = _dpmjax_functions(modules)
+    for path, tree in modules.items():
+        if path in EXCLUDED_FILES:
+            continue
+        calls = _Calls(known)
+        calls.visit(tree)
+        for line, name, positional in calls.found:
+            yield f"dpmjax/{path}:{line} {name} ({positional} positional arguments)"
+
+
+def test_dpmjax_functions_are_called_with_at_most_three_positional_arguments():
+    found = list(offending_calls(_sources()))
+    assert not found, (
+        f"pass the arguments after the {MAX_POSITIONAL}rd by keyword (or make them keyword-only with *):\n"
+        + "\n".join(found))
+
+
+def test_the_check_finds_a_positional_call():
+    """The check itself: a call with four positional arguments is reported (a def, a jitted alias,
+    a method, a wrapper called at once); keywords, starred arguments and parameters are not."""
+    source = '''
+import jax
+def f(a, b, c, d=0):
+    return a
+f_jit = jax.jit(f, static_argnums=(0,))
+run = f_jit if True else f
+def user(model):
+    model(1, 2, 3, 4)
+    f(1, 2, 3, d=4)
+    f(*(1, 2, 3, 4))
+    f(1, 2, 3, 4)
+    run(1, 2, 3, 4)
+    object.f(1, 2, 3, 4)
+    jax.jit(f)(1, 2, 3, 4)
+'''
+    found = list(offending_calls({"example.py": ast.parse(source)}))
+    assert [line.split(" ")[0:2] for line in found] == [
+        ["dpmjax/example.py:11", "f"], ["dpmjax/example.py:12", "run"], ["dpmjax/example.py:13", "f"],
+        ["dpmjax/example.py:14", "f"]], found

@@ -18,7 +18,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import dpmjax
 from dpmjax.apps.digits_job import guided_model, psnr

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         worker(args.rows, args.steps, *args.worker)
         return 0
     results = []
-    print(f"| devices | processes | rows/s | vs 1 device | memory per device (MiB) |\n|---|---|---|---|---|")
+    print("| devices | processes | rows/s | vs 1 device | memory per device (MiB) |\n|---|---|---|---|---|")
     for devices, processes in ((1, 1), (2, 1), (4, 1), (8, 1), (4, 2)):
         result = launch(devices, processes, args.rows, args.steps)
         results.append(result)

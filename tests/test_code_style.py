@@ -16,9 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dpmjax"
 MAX_POSITIONAL = 3
 
 # Files whose calls are not checked (their definitions still count as dpmjax functions).
-EXCLUDED_FILES = {
-    "apps/batch_job.py",  # (being refactored; remove this exclusion)
-}
+EXCLUDED_FILES: Set[str] = set()
 
 # Names of dpmjax functions that common libraries also use for their own functions and methods, so
 # that a call by that name alone cannot be told apart (calls are matched by name, without types).

@@ -143,3 +143,65 @@ def user(model):
     assert [line.split(" ")[0:2] for line in found] == [
         ["dpmjax/example.py:11", "f"], ["dpmjax/example.py:12", "run"], ["dpmjax/example.py:13", "f"],
         ["dpmjax/example.py:14", "f"]], found
+
+
+# ----------------------------------------------------------------------------- layers
+# Each layer imports only from itself and the layers listed for it: numerics knows nothing about
+# diffusion, the core knows nothing about whole trajectories, and nothing in the library imports the
+# programs in apps/.
+LAYERS = {
+    "numerics": {"numerics"},
+    "core": {"core", "numerics"},
+    "trajectories": {"trajectories", "core", "numerics"},
+    "models": {"models", "trajectories", "core", "numerics"},
+    "apps": {"apps", "models", "trajectories", "core", "numerics"},
+}
+# the host-side libraries only programs use
+PROGRAM_LIBRARIES = {"matplotlib", "tensorstore", "threading", "argparse", "signal", "socket"}
+# the one script that lives beside the library: the shipped digits models' training script sits with
+# the weights it writes (python -m dpmjax.models.train_digits)
+SCRIPTS = {"models/train_digits.py"}
+
+
+def _layer(module: str) -> str:
+    """``dpmjax.a.b`` -> its layer: the top-level modules are the core; the package's namespace
+    (``dpmjax``, its ``__init__`` and ``__main__``) gathers every layer, like a program."""
+    parts = module.split(".")
+    if module in ("dpmjax", "dpmjax.__init__", "dpmjax.__main__"):
+        return "apps"
+    return parts[1] if len(parts) > 2 and parts[1] in LAYERS else "core"
+
+
+def _imports(path: Path) -> Iterator[str]:
+    """Absolute names of the modules a file imports (relative imports resolved)."""
+    package = ".".join(("dpmjax",) + path.relative_to(PACKAGE).with_suffix("").parts[:-1])
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            if node.level:
+                base = base[: len(base) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if node.level and not node.module:  # from .. import x: x is a module of that package
+                yield from (f"{module}.{alias.name}" for alias in node.names)
+            else:
+                yield module
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    offences = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = ".".join(("dpmjax",) + path.relative_to(PACKAGE).with_suffix("").parts)
+        layer = _layer(name)
+        for module in _imports(path):
+            if module == "dpmjax" or module.startswith("dpmjax."):
+                target = _layer(module)
+                if target not in LAYERS[layer]:
+                    offences.append(f"{path.relative_to(PACKAGE)} ({layer}) imports {module} ({target})")
+            elif layer != "apps" and module.split(".")[0] in PROGRAM_LIBRARIES and \
+                    str(path.relative_to(PACKAGE)) not in SCRIPTS:
+                offences.append(f"{path.relative_to(PACKAGE)} ({layer}) imports {module}, a library of the programs")
+    assert not offences, "\n".join(offences)

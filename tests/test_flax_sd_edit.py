@@ -114,9 +114,12 @@ def test_the_command_fails_cleanly_on_a_missing_image(checked, old_env, tmp_path
 
 @pytest.mark.parametrize("setting", ["installed", "missing"])
 def test_without_diffusers_039_the_command_says_what_to_install(tmp_path, setting):
-    """The test environment's diffusers is >= 0.40 (no Flax); "missing" hides it altogether."""
-    args = ["edit", "--pipeline", str(tmp_path), "--image", "x.png", "--prompt", "a", "--target-prompt", "b",
-            "--out", str(tmp_path / "o.png")]
+    """The test environment's diffusers is >= 0.40 (no Flax); "missing" hides it altogether. The
+    arguments are valid (a pipeline folder, an image file), so the installation is what is missing."""
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "x.png").write_bytes(b"")
+    args = ["edit", "--pipeline", str(tmp_path), "--image", str(tmp_path / "x.png"), "--prompt", "a",
+            "--target-prompt", "b", "--out", str(tmp_path / "o.png")]
     hide = "import sys; sys.modules['diffusers'] = None; " if setting == "missing" else ""
     done = subprocess.run([sys.executable, "-c", f"{hide}import sys; from dpmjax.apps.cli import main; sys.exit(main({args!r}))"],
                           capture_output=True, text=True, check=False)
@@ -124,3 +127,14 @@ def test_without_diffusers_039_the_command_says_what_to_install(tmp_path, settin
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and 'pip install "diffusers<0.40" "transformers<5" flax' in lines[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_command_reports_wrong_paths_before_it_needs_diffusers(tmp_path):
+    """A mistyped path is the user's to fix whatever is installed: it is reported first, in one line."""
+    args = ["edit", "--pipeline", str(tmp_path), "--image", "missing.png", "--prompt", "a", "--target-prompt", "b",
+            "--out", str(tmp_path / "o.png")]
+    done = subprocess.run([sys.executable, "-c", f"import sys; sys.modules['diffusers'] = None; from dpmjax.apps.cli "
+                           f"import main; sys.exit(main({args!r}))"], capture_output=True, text=True, check=False)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no model_index.json" in lines[0] and "no such image file: missing.png" in lines[0], done.stderr

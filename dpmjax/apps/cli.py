@@ -9,9 +9,9 @@ from . import batch_job, demo, digits_job
 
 
 def _edit(args):
-    from ..models import flax_sd_edit  # imports diffusers (< 0.40) only when run
+    from . import edit  # imports diffusers (< 0.40) only when run
 
-    return flax_sd_edit.main(args)
+    return edit.main(args)
 
 
 COMMANDS = {"digits": digits_job.main, "demo": demo.main, "invert-batch": batch_job.main, "edit": _edit}

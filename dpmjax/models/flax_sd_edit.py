@@ -5,8 +5,9 @@ prompt, decode, in one call.
     from dpmjax.models.flax_sd_edit import edit_images
 
     pipeline, params = FlaxStableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None)
-    result = edit_images(pipeline, params, images, "a photo of a cat", "a photo of a dog",
-                         method="exact", num_inference_steps=50, guidance_scale=3.0)
+    result = edit_images(pipeline, params, images, source_prompt="a photo of a cat",
+                         target_prompt="a photo of a dog", method="exact", num_inference_steps=50,
+                         guidance_scale=3.0)
     result.images                                # [B, H, W, 3] in [0, 1], the edited images
 
 ``images`` are NHWC floats in [0, 1] (what diffusers' Flax pipelines return, a PNG read and
@@ -28,26 +29,24 @@ on noise levels uniform in log-SNR (``use_lu_lambdas=True``, where every step in
 the smallest training noise level. The UNet, VAE and text encoder run inside jitted programs with
 their parameters as arguments: one compiled program per shape, reused across calls.
 
-This module imports diffusers only in the ``dpmjax edit`` command (:func:`main`); the edit call
-takes the pipeline (or its parts) you already hold.
+This module never imports diffusers: the edit call takes the pipeline (or its parts) you already
+hold. The ``dpmjax edit`` command (:mod:`dpmjax.apps.edit`) loads a saved pipeline and calls it.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..trajectories.inversion import invert
-from ..trajectories.scan import sample
 from ..config import SchedulerConfig
-from ..trajectories.null_text import null_text_inversion, sample_with_null_embeddings
 from ..scheduler import DPMSolverMultistepScheduler
+from ..trajectories.inversion import invert
+from ..trajectories.null_text import null_text_inversion, sample_with_null_embeddings
+from ..trajectories.scan import sample
 from . import flax_sd
 
 Array = jax.Array
@@ -399,57 +398,7 @@ def edit_images(
                       null_text_losses=losses)
 
 
-# ----------------------------------------------------------------------------- the command
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dpmjax edit",
-        description="Edit images with a saved diffusers 0.39 Flax Stable Diffusion pipeline: encode, invert with the "
-                    "source prompt, sample with the target prompt, decode. Writes one row per image: original | edited.")
-    parser.add_argument("--pipeline", required=True, help="folder of a FlaxStableDiffusionPipeline (save_pretrained layout)")
-    parser.add_argument("--image", required=True, action="append", help="input PNG/JPEG (repeat for a batch); "
-                        "centre-cropped and resized to the pipeline's size")
-    parser.add_argument("--prompt", required=True, help="what the images show (the source prompt)")
-    parser.add_argument("--target-prompt", required=True, help="what they should show")
-    parser.add_argument("--out", required=True, help="output PNG")
-    parser.add_argument("--method", choices=METHODS, default="exact")
-    parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
-    parser.add_argument("--order", type=int, choices=(1, 2, 3), default=2, help="DPM-Solver++ order (default 2)")
-    parser.add_argument("--size", type=int, default=None, help="image size in pixels (default: the pipeline's)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and compute dtype")
-    parser.add_argument("--edited-only", action="store_true", help="write the edited images only (no original column)")
-    return parser
-
-
-def _old_flax_stack():
-    """``FlaxStableDiffusionPipeline`` of diffusers < 0.40 (with transformers < 5), or a sentence
-    saying what is missing and what to install."""
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    found = []
-    for name, limit in (("diffusers", (0, 40)), ("transformers", (5, 0))):
-        try:
-            module = __import__(name)
-            version = tuple(int(p) for p in module.__version__.split(".")[:2])
-        except Exception:  # noqa: BLE001 - missing, or broken by a mismatched dependency
-            found.append(f"{name} missing")
-            continue
-        if version >= limit:
-            found.append(f"{name} {module.__version__}")
-    if not found:
-        try:
-            from diffusers import FlaxStableDiffusionPipeline
-
-            return FlaxStableDiffusionPipeline
-        except Exception as error:  # noqa: BLE001 - e.g. flax missing
-            found.append(f"the Flax pipeline failed to import ({type(error).__name__})")
-    raise ImportError(f"dpmjax edit needs diffusers < 0.40 and transformers < 5, the last releases with Flax "
-                      f"(found {', '.join(found)}): {INSTALL}")
-
-
+# ----------------------------------------------------------------------------- image files
 def read_image(path: str, height: int, width: int) -> np.ndarray:
     """``[height, width, 3]`` float32 in [0, 1]: the image centre-cropped to the aspect ratio and resized.
 
@@ -490,56 +439,3 @@ def write_images(path: str, rows: Sequence[Sequence[np.ndarray]]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     Image.fromarray(np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8)).save(path)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``dpmjax edit``: see :func:`_parser`.
-
-    Encodes the images, inverts them with the source prompt, samples with the target prompt,
-    decodes, and writes one PNG with one row per image (original | edited).
-
-    Args:
-        argv: The command-line arguments; ``None`` (default) reads ``sys.argv``.
-
-    Returns:
-        The exit status: 0 on success; 2 when diffusers < 0.40 / transformers < 5 are missing,
-        the pipeline folder or an image is missing or unreadable, or ``--steps`` /
-        ``--guidance`` is out of range.
-    """
-    args = _parser().parse_args(argv)
-    try:
-        Pipeline = _old_flax_stack()
-    except ImportError as error:
-        print(error, file=sys.stderr)
-        return 2
-    problems = [f"no such image file: {p}" for p in args.image if not os.path.isfile(p)]
-    if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
-        problems.insert(0, f"not a saved pipeline folder (no model_index.json): {args.pipeline}")
-    if args.steps < 1 or args.guidance <= 0:
-        problems.append("--steps must be >= 1 and --guidance > 0")
-    if problems:
-        print(f"dpmjax edit: {'; '.join(problems)}", file=sys.stderr)
-        return 2
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    pipeline, params = Pipeline.from_pretrained(args.pipeline, dtype=dtype, safety_checker=None, feature_extractor=None)
-    if dtype != jnp.float32:
-        params = {k: flax_sd.cast_floating(v, dtype) if k in ("unet", "vae", "text_encoder") else v for k, v in params.items()}
-    size = args.size or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    try:
-        images = np.stack([read_image(p, size, size) for p in args.image])
-    except OSError as error:
-        print(f"dpmjax edit: cannot read an image: {error}", file=sys.stderr)
-        return 2
-    result = edit_images(pipeline, params, images, source_prompt=args.prompt, target_prompt=args.target_prompt,
-                         method=args.method, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                         solver_order=args.order, progress=True)
-    rows = [[edited] if args.edited_only else [original, edited] for original, edited in zip(images, result.images)]
-    write_images(args.out, rows)
-    for i, path in enumerate(args.image):
-        line = f"{path}: edited"
-        if result.round_trip is not None:
-            line += (f", exact inversion round trip {float(result.round_trip[i]):.1e} "
-                     f"({'converged' if bool(result.converged[i]) else 'NOT converged: try more --steps or lower --guidance'})")
-        print(line)
-    print(f"wrote {args.out} ({len(rows)} row(s): {'edited' if args.edited_only else 'original | edited'})")
-    return 0

@@ -1,7 +1,10 @@
 """dpmjax: DPM-Solver multistep schedulers (sampling and inversion) as pure JAX functions."""
 
 from .config import SchedulerConfig
-from .flax_compat import FlaxDPMSolverMultistepScheduler, FlaxDPMSolverMultistepSchedulerOutput
+from .flax_compat import (
+    FlaxDPMSolverMultistepScheduler,
+    FlaxDPMSolverMultistepSchedulerOutput,
+)
 from .scheduler import (
     DPMSolverMultistepBase,
     DPMSolverMultistepInverseScheduler,
@@ -12,7 +15,11 @@ from .scheduler import (
 from .state import SchedulerState
 from .trajectories.guidance import classifier_free_guidance
 from .trajectories.inversion import invert
-from .trajectories.null_text import NullTextInversion, null_text_inversion, sample_with_null_embeddings
+from .trajectories.null_text import (
+    NullTextInversion,
+    null_text_inversion,
+    sample_with_null_embeddings,
+)
 from .trajectories.scan import Trajectory, sample
 from .trajectories.step_check import StepInversionCheck, check_step_inversion
 

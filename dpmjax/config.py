@@ -66,7 +66,9 @@ def _lambda_min_clipped(config: "SchedulerConfig") -> float:
         return clip
     if not math.isfinite(clip):
         raise ValueError(f"lambda_min_clipped must be a finite number or -inf (no clipping), got {clip!r}.")
-    from .noise_schedule import training_schedule  # here: noise_schedule imports this module
+    from .noise_schedule import (
+        training_schedule,  # here: noise_schedule imports this module
+    )
 
     largest = float(np.max(training_schedule(config).lambda_t))
     if np.float32(clip) > np.float32(largest):

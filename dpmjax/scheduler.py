@@ -32,7 +32,12 @@ import numpy as np
 
 from . import solver
 from .coefficients import step_tables
-from .config import SchedulerConfig, check_num_inference_steps, read_config_file, write_config_file
+from .config import (
+    SchedulerConfig,
+    check_num_inference_steps,
+    read_config_file,
+    write_config_file,
+)
 from .grids import forward_grid, inverse_grid
 from .noise_schedule import alpha_sigma_from_sigma, training_schedule
 from .numerics.rows import per_row

@@ -63,12 +63,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .input_stores import ChunkError, majority_row_shape, open_store
-from .output_store import OutputStore
 from .. import checks
 from ..scheduler import DPMSolverMultistepScheduler
 from ..trajectories import progress as progress_line
 from ..trajectories.inversion import invert
+from .input_stores import ChunkError, majority_row_shape, open_store
+from .output_store import OutputStore
 
 # exact inversion: a row whose measured round trip max|sample(noise) - x| / max(1, max|x|) exceeds this
 # is reported (events.jsonl, the summary); every row's round trip is kept in round_trips/

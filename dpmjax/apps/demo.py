@@ -15,9 +15,13 @@ from typing import Callable, Dict, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from ..models.analytic import Gaussian, GaussianMixture, model_output_from_denoised
 from ..config import SchedulerConfig
-from ..scheduler import DPMSolverMultistepBase, DPMSolverMultistepInverseScheduler, DPMSolverMultistepScheduler
+from ..models.analytic import Gaussian, GaussianMixture, model_output_from_denoised
+from ..scheduler import (
+    DPMSolverMultistepBase,
+    DPMSolverMultistepInverseScheduler,
+    DPMSolverMultistepScheduler,
+)
 from ..state import SchedulerState
 
 DATA = {"gmm": GaussianMixture(), "gaussian": Gaussian()}

@@ -21,13 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..models import digits
-from ..trajectories.null_text import null_text_inversion
 from ..scheduler import DPMSolverMultistepScheduler
 from ..trajectories import progress as progress_line
 from ..trajectories.guidance import classifier_free_guidance
 from ..trajectories.inversion import invert
+from ..trajectories.null_text import null_text_inversion
 from ..trajectories.scan import sample
-
 
 GRIDS = {"lu": {"use_lu_lambdas": True}, "default": {}}
 

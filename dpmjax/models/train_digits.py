@@ -65,7 +65,7 @@ def train_denoiser(images, labels, steps: int, batch: int = 256, learning_rate: 
         y = jnp.where(jax.random.uniform(k_drop, (batch,)) < LABEL_DROPOUT, digits.NULL_LABEL, y)
         return jnp.mean((net.apply(params, xt, t, y) - eps) ** 2)
 
-    def one(carry, k):
+    def train_step(carry, k):
         params, opt_state = carry
         loss, grads = jax.value_and_grad(loss_fn)(params, k)
         updates, opt_state = optimiser.update(grads, opt_state, params)
@@ -73,10 +73,10 @@ def train_denoiser(images, labels, steps: int, batch: int = 256, learning_rate: 
 
     @jax.jit
     def run_scanned(params, opt_state, key):
-        (params, opt_state), losses = jax.lax.scan(one, (params, opt_state), jax.random.split(key, log_every))
+        (params, opt_state), losses = jax.lax.scan(train_step, (params, opt_state), jax.random.split(key, log_every))
         return params, opt_state, jnp.mean(losses)
 
-    step = jax.jit(one)
+    step = jax.jit(train_step)
 
     def run_looped(params, opt_state, key):
         # XLA:CPU runs the UNet's convolutions ~20x slower inside a scan's loop body than as a
@@ -112,13 +112,13 @@ def train_classifier(images, labels, steps: int = 2000):
 
     @jax.jit
     def fit(params):
-        def one(carry, _):
+        def descent_step(carry, _):
             params, state = carry
             grads = jax.grad(loss_fn)(params)
             updates, state = optimiser.update(grads, state)
             return (optax.apply_updates(params, updates), state), None
 
-        return jax.lax.scan(one, (params, optimiser.init(params)), None, length=steps)[0][0]
+        return jax.lax.scan(descent_step, (params, optimiser.init(params)), None, length=steps)[0][0]
 
     return fit(params)
 

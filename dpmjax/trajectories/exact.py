@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import solver
+from ..numerics import rows as rows_of
 from ..numerics.anderson import anderson_fixed_point, mix
 from ..numerics.newton import newton_krylov
-from ..numerics import rows as rows_of
 from ..numerics.rows import row_max_abs
 from . import progress as progress_line
 from .scan import ScanOptions, call_model, scan_steps

@@ -19,15 +19,23 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from .. import solver
-from .. import checks
+from .. import checks, solver
 from ..grids import Grid, mirrored_grid
 from ..noise_schedule import training_schedule
 from ..scheduler import DPMSolverMultistepBase, DPMSolverMultistepInverseScheduler
 from ..state import SchedulerState
 from .exact import ExactOptions, exact_inversion_jit
-from .scan import (ModelFn, ScanOptions, Trajectory, as_array, check_scheduler, check_unroll, scan_steps_jit,
-                   stochastic_inputs, visited_sigmas)
+from .scan import (
+    ModelFn,
+    ScanOptions,
+    Trajectory,
+    as_array,
+    check_scheduler,
+    check_unroll,
+    scan_steps_jit,
+    stochastic_inputs,
+    visited_sigmas,
+)
 
 Array = jax.Array
 

@@ -55,14 +55,30 @@ def test_getting_started_repeats_the_quickstart_unchanged():
     assert quickstart_commands(DOCS / "getting-started.md") == quickstart_commands()
 
 
-def test_analytic_demo_table_is_labelled_with_its_command_and_matches_the_numerics_page():
+def table_cells(rows):
+    """A Markdown table's rows (header and separator included) as lists of stripped cells."""
+    return [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in rows]
+
+
+def test_analytic_demo_table_is_labelled_with_its_command_and_is_its_output():
     demo = [(before, rows) for before, rows in markdown_tables(README.read_text()) if rows[0].startswith("| order | N=10")]
     assert len(demo) == 1
     before, rows = demo[0]
     assert "`dpmjax demo`" in before, "the table names the command that printed it"
-    numerics = [rows for _, rows in markdown_tables((DOCS / "numerics.md").read_text()) if rows[0].startswith("| order | N=10")]
-    assert numerics == [rows]
-    assert "`dpmjax demo`" in section((DOCS / "numerics.md").read_text(), "## The analytic demo")
+    output = [rows for _, rows in markdown_tables((ROOT / "benchmarks" / "results" / "demo.txt").read_text())]
+    assert len(output) == 1, "benchmarks/results/demo.txt holds one table"
+    assert table_cells(rows) == table_cells(output[0])
+    numerics = section((DOCS / "numerics.md").read_text(), "## The analytic demo")
+    assert "`dpmjax demo`" in numerics
+    assert '--8<-- "benchmarks/results/demo.txt"' in numerics, "the numerics page includes the output file"
+
+
+def test_ground_truth_table_is_the_benchmark_output():
+    ground_truth = section((DOCS / "numerics.md").read_text(), "## Ground truth")
+    assert "python -m benchmarks.convergence_orders > benchmarks/results/convergence_orders.md" in ground_truth
+    assert '--8<-- "benchmarks/results/convergence_orders.md"' in ground_truth
+    output = markdown_tables((ROOT / "benchmarks" / "results" / "convergence_orders.md").read_text())
+    assert len(output) == 1 and table_cells(output[0][1])[0][-1] == "observed order"
 
 
 def test_default_job_numbers_are_those_of_its_output():

@@ -7,7 +7,7 @@ is never formed), then backtracks along ``d`` until the residual norm falls by t
 
 With ``rows = B`` (the batch size) the rows of the batch are independent problems, as they are for
 any model that treats batch rows independently: each row gets its own Krylov space
-(:mod:`dpmjax.krylov`), step length and stopping test, all from one batched ``F``/``jvp`` call.
+(:mod:`dpmjax.numerics.krylov`), step length and stopping test, all from one batched ``F``/``jvp`` call.
 With ``rows = 1`` it is one problem over the whole array.
 
 A row stops at ``max|r| <= tolerance * max(1, max|target|)`` (its own maximum), or when its line

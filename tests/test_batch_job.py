@@ -148,6 +148,30 @@ def test_corrupt_chunks_are_reported_by_name_and_the_rest_is_done(store, tmp_pat
     assert not (tmp_path / "out" / "failed" / "part-00003.json").exists()
 
 
+def test_the_progress_line_counts_failed_chunks_and_shows_one_rate(tmp_path, capsys):
+    """Two good shards and three bad ones: the line ends at 5/5 with 3 failed, as the summary says,
+    and every update shows one rate (rows/s, from the job start)."""
+    make_store(tmp_path / "input", 2)
+    for name in ("x-bad.npy", "y-bad.npy", "z-bad.npy"):  # sorted after the good ones: they come last
+        (tmp_path / "input" / name).write_text("not an array")
+    summary = batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, progress=True)
+    assert len(summary.recorded) == 2 and len(summary.failed) == 3
+    updates = [u.strip() for u in capsys.readouterr().err.split("\r") if u.strip()]
+    assert updates[-1].startswith("invert-batch [" + "#" * 30 + "] "), updates
+    assert "5/5 chunks, 8 rows" in updates[-1] and updates[-1].endswith(", 3 failed"), updates
+    assert all(u.count("/s") <= 1 and "chunks/s" not in u for u in updates), updates
+    assert updates[-1].count("rows/s") == 1, updates
+
+
+def test_steps_and_cluster_option_errors_are_one_line(tmp_path, capsys):
+    for args, message in ((["--steps", "0"], "--steps must be >= 1 (got 0)"),
+                          (["--num-processes", "2"], "--num-processes needs --distributed")):
+        assert batch_job.main([str(tmp_path / "input"), str(tmp_path / "out"), *args]) == 2
+        err = capsys.readouterr().err
+        assert err == f"dpmjax invert-batch: error: {message}\n", err
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_job_arguments_name_the_parameter(tmp_path):
     make_store(tmp_path / "input", 1)
     with pytest.raises(ValueError, match="model must be 'module:function'"):

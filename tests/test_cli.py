@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from dpmjax.apps import cli
 from dpmjax.apps.demo import roundtrip_errors
 
@@ -30,3 +32,32 @@ def test_module_entry_point_and_bad_arguments(tmp_path):
     assert done.returncode == 2 and "--orders" in done.stderr
     done = subprocess.run([sys.executable, "-m", "dpmjax", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "demo" in done.stdout
+
+
+def test_an_unknown_command_is_named_in_one_line(capsys):
+    assert cli.main(["bogus", "--steps", "5"]) == 2
+    assert capsys.readouterr().err.strip() == "dpmjax: unknown command 'bogus' (commands: digits, demo, invert-batch, edit)"
+
+
+@pytest.mark.parametrize("command", ["digits", "demo", "invert-batch", "edit"])
+def test_each_command_help_describes_it_in_whole_sentences(command, capsys, monkeypatch):
+    """The description (the paragraph after the usage) is complete, not a docstring's first line cut mid-sentence."""
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, "--help"])
+    assert exited.value.code == 0
+    description = " ".join(capsys.readouterr().out.split("\n\n")[1].split())
+    assert description.endswith("."), description
+    assert len(description) > 60, description
+
+
+@pytest.mark.parametrize("args, named, not_named", [
+    (["--steps", "0", "5"], "--steps must be >= 1 (got 0 5)", "--batch"),
+    (["--batch", "0"], "--batch must be >= 1 (got 0)", "--steps"),
+    (["--orders", "4", "--batch", "-1"], "--orders: 4 is not a solver order", "--steps"),
+])
+def test_demo_argument_errors_are_one_line_naming_the_bad_option(args, named, not_named, capsys):
+    assert cli.main(["demo", *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("dpmjax demo: error: "), err
+    assert named in err and not_named not in err and "usage" not in err, err

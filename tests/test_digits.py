@@ -106,3 +106,18 @@ def test_the_unet_training_script_runs_and_its_weights_load(tmp_path, monkeypatc
                                       (tmp_path / "digits_unet_weights.msgpack").read_bytes())
     out = digits_unet.DigitsUNet().apply(params, jnp.zeros((2, 1, 8, 8)), 500, jnp.array([3, 10]))
     assert out.shape == (2, 1, 8, 8) and bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.mark.parametrize("args, named, not_named", [
+    (["--steps", "5", "0"], ["--steps must be >= 1 (got 5 0)"], ["--count"]),
+    (["--count", "0"], ["--count must be >= 1 (got 0)"], ["--steps"]),
+    (["--steps", "0", "--count", "-2"], ["--steps", "--count"], ["--guidance"]),
+    (["--guidance", "0.5", "--null-text-steps", "-1"], ["--guidance scales must be >= 1 (got 0.5)", "--null-text-steps"],
+     ["--steps", "--count"]),
+])
+def test_bad_job_arguments_are_one_line_naming_the_bad_option(args, named, not_named, capsys):
+    """Refused before the model is loaded: exit status 2, one line without the usage, naming only what is wrong."""
+    assert cli.main(["digits", *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("dpmjax digits: error: ") and "usage" not in err, err
+    assert all(n in err for n in named) and not any(n in err for n in not_named), err

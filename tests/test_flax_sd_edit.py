@@ -138,3 +138,50 @@ def test_the_command_reports_wrong_paths_before_it_needs_diffusers(tmp_path):
     assert done.returncode == 2, (done.stdout, done.stderr)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "no model_index.json" in lines[0] and "no such image file: missing.png" in lines[0], done.stderr
+
+
+@pytest.mark.parametrize("out, problem", [
+    ("o", "no image extension"),
+    ("o.gif", "unknown image extension .gif"),
+    ("o.PNGX", "unknown image extension .pngx"),
+    ("a-file/o.png", "its folder cannot be created"),
+    ("a-folder", "no image extension"),
+    ("a-folder.png", "is a folder, not an image file"),
+])
+def test_the_command_reports_a_bad_out_before_it_needs_diffusers(tmp_path, capsys, out, problem):
+    """An --out that cannot be written is reported at once, in the one line of argument problems,
+    not after the edit (the installed diffusers >= 0.40 would otherwise be reported first)."""
+    from dpmjax.apps import cli
+
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "x.png").write_bytes(b"")
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-folder.png").mkdir()
+    args = ["edit", "--pipeline", str(tmp_path), "--image", str(tmp_path / "x.png"), "--prompt", "a",
+            "--target-prompt", "b", "--out", str(tmp_path / out)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"dpmjax edit: --out {tmp_path / out}"), err
+    assert problem in err and "pip install" not in err, err
+
+
+def test_good_out_paths_pass_the_check(tmp_path):
+    from dpmjax.apps import edit
+
+    for out in ("o.png", "O.JPG", "o.jpeg", "o.webp", "o.bmp", "o.tif", "o.tiff", "new/sub/o.png"):
+        assert edit._out_problems(str(tmp_path / out)) == [], out
+
+
+@pytest.mark.parametrize("args, named, not_named", [
+    (["--steps", "0"], "--steps must be >= 1 (got 0)", "--guidance"),
+    (["--guidance", "-1"], "--guidance must be > 0 (got -1)", "--steps"),
+    (["--steps", "0", "--guidance", "0"], "--guidance must be > 0 (got 0)", "--size"),
+])
+def test_the_command_names_only_the_bad_option(tmp_path, capsys, args, named, not_named):
+    from dpmjax.apps import cli
+
+    assert cli.main(["edit", "--pipeline", str(tmp_path), "--image", "x.png", "--prompt", "a", "--target-prompt", "b",
+                     "--out", str(tmp_path / "o.png"), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and named in err and not_named not in err, err

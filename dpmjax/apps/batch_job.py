@@ -65,7 +65,6 @@ import numpy as np
 
 from .. import checks
 from ..scheduler import DPMSolverMultistepScheduler
-from ..trajectories import progress as progress_line
 from ..trajectories.inversion import invert
 from .input_stores import ChunkError, majority_row_shape, open_store
 from .output_store import OutputStore
@@ -77,6 +76,7 @@ EXACT_TOLERANCE = 1e-5
 DEFAULT_MODEL = "dpmjax.models.digits:unguided_model"
 MAX_DEFAULT_BATCH_ROWS = 256  # rows per model call when the job is not told: memory stays bounded
 CLAIM_POLL_SECONDS = 0.05  # how often a run looks again at chunks other processes are computing
+PROGRESS_WIDTH = 30  # characters of the progress bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,7 +303,7 @@ class _Tally:
 
     todo: list  # chunks not taken yet
     skipped: list  # recorded before this run, or meanwhile by another process
-    done: int  # chunks recorded or skipped, for the progress line
+    done: int  # chunks recorded, failed or skipped, for the progress line
     busy: list = dataclasses.field(default_factory=list)  # chunks another process was computing when we came to them
     recorded: list = dataclasses.field(default_factory=list)  # computed by this run
     failed: dict = dataclasses.field(default_factory=dict)  # chunk -> reason
@@ -331,6 +331,7 @@ class _Job:
         output.tidy_recorded(skipped)
         self.tally = tally = _Tally(todo=todo, skipped=skipped, done=len(skipped))
         self.start, self.started = time.perf_counter(), time.time()
+        self.show()  # chunks recorded before this run count as done from the start
         threads = [threading.Thread(target=self.worker, args=(device,), daemon=True) for device in jax.local_devices()]
         for thread in threads:
             thread.start()
@@ -368,7 +369,7 @@ class _Job:
                 claim.release(recorded=True)
                 with tally.lock:
                     tally.skipped.append(name)
-                    tally.done += 1
+                    self.advance()
                 continue
             if retry and self.failed_meanwhile(name):  # quarantined meanwhile by another process
                 claim.release(recorded=False)
@@ -383,6 +384,7 @@ class _Job:
             return False
         with self.tally.lock:
             self.tally.failed[name] = reason
+            self.advance()
         return True
 
     def worker(self, device) -> None:
@@ -432,6 +434,7 @@ class _Job:
         self.plan.output.quarantine(name, reason)
         with self.tally.lock:
             self.tally.failed[name] = reason
+            self.advance()
         self.plan.output.log(chunk=name, event="failed", device=device.id, reason=reason)
 
     def record(self, name: str, device, noise: np.ndarray, samples, round_trip) -> None:
@@ -449,14 +452,31 @@ class _Job:
             if missed:
                 tally.not_converged[name] = missed
             tally.rows += rows
-            tally.done += 1
-            if self.progress:
-                elapsed = time.perf_counter() - self.start
-                sys.stderr.write("\r" + progress_line.line(
-                    label="invert-batch", done=tally.done, total=len(self.plan.mine), unit="chunks",
-                    suffix=f", {tally.rows} rows ({tally.rows / max(elapsed, 1e-9):.0f} rows/s), "
-                           f"{len(tally.failed)} failed"))
-                sys.stderr.flush()
+            self.advance()
+
+    def advance(self) -> None:
+        """One more chunk done (recorded, failed or skipped): count it and redraw the progress line.
+        Called under ``tally.lock``."""
+        self.tally.done += 1
+        self.show()
+
+    def show(self) -> None:
+        """Redraw the progress line (when ``progress``); called under ``tally.lock`` once threads run."""
+        tally = self.tally
+        if self.progress:
+            sys.stderr.write("\r" + progress_text(done=tally.done, total=len(self.plan.mine), rows=tally.rows,
+                                                   failed=len(tally.failed), seconds=time.perf_counter() - self.start))
+            sys.stderr.flush()
+
+
+def progress_text(*, done: int, total: int, rows: int, failed: int, seconds: float) -> str:
+    """The progress line: ``invert-batch [###...] done/total chunks, R rows (S rows/s), F failed``;
+    one rate, this run's rows over the time since the job started (chunks recorded before this
+    run count in ``done``, not in the rate)."""
+    filled = int(PROGRESS_WIDTH * min(done, total) / max(total, 1))
+    rate = f" ({rows / seconds:.0f} rows/s)" if rows and seconds > 0 else ""
+    return (f"invert-batch [{'#' * filled}{'.' * (PROGRESS_WIDTH - filled)}] {done}/{total} chunks, "
+            f"{rows} rows{rate}, {failed} failed")
 
 
 # ----------------------------------------------------------------------------- the command
@@ -510,7 +530,7 @@ def _error(message: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpmjax invert-batch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dpmjax invert-batch", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("input", help="a directory of .npy shards (optionally with manifest.json) or a zarr array")
     parser.add_argument("output", help="output directory (created; reruns resume)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"module:function returning model_fn(x, t) (default: {DEFAULT_MODEL})")
@@ -531,11 +551,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--process-id", type=int, help="with --distributed: this process' index")
     args = parser.parse_args(argv)
     if args.steps < 1:
-        parser.error("--steps must be positive")
+        return _error(f"--steps must be >= 1 (got {args.steps})")
     cluster = {k: v for k, v in (("coordinator_address", args.coordinator_address), ("num_processes", args.num_processes),
                                  ("process_id", args.process_id)) if v is not None}
     if cluster and not args.distributed:
-        parser.error("--coordinator-address, --num-processes and --process-id need --distributed")
+        return _error(f"{', '.join('--' + k.replace('_', '-') for k in cluster)} need{'s' if len(cluster) == 1 else ''} "
+                      f"--distributed")
     stop = threading.Event()
     with _StopOnSignals(stop) as signals:
         try:

@@ -36,6 +36,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args and args[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    if args and args[0] not in COMMANDS and not args[0].startswith("-"):
+        print(f"dpmjax: unknown command {args[0]!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
     command = args.pop(0) if args and args[0] in COMMANDS else "digits"
     return COMMANDS[command](args)
 

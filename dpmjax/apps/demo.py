@@ -133,11 +133,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--config", default=None, help="a scheduler_config.json (or a folder with one) to start from")
     parser.add_argument("--out", default="dpmjax-demo.png", help="PNG plot path (default: dpmjax-demo.png)")
     args = parser.parse_args(argv)
-    for o in args.orders:
-        if o not in (1, 2, 3):
-            parser.error(f"--orders: {o} is not a solver order (1, 2 or 3)")
-    if any(n < 1 for n in args.steps) or args.batch < 1:
-        parser.error("--steps and --batch must be positive")
+    problems = [f"--orders: {o} is not a solver order (1, 2 or 3)" for o in args.orders if o not in (1, 2, 3)]
+    if any(n < 1 for n in args.steps):
+        problems.append(f"--steps must be >= 1 (got {' '.join(map(str, args.steps))})")
+    if args.batch < 1:
+        problems.append(f"--batch must be >= 1 (got {args.batch})")
+    if problems:  # one line, like argparse's own errors but without the usage
+        print(f"dpmjax demo: error: {'; '.join(problems)}", file=sys.stderr)
+        return 2
     base = SchedulerConfig()
     if args.config:
         base = DPMSolverMultistepScheduler.from_pretrained(args.config).config

@@ -101,7 +101,7 @@ def plot_grid(rows, titles, path: str, suptitle: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpmjax digits", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dpmjax digits", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 25], help="inference steps (default: 10 25)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 7.5], help="guidance scales (default: 1 7.5)")
     parser.add_argument("--count", type=int, default=100, help="held-out digits to invert (default: 100)")
@@ -117,12 +117,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "this model; 0: skip it)")
     parser.add_argument("--out", default="dpmjax-digits.png", help="PNG grid path (default: dpmjax-digits.png)")
     args = parser.parse_args(argv)
-    if any(n < 1 for n in args.steps) or args.count < 1:
-        parser.error("--steps and --count must be positive")
-    if args.null_text_steps < 0:
-        parser.error("--null-text-steps must be >= 0")
+    problems = []
+    if any(n < 1 for n in args.steps):
+        problems.append(f"--steps must be >= 1 (got {' '.join(map(str, args.steps))})")
     if any(not w >= 1.0 for w in args.guidance):
-        parser.error("--guidance scales must be >= 1")
+        problems.append(f"--guidance scales must be >= 1 (got {' '.join(f'{w:g}' for w in args.guidance)})")
+    if args.count < 1:
+        problems.append(f"--count must be >= 1 (got {args.count})")
+    if args.null_text_steps < 0:
+        problems.append(f"--null-text-steps must be >= 0 (got {args.null_text_steps})")
+    if problems:  # one line, like argparse's own errors but without the usage
+        print(f"dpmjax digits: error: {'; '.join(problems)}", file=sys.stderr)
+        return 2
 
     model = digits.load(args.model)
     images, labels = digits.heldout()

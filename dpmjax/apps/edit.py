@@ -24,6 +24,9 @@ from ..models.flax_sd_edit import (
     write_images,
 )
 
+# what --out may end with (the ones this Pillow writes are accepted)
+OUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -35,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
                         "centre-cropped and resized to the pipeline's size")
     parser.add_argument("--prompt", required=True, help="what the images show (the source prompt)")
     parser.add_argument("--target-prompt", required=True, help="what they should show")
-    parser.add_argument("--out", required=True, help="output PNG")
+    parser.add_argument("--out", required=True, help="output image (.png, .jpg, .webp, .bmp or .tif; its folder is created)")
     parser.add_argument("--method", choices=METHODS, default="exact")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
@@ -44,6 +47,31 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and compute dtype")
     parser.add_argument("--edited-only", action="store_true", help="write the edited images only (no original column)")
     return parser
+
+
+def _out_problems(out: str) -> list:
+    """What is wrong with ``--out`` (checked before any work): an image extension Pillow writes,
+    not a folder, and a folder that exists or can be created (the nearest existing one writable)."""
+    from PIL import Image
+
+    Image.init()
+    extension = os.path.splitext(out)[1].lower()
+    writable = [e for e in OUT_EXTENSIONS if Image.registered_extensions().get(e) in Image.SAVE]
+    if extension not in writable:
+        found = f"unknown image extension {extension}" if extension else "no image extension"
+        return [f"--out {out}: {found} (use one of {', '.join(writable)})"]
+    if os.path.isdir(out):
+        return [f"--out {out} is a folder, not an image file"]
+    folder = os.path.dirname(os.path.abspath(out))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return [f"--out {out}: its folder cannot be created ({existing} is not a folder)"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == folder else f"cannot be created ({existing} is not writable)"
+        return [f"--out {out}: its folder {what}"]
+    return []
 
 
 def _old_flax_stack():
@@ -86,15 +114,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Returns:
         The exit status: 0 on success; 2 when diffusers < 0.40 / transformers < 5 are missing,
-        the pipeline folder or an image is missing or unreadable, or ``--steps`` /
-        ``--guidance`` is out of range.
+        the pipeline folder or an image is missing or unreadable, ``--out`` is no image path
+        that can be written, or ``--steps`` / ``--guidance`` / ``--size`` is out of range.
     """
     args = _parser().parse_args(argv)
     problems = [f"no such image file: {p}" for p in args.image if not os.path.isfile(p)]
     if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
         problems.insert(0, f"not a saved pipeline folder (no model_index.json): {args.pipeline}")
-    if args.steps < 1 or args.guidance <= 0:
-        problems.append("--steps must be >= 1 and --guidance > 0")
+    problems += _out_problems(args.out)
+    if args.steps < 1:
+        problems.append(f"--steps must be >= 1 (got {args.steps})")
+    if not args.guidance > 0:
+        problems.append(f"--guidance must be > 0 (got {args.guidance:g})")
+    if args.size is not None and args.size < 1:
+        problems.append(f"--size must be >= 1 (got {args.size})")
     if problems:
         print(f"dpmjax edit: {'; '.join(problems)}", file=sys.stderr)
         return 2

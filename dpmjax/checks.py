@@ -3,6 +3,7 @@ parameter and says what is allowed, before anything is traced or written."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -43,12 +44,15 @@ def integer_choice(name: str, value: Any, allowed: Tuple[int, ...]) -> int:
 
 
 def real(name: str, value: Any, *, low: Optional[float] = None, high: Optional[float] = None,
-         open_low: bool = False, open_high: bool = False, note: str = "") -> float:
+         open_low: bool = False, open_high: bool = False, finite: bool = False, note: str = "") -> float:
     """``value`` as a float (a Python or NumPy real; not a bool), inside the bounds when given:
-    ``low <= value`` (``<`` with ``open_low``) and ``value <= high`` (``<`` with ``open_high``)."""
+    ``low <= value`` (``<`` with ``open_low``) and ``value <= high`` (``<`` with ``open_high``);
+    not NaN or infinite when ``finite``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name} must be a real number{note}, got {value!r}.")
     number = float(value)
+    if finite and not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number{note}, got {value!r}.")
     too_low = low is not None and not (number > low if open_low else number >= low)
     too_high = high is not None and not (number < high if open_high else number <= high)
     if too_low or too_high or (number != number and (low is not None or high is not None)):
@@ -56,3 +60,18 @@ def real(name: str, value: Any, *, low: Optional[float] = None, high: Optional[f
                  ("inf" if high is None else f"{high:g}") + (")" if open_high else "]")
         raise ValueError(f"{name} must be a number in {bounds}{note}, got {value!r}.")
     return number
+
+
+def floating_array(name: str, value: Any) -> None:
+    """``value`` must be an array (or array-like) of a floating-point dtype."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(value).dtype
+    if not np.issubdtype(np.dtype(dtype), np.floating) and str(dtype) not in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        raise ValueError(f"{name} must be a floating-point array, got dtype {dtype}.")
+
+
+def function(name: str, value: Any) -> None:
+    """``value`` must be callable."""
+    if not callable(value):
+        raise ValueError(f"{name} must be a function, got {type(value).__name__}.")

@@ -189,4 +189,5 @@ def step_tables(config: SchedulerConfig, sigmas: np.ndarray, num_steps: int, *, 
             f"prediction_type={config.prediction_type!r} cannot be converted at step {bad} (sigma={sigmas[bad]}) "
             f"for algorithm_type={config.algorithm_type!r}: the conversion divides by zero there."
         )
-    return StepTables(convert, update, order_caps(config, num_steps, forward), alpha, sigma)
+    return StepTables(convert=convert, update=update, order_cap=order_caps(config, num_steps, forward), alpha=alpha,
+                      sigma=sigma)

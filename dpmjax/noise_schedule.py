@@ -109,7 +109,8 @@ def training_schedule(config: SchedulerConfig) -> TrainingSchedule:
         sigma_t = np.sqrt(np.float32(1.0) - alphas_cumprod)
         lambda_t = np.log(alpha_t) - np.log(sigma_t)
         sigmas = np.sqrt((np.float32(1.0) - alphas_cumprod) / alphas_cumprod)
-    tables = TrainingSchedule(betas, alphas_cumprod, alpha_t, sigma_t, lambda_t, sigmas.astype(np.float32))
+    tables = TrainingSchedule(betas=betas, alphas_cumprod=alphas_cumprod, alpha_t=alpha_t, sigma_t=sigma_t, lambda_t=lambda_t,
+                              sigmas=sigmas.astype(np.float32))
     for table in tables:
         table.flags.writeable = False
     return tables

@@ -205,3 +205,93 @@ def test_null_text_unrecognised_optimiser_falls_back_to_identity():
     added, results = _compilations([make(1e-2), make(9e-2), same, same], w=5.0)
     assert added == 3, added
     assert not np.array_equal(np.asarray(results[0].null_embeddings), np.asarray(results[1].null_embeddings))
+
+
+# ----------------------------------------------------------------------------- flags, arrays, models, numbers
+X = jnp.ones((2, 3), jnp.float32)
+
+
+@pytest.mark.parametrize("name", ["exact", "independent_rows", "return_samples", "return_model_outputs", "checkpoint",
+                                  "progress"])
+@pytest.mark.parametrize("value", ["no", None, 1, np.bool_(True)], ids=repr)
+def test_invert_flags_must_be_bools(name, value):
+    with pytest.raises(ValueError, match=rf"{name} must be True or False"):
+        dpmjax.invert(_linear, X, Forward(), 5, **{name: value})
+
+
+@pytest.mark.parametrize("name", ["return_samples", "return_model_outputs", "checkpoint", "progress", "donate"])
+def test_sample_flags_must_be_bools(name):
+    with pytest.raises(ValueError, match=rf"{name} must be True or False"):
+        dpmjax.sample(_linear, X, Forward(), 5, **{name: "no"})
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_integer_data_is_refused_before_it_is_inverted(exact):
+    """An integer sample would be inverted in float32 and cast back to integers: refused, named."""
+    with pytest.raises(ValueError, match="sample must be a floating-point array"):
+        dpmjax.invert(_linear, jnp.ones((2, 3), jnp.int32), Forward(), 5, exact=exact)
+    with pytest.raises(ValueError, match="noise must be a floating-point array"):
+        dpmjax.sample(_linear, jnp.ones((2, 3), jnp.int32), Forward(), 5)
+
+
+def test_exact_inversion_of_bfloat16_data_returns_noise_at_the_working_precision():
+    """A cast of the exact noise back to bfloat16 would undo the exactness its round trip reports."""
+    x = (0.5 * jnp.arange(6.0).reshape(2, 3) / 6).astype(jnp.bfloat16)
+    result = dpmjax.invert(_linear, x, Forward(), 5, exact=True)
+    assert result.sample.dtype == jnp.float32 and bool(jnp.all(result.converged))
+    back = dpmjax.sample(_linear, result.sample, Forward(), 5).sample
+    assert float(jnp.max(jnp.abs(back - x.astype(jnp.float32)))) <= 1e-5
+
+
+@pytest.mark.parametrize("model", [None, "model", 3])
+def test_a_model_that_is_not_a_function_is_named(model):
+    for call in (lambda: dpmjax.sample(model, X, Forward(), 5), lambda: dpmjax.invert(model, X, Forward(), 5)):
+        with pytest.raises(ValueError, match="model_fn must be a function"):
+            call()
+
+
+@pytest.mark.parametrize("name, value", [("tolerance", math.nan), ("tolerance", 0.0), ("max_iterations", 2.0),
+                                         ("max_sweeps", -5), ("gmres_restart", "a")])
+def test_plain_inversion_checks_the_exact_settings_too(name, value):
+    """A mistake in an exact-only setting is reported even where the plain path would not use it."""
+    with pytest.raises(ValueError, match=name):
+        dpmjax.invert(_linear, X, Forward(), 5, **{name: value})
+
+
+def test_checkpoint_with_exact_inversion_names_only_what_was_passed():
+    with pytest.raises(ValueError, match=r"^checkpoint applies"):
+        dpmjax.invert(_linear, X, Forward(), 5, exact=True, checkpoint=True)
+    with pytest.raises(ValueError, match=r"^unroll applies"):
+        dpmjax.invert(_linear, X, Forward(), 5, exact=True, unroll=2)
+
+
+@pytest.mark.parametrize("scale", [math.nan, math.inf, "3", True, None])
+def test_guidance_scales_must_be_finite_numbers(scale):
+    model = lambda x, t, c: 0.1 * x  # noqa: E731
+    labels = jnp.zeros((2,), jnp.int32)
+    with pytest.raises(ValueError, match="guidance_scale must be a"):
+        dpmjax.classifier_free_guidance(model, labels, labels, scale)
+    with pytest.raises(ValueError, match="guidance_scale must be a"):
+        dpmjax.null_text_inversion(model, X, Forward(), 5, cond=labels, uncond=labels, guidance_scale=scale)
+
+
+def test_a_traced_guidance_scale_is_taken_as_it_is():
+    """Differentiating through the scale: a JAX array is not checked on the host."""
+    model = lambda x, t, c: 0.1 * x * (1 + c[:, None])  # noqa: E731
+    grad = jax.grad(lambda w: jnp.sum(dpmjax.sample(dpmjax.classifier_free_guidance(
+        model, jnp.ones((2,)), jnp.zeros((2,)), w), X, Forward(), 5).sample))(jnp.asarray(2.0))
+    assert bool(jnp.isfinite(grad))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", 1e-2])
+def test_null_text_optimizer_must_be_an_optax_transformation(optimizer):
+    labels = jnp.zeros((2,), jnp.int32)
+    with pytest.raises(ValueError, match="optimizer must be an optax GradientTransformation"):
+        dpmjax.null_text_inversion(lambda x, t, c: 0.1 * x, X, Forward(), 5, cond=labels, uncond=labels,
+                                   guidance_scale=3.0, optimizer=optimizer)
+
+
+@pytest.mark.parametrize("name, value", [("tolerance", math.nan), ("tolerance", -1.0), ("max_iterations", 2.0)])
+def test_the_step_check_refuses_bad_settings(name, value):
+    with pytest.raises(ValueError, match=name):
+        dpmjax.check_step_inversion(_linear, X, Forward(), 5, **{name: value})

@@ -59,10 +59,11 @@ def _wrapped(node, known: Set[str]) -> str | None:
 
 
 def _dpmjax_functions(modules: Dict[str, ast.Module]) -> Set[str]:
-    """Names of every ``def`` in dpmjax, and of names bound to one through a wrapper
+    """Names of every ``def`` and ``class`` in dpmjax (a record's fields are its constructor's
+    parameters), and of names bound to one through a wrapper
     (``scan_steps_jit = jax.jit(scan_steps, ...)``, ``run = a_jit if donate else b_jit``)."""
     known = {node.name for tree in modules.values() for node in ast.walk(tree)
-             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
     while True:
         aliases = {target.id for tree in modules.values() for node in ast.walk(tree) if isinstance(node, ast.Assign)
                    for target in node.targets if isinstance(target, ast.Name) and _wrapped(node.value, known)}

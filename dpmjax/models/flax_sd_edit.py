@@ -228,8 +228,9 @@ def _parts(pipeline_or_parts) -> EditParts:
         raise ValueError(f"a Flax Stable Diffusion pipeline (or EditParts) is needed; this one lacks {', '.join(missing)}.")
     scheduler = getattr(pipeline_or_parts, "scheduler", None)
     config = getattr(scheduler, "config", None)
-    return EditParts(pipeline_or_parts.tokenizer, pipeline_or_parts.text_encoder, pipeline_or_parts.vae,
-                     pipeline_or_parts.unet, None if config is None else dict(config))
+    return EditParts(tokenizer=pipeline_or_parts.tokenizer, text_encoder=pipeline_or_parts.text_encoder,
+                     vae=pipeline_or_parts.vae, unet=pipeline_or_parts.unet,
+                     scheduler_config=None if config is None else dict(config))
 
 
 def edit_scheduler(scheduler_config: Optional[Mapping[str, Any]] = None, solver_order: int = 2,

@@ -188,7 +188,6 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
             unsolved = ~invertible | (accelerated.residual > 10 * tolerance)
             result = newton_krylov(F, x_next, y0, solve_rows=unsolved,
                                    **dict(newton, tolerance=tolerance, max_iterations=iterations))
-            progress_line.report(progress, n - 1 - k, n, label="invert (exact, per step)")
             return result.solution, (result.solution, converted(k, result.solution)[0])
 
         zero = jnp.zeros_like(M[:1])
@@ -251,7 +250,6 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
             trial_sampled = sampled(trial)[0]
             trial_error = error_of(trial_sampled)
             better = carry.active & (trial_error < carry.error)
-            progress_line.report(progress, carry.count, options.max_sweeps, label="invert (exact, sweeps)")
             return _Sweeps(
                 noise=jnp.where(per_row(better), trial, carry.noise),
                 sampled=jnp.where(per_row(better), trial_sampled, carry.sampled),
@@ -260,8 +258,9 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
                 count=carry.count + 1,
             )
 
-        done = lax.while_loop(unfinished, correct, _Sweeps(start, start_sampled, start_error,
-                                                             start_error > options.tolerance / 10, jnp.asarray(0)))
+        done = lax.while_loop(unfinished, correct, _Sweeps(noise=start, sampled=start_sampled, error=start_error,
+                                                           active=start_error > options.tolerance / 10,
+                                                           count=jnp.asarray(0)))
         return done.noise, done.error, done.count
 
     def shooting(start, start_error, preconditioned=True):
@@ -277,7 +276,6 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
             # each iteration evaluates the whole sampler dozens of times: a cap bounds the cost where
             # the sampler is not invertible (measured at N = 10, guidance 3: half the cost, no row lost)
             settings["max_iterations"] = min(options.max_iterations, _SHOOTING_ITERATIONS)
-        progress_line.report(progress, n - 1, n, label="invert (exact, whole sampler)")
         result = newton_krylov(lambda x_noise: sampled(x_noise)[0], target, start, solve_rows=start_error > options.tolerance,
                                **settings)
         improved = result.residual < start_error
@@ -289,6 +287,11 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
         start, start_error, count = sweeps(start, start_sampled, start_error)
         noise, error, iterations = shooting(start, start_error)
         return _Result(noise=noise, error=error, sweeps=count, iterations=iterations)
+
+    def status(stage: str, result: _Result) -> None:
+        """One progress line per stage: the rows within the tolerance after it."""
+        message = f"{stage}: {{}}/{data.shape[0] if rows > 1 else 1} rows within {options.tolerance:g}"
+        progress_line.status(progress, "invert (exact)", message, values=(jnp.sum(result.error <= options.tolerance),))
 
     def better_of(a: _Result, b: _Result) -> _Result:
         """Per row, the result with the smaller round trip; counts add up."""
@@ -304,6 +307,7 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
         plain_sampled = sampled(plain_noise)[0]
         plain_error = error_of(plain_sampled)
         plain_result = _Result(noise=plain_noise, error=plain_error, sweeps=jnp.asarray(0), iterations=jnp.asarray(0))
+        status("plain inversion", plain_result)
 
         def robust(result: _Result) -> _Result:
             """The exact first-order path (exact for order 1), history sweeps (orders >= 2) and the
@@ -314,12 +318,15 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
             else:
                 start, start_error, count = history_sweeps(X, M)
             noise, error, iterations = shooting(start, start_error, preconditioned=K == 1)
-            return better_of(result, _Result(noise=noise, error=error, sweeps=count, iterations=iterations))
+            result = better_of(result, _Result(noise=noise, error=error, sweeps=count, iterations=iterations))
+            status("per-step solves and the whole-sampler solve", result)
+            return result
 
         if K == 1:
             result = robust(plain_result)
         else:
             result = better_of(plain_result, fast(plain_noise, plain_sampled, plain_error))
+            status("defect-correction sweeps and the preconditioned solve", result)
             result = lax.cond(jnp.any(result.error > options.tolerance), robust, lambda r: r, result)
         # never worse than plain inversion on any row: better_of keeps it where nothing beat it
         noise, errors, sweep_count, iterations = result

@@ -11,6 +11,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from .. import checks
+
 Array = jax.Array
 ModelFn = Callable[..., Array]
 
@@ -45,8 +47,15 @@ def classifier_free_guidance(model: ModelFn, cond: Any, uncond: Any, guidance_sc
     Returns:
       ``model_fn(x, t)`` computing ``u + w (c - u)``. Build one per direction for separate
       inversion and sampling scales.
+
+    Raises:
+      ValueError: ``model`` is not callable, or ``guidance_scale`` is not a finite real number
+        (a JAX array is taken as it is: a traced scale can be differentiated).
     """
-    if isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0:
+    checks.function("model", model)
+    if not isinstance(guidance_scale, jax.Array):
+        guidance_scale = checks.real("guidance_scale", guidance_scale, finite=True)
+    if isinstance(guidance_scale, float) and guidance_scale == 1.0:
         return lambda x, t: model(x, t, cond)
 
     def guided(x, t):

@@ -142,23 +142,38 @@ def invert(
         those visited, in the order of the inversion steps. With ``exact=True`` also
         ``round_trip``, the measured per-row ``max|sample(noise) - sample| / max(1, max|sample|)``,
         ``converged``, which rows are within ``tolerance``, and the ``sweeps`` and Newton
-        ``iterations`` made.
+        ``iterations`` made. Exact inversion returns the noise in the working precision (float32
+        for bfloat16/float16 input, the input's dtype otherwise): a cast back would undo the
+        exactness that ``round_trip`` reports.
 
     Raises:
-        ValueError: ``scheduler`` is not a dpmjax scheduler; ``unroll`` is not an integer >= 1;
+        ValueError: ``scheduler`` is not a dpmjax scheduler; ``model_fn`` is not callable;
+            ``sample`` is not a floating-point array; a flag (``exact``, ``independent_rows``,
+            ``return_samples``, ...) is not a bool; ``max_iterations``, ``gmres_restart`` or
+            ``gmres_maxiter`` is not an integer >= 1, ``max_sweeps`` not an integer >= 0 or
+            ``tolerance`` not in ``(0, 1)`` (checked on every path); ``unroll`` is not an integer >= 1;
             ``num_inference_steps`` is not an integer in ``[1, num_train_timesteps]`` (or too many
             for ``"leading"`` spacing); ``exact=True`` or ``noises`` is given with an inverse
             scheduler; ``noises`` is given to a deterministic sampler; a stochastic sampler is
             inverted without ``exact=True``, is not a first-order ``sde-dpmsolver++`` sampler, or
-            comes without ``noises`` of shape ``[N, *shape]``; with ``exact=True``:
-            ``max_iterations``, ``gmres_restart`` or ``gmres_maxiter`` is not an integer >= 1,
-            ``max_sweeps`` not an integer >= 0, ``tolerance`` not in ``(0, 1)``, ``checkpoint``
+            comes without ``noises`` of shape ``[N, *shape]``; with ``exact=True``: ``checkpoint``
             or ``unroll != 1`` is given, or ``sample`` has no batch axis with at least one row;
             the model output's shape does not match the sample (or either is not floating point).
     """
     check_scheduler(scheduler)
     check_unroll(unroll)
+    checks.function("model_fn", model_fn)
+    for name, value in (("exact", exact), ("independent_rows", independent_rows), ("return_samples", return_samples),
+                        ("return_model_outputs", return_model_outputs), ("checkpoint", checkpoint), ("progress", progress)):
+        checks.boolean(name, value)
+    # the exact solve's settings are checked whatever the path, so that a mistake never passes unseen
+    max_iterations, gmres_restart, gmres_maxiter, max_sweeps = (
+        checks.integer(name, value, least) for name, value, least in (
+            ("max_iterations", max_iterations, 1), ("gmres_restart", gmres_restart, 1),
+            ("gmres_maxiter", gmres_maxiter, 1), ("max_sweeps", max_sweeps, 0)))
+    tolerance = checks.real("tolerance", tolerance, low=0.0, high=1.0, open_low=True, open_high=True)
     x = as_array(sample)
+    checks.floating_array("sample", x)
     scan_options = ScanOptions(return_samples=return_samples, return_outputs=return_model_outputs, checkpoint=checkpoint,
                                unroll=unroll, progress=progress, label="invert")
     if not scheduler.forward:
@@ -174,7 +189,8 @@ def invert(
         n = state.num_inference_steps
         y, samples, outputs = scan_steps_jit(scheduler, model_fn, scan_options, state=state, x=x, cond=cond, keys=None,
                                              noises=None)
-        return Trajectory(y, samples, outputs, state.timesteps, visited_sigmas(state, n))
+        return Trajectory(sample=y, samples=samples, model_outputs=outputs, timesteps=state.timesteps,
+                          sigmas=visited_sigmas(state, n))
 
     forward_state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, x.shape,
                                             dtype=solver.compute_dtype(x))
@@ -201,16 +217,12 @@ def invert(
         inverse, mirror = mirrored_state(scheduler, forward_state, x.shape, dtype=solver.compute_dtype(x))
         y, path, outputs = scan_steps_jit(inverse, model_fn, scan_options, state=mirror, x=x, cond=cond, keys=None,
                                           noises=None)
-        return Trajectory(y, path, outputs, mirror.timesteps, visited_sigmas(mirror, n))
+        return Trajectory(sample=y, samples=path, model_outputs=outputs, timesteps=mirror.timesteps,
+                          sigmas=visited_sigmas(mirror, n))
 
-    max_iterations, gmres_restart, gmres_maxiter, max_sweeps = (
-        checks.integer(name, value, least) for name, value, least in (
-            ("max_iterations", max_iterations, 1), ("gmres_restart", gmres_restart, 1),
-            ("gmres_maxiter", gmres_maxiter, 1), ("max_sweeps", max_sweeps, 0)))
-    tolerance = checks.real("tolerance", tolerance, low=0.0, high=1.0, open_low=True, open_high=True)
-    if checkpoint or unroll != 1:
-        raise ValueError("checkpoint and unroll apply to plain inversion's scan; exact=True runs its own solves "
-                         "and takes neither.")
+    for name, given in (("checkpoint", checkpoint), ("unroll", unroll != 1)):
+        if given:
+            raise ValueError(f"{name} applies to plain inversion's scan; exact=True runs its own solves and takes none.")
     if x.ndim == 0 or x.shape[0] == 0:
         raise ValueError(f"exact inversion needs a batch axis with at least one row, got shape {tuple(x.shape)}.")
     options = ExactOptions(max_sweeps=max_sweeps, max_iterations=max_iterations, tolerance=tolerance,
@@ -221,9 +233,10 @@ def invert(
     X, outputs, round_trip, sweeps, iterations = exact_inversion_jit(scheduler, inverse, model_fn, options=options,
                                                                      state=forward_state, mirror=mirror, data=x, cond=cond,
                                                                      noises=noises)
+    # the noise keeps the working precision (float32 for bf16/fp16 input): a cast would undo the exactness
     return Trajectory(
-        sample=X[0].astype(x.dtype),
-        samples=X[::-1].astype(x.dtype) if return_samples else None,
+        sample=X[0],
+        samples=X[::-1] if return_samples else None,
         model_outputs=outputs[::-1] if return_model_outputs else None,
         timesteps=forward_state.timesteps[::-1],
         sigmas=visited_sigmas(forward_state, n)[::-1],

@@ -93,6 +93,15 @@ def _mask_rows(tree, active: Array):
     return jax.tree_util.tree_map(mask, tree)
 
 
+class _Carry(NamedTuple):
+    """Carry of the scan over the sampler's steps: the sample, the model-output history and the
+    null embedding of the step before (the optimisation's start)."""
+
+    sample: Array
+    history: Array
+    null: Any
+
+
 class _Tuning(NamedTuple):
     """Carry of one step's optimisation: the null embedding, the optimiser's state, steps taken, the
     per-row losses of the last step and of the first."""
@@ -130,7 +139,7 @@ def _guided_scan(scheduler, model, settings: _ScanSettings, *, state, noise, con
         model = (lambda f: lambda x, t, c: f(x, t, c, model_params))(model)
 
     def body(carry, inputs):
-        x, history, null = carry
+        x, history, null = carry.sample, carry.history, carry.null
         i, t, row, null_given, target = inputs
         null = null if optimize else null_given
         out_cond = model(x, t, cond)
@@ -168,12 +177,13 @@ def _guided_scan(scheduler, model, settings: _ScanSettings, *, state, noise, con
         else:
             errors = (jnp.asarray(0.0, jnp.float32),) * 2
         progress_line.report(progress, i, n, label="null-text inversion" if optimize else "sample (null-text)")
-        return (x_next, history, null), (null, errors, taken)
+        return _Carry(sample=x_next, history=history, null=null), (null, errors, taken)
 
     first_null = jax.tree_util.tree_map(lambda a: a[0], nulls)
     history = jnp.zeros((solver.history_length(config.solver_order),) + noise.shape, cdt)
     per_step = (jnp.arange(n), state.timesteps, solver.trajectory_rows(state), nulls, targets)
-    (x, _, _), (used, errors, taken) = lax.scan(body, (noise, history, first_null), per_step)
+    done, (used, errors, taken) = lax.scan(body, _Carry(sample=noise, history=history, null=first_null), per_step)
+    x = done.sample
     return x, used, errors, taken
 
 
@@ -291,9 +301,9 @@ def _checked(scheduler, guidance_scale, *, inner_steps, tolerance):
         raise ValueError("null-text inversion retraces a sampler: pass a DPMSolverMultistepScheduler.")
     if scheduler.config.is_sde:
         raise ValueError(f"null-text inversion needs a deterministic sampler, not algorithm_type={scheduler.config.algorithm_type!r}.")
-    checks.real("guidance_scale", guidance_scale, note=" (a Python number: it is static)")
+    checks.real("guidance_scale", guidance_scale, finite=True, note=" (a Python number: it is static)")
     checks.integer("inner_steps", inner_steps, 0)
-    checks.real("tolerance", tolerance, low=0.0)
+    checks.real("tolerance", tolerance, low=0.0, finite=True)
 
 
 @functools.lru_cache(maxsize=32)
@@ -373,6 +383,11 @@ def null_text_inversion(
             ``num_inference_steps`` not an integer in ``[1, num_train_timesteps]``).
     """
     _checked(scheduler, guidance_scale, inner_steps=inner_steps, tolerance=tolerance)
+    checks.function("model", model)
+    checks.boolean("exact_pivot", exact_pivot)
+    checks.boolean("progress", progress)
+    if optimizer is not None and not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+        raise ValueError(f"optimizer must be an optax GradientTransformation (e.g. optax.adam(1e-2)), got {optimizer!r}.")
     optimizer = _KeyedOptimizer(_default_optimizer() if optimizer is None else optimizer)
     x = jnp.asarray(data)
     if x.ndim == 0:
@@ -390,7 +405,8 @@ def null_text_inversion(
     recon, nulls, (losses, initial), taken = _guided_scan_jit(scheduler, model, settings, state=state, noise=pivot.sample,
                                                               cond=cond, nulls=_per_step(uncond, n), targets=targets,
                                                               model_params=model_params)
-    return NullTextInversion(pivot.sample, nulls, recon, losses, initial, taken, pivot)
+    return NullTextInversion(noise=pivot.sample, null_embeddings=nulls, reconstruction=recon, losses=losses,
+                             initial_losses=initial, optimizer_steps=taken, pivot=pivot)
 
 
 def sample_with_null_embeddings(
@@ -434,6 +450,8 @@ def sample_with_null_embeddings(
             have a leading axis of ``N``.
     """
     _checked(scheduler, guidance_scale, inner_steps=0, tolerance=0.0)
+    checks.function("model", model)
+    checks.boolean("progress", progress)
     noise = jnp.asarray(noise)
     state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape,
                                     dtype=solver.compute_dtype(noise))

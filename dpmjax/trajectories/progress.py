@@ -31,18 +31,43 @@ def line(label: str, done: int, total: int, *, unit: str = "steps", suffix: str 
     return f"{label} [{'#' * filled}{'.' * (_WIDTH - filled)}] {done}/{total}{rate}{suffix}"
 
 
+def _interactive() -> bool:
+    """Whether stderr is a terminal: only there is a line redrawn in place."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def show(label: str, done: int, total: int, *, unit: str = "steps", suffix: str = "") -> None:
-    """Redraw the progress line in place on stderr; a newline once ``done`` reaches ``total``."""
-    sys.stderr.write("\r" + line(label, done, total, unit=unit, suffix=suffix))
-    if done >= total:
-        sys.stderr.write("\n")
+    """Redraw the progress line in place on stderr; a newline once ``done`` reaches ``total``.
+    Redirected to a file, only the finished line is written (no carriage returns or escapes)."""
+    text = line(label, done, total, unit=unit, suffix=suffix)
+    if _interactive():
+        sys.stderr.write("\r" + text + ("\n" if done >= total else ""))
+    elif done >= total:
+        sys.stderr.write(text + "\n")
     sys.stderr.flush()
 
 
 def clear() -> None:
-    """Erase the progress line (before printing a result line in its place)."""
-    sys.stderr.write("\r\x1b[2K")
+    """Erase the progress line (before printing a result line in its place); nothing when stderr
+    is not a terminal."""
+    if _interactive():
+        sys.stderr.write("\r\x1b[2K")
+        sys.stderr.flush()
+
+
+def _status(label: str, message: str, *values) -> None:
+    sys.stderr.write(f"{label}: {message.format(*(np.asarray(v).item() for v in values))}\n")
     sys.stderr.flush()
+
+
+def status(enabled: bool, label: str, message: str, *, values=()) -> None:
+    """Inside a compiled program: one finished line ``label: message`` on stderr when ``enabled``
+    (static), ``message`` formatted with the (traced) scalar ``values`` (``str.format``)."""
+    if enabled:
+        jax.debug.callback(_status, label, message, *values, ordered=False)
 
 
 def _tick(i, total: int, label: str) -> None:

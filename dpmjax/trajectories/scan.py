@@ -247,6 +247,10 @@ def sample(
     """
     check_scheduler(scheduler)
     check_unroll(unroll)
+    checks.function("model_fn", model_fn)
+    for name, value in (("return_samples", return_samples), ("return_model_outputs", return_model_outputs),
+                        ("checkpoint", checkpoint), ("progress", progress), ("donate", donate)):
+        checks.boolean(name, value)
     if not scheduler.forward:
         raise ValueError("sample needs a forward scheduler (DPMSolverMultistepScheduler); use invert for inversion.")
     if not scheduler.config.is_sde and (key is not None or noises is not None):
@@ -255,6 +259,7 @@ def sample(
             f"deterministic (algorithm_type={scheduler.config.algorithm_type!r}): pass neither."
         )
     noise = as_array(noise)
+    checks.floating_array("noise", noise)
     state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape,
                                     dtype=solver.compute_dtype(noise))
     n = state.num_inference_steps
@@ -263,4 +268,5 @@ def sample(
     options = ScanOptions(return_samples=return_samples, return_outputs=return_model_outputs, checkpoint=checkpoint,
                           unroll=unroll, progress=progress, label="sample")
     x, samples, outputs = run(scheduler, model_fn, options, state=state, x=noise, cond=cond, keys=keys, noises=noises)
-    return Trajectory(x, samples, outputs, state.timesteps, visited_sigmas(state, n))
+    return Trajectory(sample=x, samples=samples, model_outputs=outputs, timesteps=state.timesteps,
+                      sigmas=visited_sigmas(state, n))

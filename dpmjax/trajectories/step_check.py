@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .. import solver
+from .. import checks, solver
 from ..numerics.newton import newton_krylov
 from ..numerics.rows import row_max_abs
 from ..scheduler import DPMSolverMultistepScheduler
@@ -115,15 +115,18 @@ def check_step_inversion(
     """
     if not isinstance(scheduler, DPMSolverMultistepScheduler) or scheduler.config.is_sde:
         raise ValueError("check_step_inversion takes a deterministic DPMSolverMultistepScheduler (the sampler to invert).")
+    tolerance = checks.real("tolerance", tolerance, low=0.0, high=1.0, open_low=True, open_high=True)
+    max_iterations = checks.integer("max_iterations", max_iterations, 1)
     noise = jnp.asarray(noise)
+    checks.floating_array("noise", noise)
     if noise.ndim < 1 or noise.shape[0] < 1:
         raise ValueError(f"noise must have a batch axis with at least one row, got shape {tuple(noise.shape)}.")
     path = sample(model_fn, noise, scheduler, num_inference_steps=num_inference_steps, cond=cond, return_samples=True)
     state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape,
                                     dtype=solver.compute_dtype(noise))
     inputs = jnp.concatenate([noise[None], path.samples[:-1]])  # the true input of each step
-    found, residual = _solve_steps(scheduler=scheduler, model_fn=model_fn, tolerance=float(tolerance),
-                                   max_iterations=int(max_iterations), state=state, inputs=inputs,
+    found, residual = _solve_steps(scheduler=scheduler, model_fn=model_fn, tolerance=tolerance,
+                                   max_iterations=max_iterations, state=state, inputs=inputs,
                                    outputs=path.samples, cond=cond)
     rows = noise.shape[0]
     scale = np.maximum(1.0, np.asarray(jax.vmap(lambda x: row_max_abs(x, rows))(path.samples)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -156,7 +157,8 @@ def test_the_progress_line_counts_failed_chunks_and_shows_one_rate(tmp_path, cap
         (tmp_path / "input" / name).write_text("not an array")
     summary = batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, progress=True)
     assert len(summary.recorded) == 2 and len(summary.failed) == 3
-    updates = [u.strip() for u in capsys.readouterr().err.split("\r") if u.strip()]
+    # redrawn in place on a terminal ("\r"), a line per chunk when stderr is a file (as here)
+    updates = [u.strip() for u in re.split(r"[\r\n]", capsys.readouterr().err) if u.strip()]
     assert updates[-1].startswith("invert-batch [" + "#" * 30 + "] "), updates
     assert "5/5 chunks, 8 rows" in updates[-1] and updates[-1].endswith(", 3 failed"), updates
     assert all(u.count("/s") <= 1 and "chunks/s" not in u for u in updates), updates

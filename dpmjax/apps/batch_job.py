@@ -65,6 +65,7 @@ import numpy as np
 
 from .. import checks
 from ..scheduler import DPMSolverMultistepScheduler
+from ..trajectories import progress as progress_line
 from ..trajectories.inversion import invert
 from .input_stores import ChunkError, majority_row_shape, open_store
 from .output_store import OutputStore
@@ -337,7 +338,7 @@ class _Job:
             thread.start()
         for thread in threads:
             thread.join()
-        if self.progress:
+        if self.progress and progress_line.interactive():
             sys.stderr.write("\n")
         if tally.errors:
             raise tally.errors[0]
@@ -463,9 +464,10 @@ class _Job:
     def show(self) -> None:
         """Redraw the progress line (when ``progress``); called under ``tally.lock`` once threads run."""
         tally = self.tally
-        if self.progress:
-            sys.stderr.write("\r" + progress_text(done=tally.done, total=len(self.plan.mine), rows=tally.rows,
-                                                   failed=len(tally.failed), seconds=time.perf_counter() - self.start))
+        if self.progress:  # redrawn in place on a terminal; a line per chunk in a log file
+            text = progress_text(done=tally.done, total=len(self.plan.mine), rows=tally.rows, failed=len(tally.failed),
+                                 seconds=time.perf_counter() - self.start)
+            sys.stderr.write("\r" + text if progress_line.interactive() else text + "\n")
             sys.stderr.flush()
 
 

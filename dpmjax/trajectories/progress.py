@@ -31,7 +31,7 @@ def line(label: str, done: int, total: int, *, unit: str = "steps", suffix: str 
     return f"{label} [{'#' * filled}{'.' * (_WIDTH - filled)}] {done}/{total}{rate}{suffix}"
 
 
-def _interactive() -> bool:
+def interactive() -> bool:
     """Whether stderr is a terminal: only there is a line redrawn in place."""
     try:
         return sys.stderr.isatty()
@@ -43,7 +43,7 @@ def show(label: str, done: int, total: int, *, unit: str = "steps", suffix: str 
     """Redraw the progress line in place on stderr; a newline once ``done`` reaches ``total``.
     Redirected to a file, only the finished line is written (no carriage returns or escapes)."""
     text = line(label, done, total, unit=unit, suffix=suffix)
-    if _interactive():
+    if interactive():
         sys.stderr.write("\r" + text + ("\n" if done >= total else ""))
     elif done >= total:
         sys.stderr.write(text + "\n")
@@ -53,7 +53,7 @@ def show(label: str, done: int, total: int, *, unit: str = "steps", suffix: str 
 def clear() -> None:
     """Erase the progress line (before printing a result line in its place); nothing when stderr
     is not a terminal."""
-    if _interactive():
+    if interactive():
         sys.stderr.write("\r\x1b[2K")
         sys.stderr.flush()
 

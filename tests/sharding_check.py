@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import dpmjax  # noqa: E402
-from dpmjax import analytic  # noqa: E402
+from dpmjax.models import analytic  # noqa: E402
 from dpmjax.models import digits  # noqa: E402
 
 ROWS, N = 32, 10

@@ -77,7 +77,6 @@ EXACT_TOLERANCE = 1e-5
 DEFAULT_MODEL = "dpmjax.models.digits:unguided_model"
 MAX_DEFAULT_BATCH_ROWS = 256  # rows per model call when the job is not told: memory stays bounded
 CLAIM_POLL_SECONDS = 0.05  # how often a run looks again at chunks other processes are computing
-PROGRESS_WIDTH = 30  # characters of the progress bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,10 +474,8 @@ def progress_text(*, done: int, total: int, rows: int, failed: int, seconds: flo
     """The progress line: ``invert-batch [###...] done/total chunks, R rows (S rows/s), F failed``;
     one rate, this run's rows over the time since the job started (chunks recorded before this
     run count in ``done``, not in the rate)."""
-    filled = int(PROGRESS_WIDTH * min(done, total) / max(total, 1))
     rate = f" ({rows / seconds:.0f} rows/s)" if rows and seconds > 0 else ""
-    return (f"invert-batch [{'#' * filled}{'.' * (PROGRESS_WIDTH - filled)}] {done}/{total} chunks, "
-            f"{rows} rows{rate}, {failed} failed")
+    return f"invert-batch {progress_line.bar(done, total)} {done}/{total} chunks, {rows} rows{rate}, {failed} failed"
 
 
 # ----------------------------------------------------------------------------- the command

@@ -18,6 +18,12 @@ _WIDTH = 30
 _STARTED: Dict[str, tuple] = {}
 
 
+def bar(done: int, total: int) -> str:
+    """``[#####.....]``: the share of ``total`` that ``done`` is, in a bar of fixed width."""
+    filled = int(_WIDTH * min(done, total) / max(total, 1))
+    return f"[{'#' * filled}{'.' * (_WIDTH - filled)}]"
+
+
 def line(label: str, done: int, total: int, *, unit: str = "steps", suffix: str = "") -> str:
     """The text of a progress line after ``done`` of ``total`` units; the rate counts from the first
     update of ``label`` (the first call for a label, or ``done <= 1``, restarts its clock)."""
@@ -27,8 +33,7 @@ def line(label: str, done: int, total: int, *, unit: str = "steps", suffix: str 
         _STARTED[label] = started = (now, done)
     elapsed, counted = now - started[0], done - started[1]
     rate = f" ({counted / elapsed:.1f} {unit}/s)" if counted > 0 and elapsed > 0 else ""
-    filled = int(_WIDTH * min(done, total) / max(total, 1))
-    return f"{label} [{'#' * filled}{'.' * (_WIDTH - filled)}] {done}/{total}{rate}{suffix}"
+    return f"{label} {bar(done, total)} {done}/{total}{rate}{suffix}"
 
 
 def interactive() -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Tuple
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -67,7 +68,7 @@ def floating_array(name: str, value: Any) -> None:
     dtype = getattr(value, "dtype", None)
     if dtype is None:
         dtype = np.asarray(value).dtype
-    if not np.issubdtype(np.dtype(dtype), np.floating) and str(dtype) not in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+    if not jnp.issubdtype(dtype, jnp.floating):  # JAX's view: bfloat16 and float8 are floating too
         raise ValueError(f"{name} must be a floating-point array, got dtype {dtype}.")
 
 

@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import checks
 from .config import SchedulerConfig
+from .numerics.rows import working_dtype
 from .state import SchedulerState
 
 Array = jax.Array
@@ -37,14 +39,9 @@ def concrete_int(value) -> Optional[int]:
         return None
 
 
-def _floating(name: str, x: Array) -> None:
-    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.asarray(x).dtype}.")
-
-
 def compute_dtype(sample: Array):
     """float32 arithmetic for bf16/fp16/fp32 samples; float64 for float64 samples (``jax_enable_x64``)."""
-    return jnp.promote_types(sample.dtype, jnp.float32)
+    return working_dtype(sample.dtype)
 
 
 def mean_of_model_output(config: SchedulerConfig, model_output: Array, sample: Array) -> Array:
@@ -53,8 +50,8 @@ def mean_of_model_output(config: SchedulerConfig, model_output: Array, sample: A
     With a learned variance (``variance_type`` set) the model output carries twice the sample's
     channels on ``config.channel_axis``; the first half is the mean prediction.
     """
-    _floating("model_output", model_output)
-    _floating("sample", sample)
+    checks.floating_array("model_output", model_output)
+    checks.floating_array("sample", sample)
     if config.variance_type is not None:
         axis = config.channel_axis % max(sample.ndim, 1) if sample.ndim else 0
         expected = list(sample.shape)

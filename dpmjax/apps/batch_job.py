@@ -49,11 +49,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import json
 import os
 import signal
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -67,16 +69,29 @@ from .. import checks
 from ..scheduler import DPMSolverMultistepScheduler
 from ..trajectories import progress as progress_line
 from ..trajectories.inversion import invert
-from .input_stores import ChunkError, majority_row_shape, open_store
+from .input_stores import CHUNK_COPIES, ChunkError, majority_row_shape, open_store, shown
+from .memory import array_bytes, device_memory, in_words
 from .output_store import OutputStore
 
 # exact inversion: a row whose measured round trip max|sample(noise) - x| / max(1, max|x|) exceeds this
 # is reported (events.jsonl, the summary); every row's round trip is kept in round_trips/
 EXACT_TOLERANCE = 1e-5
 
+# exit statuses of ``dpmjax invert-batch`` (signals: 128 + the signal's number)
+EXIT_OK = 0  # every chunk recorded (with --exact: every row within EXACT_TOLERANCE)
+EXIT_FAILED = 1  # chunks quarantined in failed/, or the job stopped on an error that is no chunk's (model, disk)
+EXIT_REFUSED = 2  # a setting, path, input or model refused before anything was computed
+EXIT_NOT_CONVERGED = 3  # every chunk recorded, but exact inversion left rows above EXACT_TOLERANCE
+# one piece of rows on a device: the rows, the noise, the model's output and the solver's history are
+# (solver_order + PIECE_COPIES) float32 arrays of [batch_rows, *row_shape]; they may take at most
+# 1/DEVICE_SHARE of the device's memory (the model needs the rest)
+PIECE_COPIES = 3
+DEVICE_SHARE = 2
+
 DEFAULT_MODEL = "dpmjax.models.digits:unguided_model"
 MAX_DEFAULT_BATCH_ROWS = 256  # rows per model call when the job is not told: memory stays bounded
-CLAIM_POLL_SECONDS = 0.05  # how often a run looks again at chunks other processes are computing
+CLAIM_POLL_SECONDS = 0.05
+MAX_LISTED = 20  # chunks named one per line in the CLI's summary (the rest: failed/ and manifest.json)  # how often a run looks again at chunks other processes are computing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +101,12 @@ class Summary:
     failed: dict  # chunk -> reason
     rows: int  # rows computed by this run
     seconds: float
-    not_converged: dict = dataclasses.field(default_factory=dict)  # exact inversion: chunk -> rows whose round trip missed
+    # exact inversion, over every chunk of this process recorded in the output (this run's and earlier
+    # runs'), read from round_trips/: chunk -> rows whose round trip missed, and the rows checked
+    not_converged: dict = dataclasses.field(default_factory=dict)
     stopped: bool = False  # stopped by ``stop`` (a signal) before every chunk was done
+    exact_rows: int = 0  # exact inversion: rows of the recorded chunks whose round trips were read
+    notes: tuple = ()  # things the user should know that did not stop the job (e.g. corrupt log lines)
 
 
     @property
@@ -97,6 +116,11 @@ class Summary:
 
 class _Stopped(Exception):
     """Raised inside a chunk when the job is asked to stop: the chunk is left for the next run."""
+
+
+class JobError(RuntimeError):
+    """The job stopped on an error that is not a chunk's (the model raised, the disk is full):
+    every chunk recorded so far is kept and a rerun resumes."""
 
 
 class ModelError(ValueError):
@@ -115,13 +139,13 @@ def load_model(spec: str) -> Callable:
         raise ModelError(spec, "model must be 'module:function' (a factory called with no arguments).")
     try:
         factory = getattr(importlib.import_module(module), name)
-    except Exception as error:  # ImportError, AttributeError, or the module failing as it is imported
+    except BaseException as error:  # ImportError, AttributeError, the module failing (or exiting) as it is imported
         raise ModelError(spec, f"cannot be imported ({type(error).__name__}: {_first_line(error)}).") from None
     if not callable(factory):
         raise ModelError(spec, f"{module}.{name} is a {type(factory).__name__}, not a function returning model_fn(x, t).")
     try:
         model_fn = factory()
-    except Exception as error:
+    except BaseException as error:  # SystemExit too: a factory that exits gives no model, and is no success
         raise ModelError(spec, f"calling {name}() with no arguments failed ({type(error).__name__}: {_first_line(error)}); "
                                f"name a factory that takes none and returns model_fn(x, t).") from None
     if not callable(model_fn):
@@ -173,6 +197,22 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _check_sizes(*, batch_rows: int, row_shape: Optional[tuple], scheduler) -> None:
+    """One piece of ``batch_rows`` rows must fit on a device before anything of its size is made:
+    the job's own arrays for it ((solver_order + :data:`PIECE_COPIES`) float32 copies of
+    ``[batch_rows, *row_shape]``) may take at most 1/:data:`DEVICE_SHARE` of the device's memory."""
+    if row_shape is None:
+        return
+    copies = scheduler.config.solver_order + PIECE_COPIES
+    need = copies * array_bytes((batch_rows, *row_shape))
+    memory = device_memory(jax.local_devices()[0])
+    if memory is not None and need > memory // DEVICE_SHARE:
+        raise ValueError(f"batch_rows {batch_rows} with rows of shape {tuple(row_shape)}: one piece needs {in_words(need)} "
+                         f"for the job's own arrays ({copies} float32 copies of {in_words(need / copies)}), more than "
+                         f"1/{DEVICE_SHARE} of the device's {in_words(memory)} of memory; use fewer rows per call "
+                         f"(--batch-rows) or check the rows' shape.")
+
+
 def _check_scheduler(scheduler, num_inference_steps: int, batch_rows: int, row_shape: Optional[tuple]):
     """The scheduler must be deterministic and take this many steps; returns its state for them."""
     if scheduler.config.is_sde:
@@ -194,7 +234,7 @@ def _check_model(model_fn: Callable, model: str, scheduler, num_inference_steps:
     rows = jax.ShapeDtypeStruct(shape, jnp.float32)
     try:
         out = jax.eval_shape(model_fn, rows, state.timesteps[0])
-    except Exception as error:
+    except BaseException as error:  # SystemExit too
         raise ValueError(f"model {model} cannot take rows of shape {tuple(row_shape)} "
                          f"({type(error).__name__}: {_first_line(error)}).") from None
     if getattr(out, "shape", None) != shape:
@@ -242,6 +282,16 @@ def run(
                  save_trajectory=save_trajectory, batch_rows=batch_rows, fill_value_is_data=fill_value_is_data)
     plan.output.claim(settings=plan.settings, fingerprints=plan.fingerprints, started=started)  # the first write
     summary = _Job(plan=plan, progress=progress, stop=stop or threading.Event()).run()
+    if plan.exact:  # every recorded chunk's rows, resumed or not, from the round trips written beside the noise
+        report = plan.output.round_trips(plan.mine, EXACT_TOLERANCE)
+        summary = dataclasses.replace(summary, exact_rows=sum(r["rows"] for r in report.values()),
+                                      not_converged={n: r["rows_not_converged"] for n, r in report.items()
+                                                     if r["rows_not_converged"]})
+    count, first = plan.output.corrupt_event_lines
+    if count:
+        summary = dataclasses.replace(summary, notes=summary.notes + (
+            f"{plan.output.root / 'events.jsonl'}: {count} line(s) are no JSON event (the first is line {first}); "
+            f"they were skipped",))
     if not summary.stopped:  # stopped: no barrier, no manifest (the other processes may still be working)
         _write_manifest(plan)
     return summary
@@ -256,12 +306,14 @@ def _plan(*, input_dir: Path, output: OutputStore, model: str, num_inference_ste
     _positive_int("batch_rows", batch_rows, optional=True)
     output.check_usable(input_dir)
     scheduler = scheduler or DPMSolverMultistepScheduler(final_sigmas_type="sigma_min")
-    store = open_store(input_dir, fill_value_is_data=fill_value_is_data)
+    copies = CHUNK_COPIES + (num_inference_steps + 1 if save_trajectory else 0)  # a chunk's float32 copies on the host
+    store = open_store(input_dir, fill_value_is_data=fill_value_is_data, copies=copies)
     shapes = store.shapes()
     row_shape = store.row_shape or majority_row_shape(shapes)
     before = output.settings()
     if batch_rows is None:
         batch_rows = _resumed_batch_rows(before=before, shapes=shapes, row_shape=row_shape)
+    _check_sizes(batch_rows=batch_rows, row_shape=row_shape, scheduler=scheduler)
     _check_scheduler(scheduler=scheduler, num_inference_steps=num_inference_steps, batch_rows=batch_rows, row_shape=row_shape)
     settings = {"model": model, "num_inference_steps": num_inference_steps, "exact": exact, "batch_rows": batch_rows,
                 "scheduler": json.loads(json.dumps(scheduler.config.to_dict())), "fill_value_is_data": fill_value_is_data,
@@ -294,7 +346,8 @@ def _write_manifest(plan: _Plan) -> None:
 
         multihost_utils.sync_global_devices("dpmjax invert-batch: all chunks done")
     if jax.process_index() == 0:
-        plan.output.write_manifest(names=plan.names, row_shape=plan.row_shape, settings=plan.settings)
+        plan.output.write_manifest(names=plan.names, row_shape=plan.row_shape, settings=plan.settings,
+                                   tolerance=EXACT_TOLERANCE if plan.exact else None)
 
 
 @dataclasses.dataclass
@@ -329,9 +382,13 @@ class _Job:
         for name in self.plan.mine:
             (skipped if output.is_recorded(name) else todo).append(name)
         output.tidy_recorded(skipped)
-        self.tally = tally = _Tally(todo=todo, skipped=skipped, done=len(skipped))
+        unreadable = self.unreadable(todo)
+        self.tally = tally = _Tally(todo=[name for name in todo if name not in unreadable], skipped=skipped,
+                                    done=len(skipped) + len(unreadable), failed=dict(unreadable))
         self.start, self.started = time.perf_counter(), time.time()
-        self.show()  # chunks recorded before this run count as done from the start
+        if unreadable:
+            output.quarantine_many(unreadable)
+        self.show()  # chunks recorded before this run (and shards that cannot be read) count as done from the start
         threads = [threading.Thread(target=self.worker, args=(device,), daemon=True) for device in jax.local_devices()]
         for thread in threads:
             thread.start()
@@ -340,7 +397,11 @@ class _Job:
         if self.progress and progress_line.interactive():
             sys.stderr.write("\n")
         if tally.errors:
-            raise tally.errors[0]
+            name, error = tally.errors[0]
+            hint = " (free space, then" if isinstance(error, OSError) and error.errno == errno.ENOSPC else " ("
+            raise JobError(f"the job stopped while inverting chunk {shown(name)}: {type(error).__name__}: "
+                           f"{_first_line(error)}{hint} rerun the same command to resume: every chunk recorded "
+                           f"so far is kept).") from error
         stopped = self.stop.is_set() and bool(tally.todo or tally.busy or tally.interrupted)
         return Summary(recorded=tally.recorded, skipped=tally.skipped, failed=tally.failed, rows=tally.rows,
                        seconds=time.perf_counter() - self.start, not_converged=tally.not_converged, stopped=stopped)
@@ -376,6 +437,14 @@ class _Job:
                 continue
             return name, claim
 
+    def unreadable(self, todo: list) -> dict:
+        """The chunks of ``todo`` whose shard could not even be opened when the job started
+        (missing, no permission): name -> why. They are quarantined together, before the workers
+        start, instead of one claim, record and fsync each."""
+        fingerprints = self.plan.fingerprints
+        return {name: f"unreadable ({fingerprints[name]['error']})" for name in todo
+                if isinstance(fingerprints.get(name), dict) and "error" in fingerprints[name]}
+
     def failed_meanwhile(self, name: str) -> bool:
         """Whether another process quarantined chunk ``name`` after this run began (then its
         reason is taken over instead of failing the chunk a second time)."""
@@ -397,9 +466,9 @@ class _Job:
             except _Stopped:
                 with self.tally.lock:
                     self.tally.interrupted = True
-            except BaseException as error:  # not the chunk's fault (the model, the disk): stop the job
+            except BaseException as error:  # not the chunk's fault (the model, even exiting; the disk): stop the job
                 with self.tally.lock:
-                    self.tally.errors.append(error)
+                    self.tally.errors.append((name, error))
                 return
             finally:
                 claim.release(recorded=recorded)
@@ -408,6 +477,9 @@ class _Job:
         """Invert one claimed chunk and record it (or quarantine it); returns whether it is recorded."""
         self.plan.output.log(chunk=name, event="started", device=device.id)
         try:
+            unnamable = self.plan.output.can_record(name)
+            if unnamable:
+                raise ChunkError(unnamable)
             x = self.plan.input.read(name, self.plan.row_shape)
             noise, samples, round_trip = _in_batches(invert_rows=self.invert_rows(device), x=x,
                                                      batch_rows=self.plan.batch_rows, stop=self.stop)
@@ -522,6 +594,22 @@ class _StopOnSignals:
             signal.signal(number, handler)
 
 
+EPILOG = f"""guarantees:
+  the input is only read, through resolved paths that stay inside INPUT; nothing is written before
+  every setting, path and size is checked; every file is written whole (a temporary file, fsynced,
+  renamed) and only inside OUTPUT; a killed or stopped run resumes where it stopped; a bad shard is
+  quarantined in OUTPUT/failed/ and the rest is done; with --exact, every row's round trip is kept
+  in OUTPUT/round_trips/ and counted in every summary and in manifest.json, resumed or not.
+
+exit status:
+  {EXIT_OK}  every chunk recorded (with --exact: every row within round trip {EXACT_TOLERANCE:g})
+  {EXIT_FAILED}  chunks quarantined (OUTPUT/failed/), or the job stopped on an error that is no
+     chunk's (the model, the disk): a rerun resumes
+  {EXIT_REFUSED}  a setting, path, input or model refused before anything was computed
+  {EXIT_NOT_CONVERGED}  every chunk recorded, but exact inversion left rows above the tolerance
+  130/143  stopped by SIGINT/SIGTERM: a rerun resumes"""
+
+
 def _error(message: str) -> int:
     """A user's mistake: one line on stderr, exit status 2."""
     sys.stderr.write(f"dpmjax invert-batch: error: {message}\n")
@@ -529,7 +617,9 @@ def _error(message: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpmjax invert-batch", description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(prog="dpmjax invert-batch", epilog=EPILOG,
+                                     description=textwrap.fill(" ".join(__doc__.split("\n\n")[0].split()), width=100),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="a directory of .npy shards (optionally with manifest.json) or a zarr array")
     parser.add_argument("output", help="output directory (created; reruns resume)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"module:function returning model_fn(x, t) (default: {DEFAULT_MODEL})")
@@ -568,6 +658,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _error(f"--model {error.spec}: {_first_line(ValueError(error.reason), limit=1000)}")
         except (ValueError, OSError) as error:
             return _error(_first_line(error, limit=1000))
+        except JobError as error:
+            sys.stderr.write(f"dpmjax invert-batch: {_first_line(error, limit=1000)}\n")
+            return EXIT_FAILED
+    for note in summary.notes:
+        sys.stderr.write(f"invert-batch: note: {shown(note)}\n")
     if summary.stopped:
         number = signals.received[0] if signals.received else signal.SIGINT
         sys.stderr.write(f"invert-batch: stopped by {signal.Signals(number).name} after recording {len(summary.recorded)} "
@@ -575,10 +670,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 128 + number
     print(f"invert-batch: {len(summary.recorded)} chunks inverted ({summary.rows} rows, {summary.rows_per_second:.0f} rows/s), "
           f"{len(summary.skipped)} already done, {len(summary.failed)} failed")
-    for name, reason in summary.failed.items():
-        print(f"  FAILED {name}: {reason}")
+    for name, reason in list(summary.failed.items())[:MAX_LISTED]:
+        print(shown(f"  FAILED {name}: {reason}"))
+    if len(summary.failed) > MAX_LISTED:
+        print(f"  ... and {len(summary.failed) - MAX_LISTED} more failed chunks (each with its reason in "
+              f"{shown(str(Path(args.output) / 'failed'))}/)")
+    missed = sum(len(rows) for rows in summary.not_converged.values())
     if args.exact:
-        missed = sum(len(rows) for rows in summary.not_converged.values())
-        print(f"exact inversion: {summary.rows - missed} of {summary.rows} rows within round trip {EXACT_TOLERANCE:g}"
-              + (f"; not converged (rows by chunk, round trips in round_trips/): {summary.not_converged}" if missed else ""))
-    return 1 if summary.failed else 0
+        print(f"exact inversion: {summary.exact_rows - missed} of {summary.exact_rows} rows within round trip "
+              f"{EXACT_TOLERANCE:g} (every recorded chunk, this run's and earlier runs')")
+        for name, rows in list(summary.not_converged.items())[:MAX_LISTED]:
+            print(shown(f"  NOT CONVERGED {name}: rows {rows} (round trips in round_trips/)"))
+        if len(summary.not_converged) > MAX_LISTED:
+            print(f"  ... and {len(summary.not_converged) - MAX_LISTED} more chunks with rows not converged (manifest.json)")
+    if summary.failed:
+        return EXIT_FAILED
+    return EXIT_NOT_CONVERGED if missed else EXIT_OK

@@ -8,6 +8,11 @@
   ``rows-BEGIN-END.npy`` after the half-open row range. A chunk file that is missing is reported
   (its rows would read as the fill value) unless ``fill_value_is_data``.
 
+Every shard is read through its resolved path (symlinks followed), which must stay inside the
+input folder: a symlink or manifest entry that leads elsewhere is refused before anything is
+written, and checked again as the shard is read. A chunk is read whole, so its size is checked
+against the host's memory (from the ``.npy`` header or the zarr metadata) before it is read.
+
 A store lists its chunk names in job order, their shapes from metadata alone (no data read), a
 fingerprint of each chunk's stored bytes (to recognise the same input on a resume), and reads one
 chunk, raising :class:`ChunkError` for a chunk that cannot be used. Stores are only ever read.
@@ -18,15 +23,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+from collections import Counter
 from itertools import product
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
 import numpy as np
 
+from .memory import array_bytes, host_memory, in_words
+
 NPY_MAGIC = b"\x93NUMPY"
 WHOLE_FILE_HASH_BYTES = 1 << 20  # files up to this size are hashed whole; larger ones by their first and last MiB
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# a chunk is read whole, copied to float32 and its noise gathered beside it: about this many float32
+# copies of it are in host memory at once (with ``copies_per_row`` more for a saved trajectory)
+CHUNK_COPIES = 3
 
 
 class ChunkError(ValueError):
@@ -39,6 +51,48 @@ def read_json(path: Path, what: str):
         return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ValueError(f"{what} {path} cannot be read as JSON ({type(error).__name__}: {error}).") from None
+
+
+def shown(name: str) -> str:
+    """A file name as it can be printed: bytes that are not UTF-8 (kept by Python as surrogates)
+    are written as ``\\xNN`` escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def resolved(path: Path, what: str) -> Path:
+    """``path`` with every symlink followed; a symlink loop is a ``ValueError`` naming ``what``."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as error:  # RuntimeError: Python < 3.13's "Symlink loop"
+        raise ValueError(f"{what} {shown(str(path))} cannot be resolved: it is a symlink loop or leads through one "
+                         f"({_first_line(error)}).") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return shown((str(error).strip().splitlines() or [type(error).__name__])[0])
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether the resolved ``path`` is the resolved ``root`` or lies below it (a loop is outside)."""
+    try:
+        target = Path(path).resolve()
+    except (RuntimeError, OSError):
+        return False
+    return target == root or target.is_relative_to(root)
+
+
+def check_chunk_memory(shape: tuple, itemsize: int, copies: int = CHUNK_COPIES) -> None:
+    """A chunk of ``shape`` (stored with ``itemsize`` bytes per value) is read whole and held as
+    about ``copies`` float32 copies: refuse it (:class:`ChunkError`) when that needs more than half
+    of the host's memory, before any of it is read."""
+    limit = host_memory()
+    if limit is None or len(shape) < 1:
+        return
+    need = array_bytes(shape, itemsize) + copies * array_bytes(shape, 4)
+    if need > limit // 2:
+        raise ChunkError(f"shape {tuple(shape)} is too large to read whole: about {in_words(need)} of host memory "
+                         f"(the chunk and {copies} float32 copies), more than half of this machine's "
+                         f"{in_words(limit)}; cut it into smaller shards")
 
 
 def file_fingerprint(path: Path) -> dict:
@@ -106,8 +160,10 @@ def manifest_row_shape(value, manifest: Path) -> Optional[tuple]:
 class NpyShards:
     """A folder of ``.npy`` shards (optionally listed by ``manifest.json``)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, copies: int = CHUNK_COPIES):
         self.folder = Path(folder)
+        self.real = resolved(self.folder, "input")
+        self.copies = copies
         manifest = self.folder / "manifest.json"
         if manifest.exists():
             self.names, self.row_shape = self._from_manifest(manifest)
@@ -116,6 +172,18 @@ class NpyShards:
             self.row_shape = None
             if not self.names:
                 raise ValueError(f"input {self.folder} has no manifest.json, no .npy files and is no zarr array.")
+        self._check_inside()
+
+    def _check_inside(self) -> None:
+        """Every shard, its symlinks followed, must lie inside the input folder (a missing shard
+        is reported when its turn comes)."""
+        leaving = [name for name in self.names
+                   if os.path.exists(self.folder / name) and not inside(self.folder / name, self.real)]
+        if leaving:
+            more = f" (and {len(leaving) - 1} more shards)" if len(leaving) > 1 else ""
+            raise ValueError(f"input shard {shown(leaving[0])} leads outside the input folder {shown(str(self.folder))} "
+                             f"(through a symlink, to {shown(str(resolved(self.folder / leaving[0], 'input shard')))}){more}: "
+                             f"the job reads only files inside its input; copy the shard in or list files inside it.")
 
     @staticmethod
     def _from_manifest(manifest: Path) -> tuple:
@@ -126,7 +194,7 @@ class NpyShards:
             raise ValueError(f'input manifest {manifest} must be a JSON object listing its shards as "shards": '
                              f'["NAME.npy", ...], got {json.dumps(meta)[:80]}.')
         names = [shard_name(entry, manifest) for entry in shards]
-        repeated = sorted({name for name in names if names.count(name) > 1})
+        repeated = sorted(name for name, count in Counter(names).items() if count > 1)
         if repeated:
             raise ValueError(f"input manifest {manifest} lists {repeated[0]!r} more than once.")
         listed = set(names)
@@ -159,16 +227,30 @@ class NpyShards:
     def read(self, name: str, row_shape: Optional[tuple]) -> np.ndarray:
         path = self.folder / name
         try:
+            if os.path.exists(path) and not inside(path, self.real):  # a symlink changed since the job started
+                raise ChunkError("it leads outside the input folder (through a symlink): the job reads only files inside its input")
             with open(path, "rb") as f:
                 head = f.read(len(NPY_MAGIC))
-            if head != NPY_MAGIC:
-                raise ChunkError(_not_npy(head))
+                if head != NPY_MAGIC:
+                    raise ChunkError(_not_npy(head))
+                f.seek(0)
+                shape, dtype = _npy_header(f)
+            check_chunk_memory(shape, dtype.itemsize, copies=self.copies)  # before any data is read
             x = np.load(path, allow_pickle=False)
         except ChunkError:
             raise
         except Exception as error:  # truncated, a folder, permissions
             raise ChunkError(f"unreadable ({type(error).__name__}: {error})") from error
         return checked(x, row_shape)
+
+
+def _npy_header(f) -> tuple:
+    """``(shape, dtype)`` from the header of the .npy file ``f`` (positioned at its start); nothing
+    else is read."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return tuple(shape), dtype
 
 
 def _not_npy(head: bytes) -> str:
@@ -183,13 +265,14 @@ def _not_npy(head: bytes) -> str:
 class ZarrArray:
     """A zarr array ``[rows, *row_shape]``, read with tensorstore, in chunks of its own row chunking."""
 
-    def __init__(self, folder: Path, fill_value_is_data: bool = False):
+    def __init__(self, folder: Path, fill_value_is_data: bool = False, copies: int = CHUNK_COPIES):
         try:
             import tensorstore as ts
         except ImportError as error:  # pragma: no cover - depends on the environment
             raise ImportError('reading a zarr array needs tensorstore: pip install "dpmjax[zarr]"') from error
 
         self.folder = Path(folder)
+        self.copies = copies
         self.version = 3 if (self.folder / "zarr.json").exists() else 2
         self.metadata_file = self.folder / ("zarr.json" if self.version == 3 else ".zarray")
         spec = {"driver": "zarr3" if self.version == 3 else "zarr", "kvstore": {"driver": "file", "path": str(self.folder)},
@@ -202,6 +285,8 @@ class ZarrArray:
         shape = tuple(self.array.shape)
         if len(shape) < 2:
             raise ValueError(f"input {self.folder} is a zarr array of shape {shape}: it must be [rows, *row_shape].")
+        if shape[0] == 0:
+            raise ValueError(f"input {self.folder} is a zarr array of shape {shape} with no rows: nothing to invert.")
         self.row_shape = shape[1:]
         self.file_chunk = tuple(int(n or s) for n, s in zip(self.array.chunk_layout.write_chunk.shape, shape))
         step = int(self.array.chunk_layout.read_chunk.shape[0] or shape[0])
@@ -248,6 +333,7 @@ class ZarrArray:
 
     def read(self, name: str, row_shape: Optional[tuple]) -> np.ndarray:
         begin, end = self.ranges[name]
+        check_chunk_memory((end - begin, *self.row_shape), self.array.dtype.numpy_dtype.itemsize, copies=self.copies)
         try:
             x = np.asarray(self.array[begin:end].read().result())
         except Exception as error:  # a corrupt, unreadable or missing chunk file
@@ -267,14 +353,18 @@ class ZarrArray:
                 f"{0 if fill is None else np.asarray(fill).item()}; pass --fill-value-is-data if missing chunks mean the fill value")
 
 
-def open_store(folder, fill_value_is_data: bool = False) -> "NpyShards | ZarrArray":
-    """The input store at ``folder``: a zarr array if it has zarr metadata, else ``.npy`` shards."""
+def open_store(folder, fill_value_is_data: bool = False, copies: int = CHUNK_COPIES) -> "NpyShards | ZarrArray":
+    """The input store at ``folder``: a zarr array if it has zarr metadata, else ``.npy`` shards.
+    ``copies``: how many float32 copies of a chunk the job holds (see :func:`check_chunk_memory`)."""
     folder = Path(folder)
+    resolved(folder, "input")
     if not folder.is_dir():
-        raise ValueError(f"input {folder} is not a directory.")
+        if folder.is_symlink():
+            raise ValueError(f"input {shown(str(folder))} is a symlink to {shown(os.readlink(folder))}, which does not exist.")
+        raise ValueError(f"input {shown(str(folder))} is not a directory.")
     if (folder / ".zarray").exists() or (folder / "zarr.json").exists():
-        return ZarrArray(folder, fill_value_is_data=fill_value_is_data)
-    return NpyShards(folder)
+        return ZarrArray(folder, fill_value_is_data=fill_value_is_data, copies=copies)
+    return NpyShards(folder, copies=copies)
 
 
 def majority_row_shape(shapes: dict) -> Optional[tuple]:

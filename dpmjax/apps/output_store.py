@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .input_stores import read_json
+from .input_stores import inside, read_json, resolved, shown
 
 try:
     import fcntl
@@ -83,6 +83,7 @@ class OutputStore:
     def __init__(self, root):
         self.root = Path(root)
         self._events_lock = threading.Lock()
+        self.corrupt_event_lines = (0, None)  # lines of events.jsonl that are no JSON event: (count, first line number)
 
     # ------------------------------------------------------------------------- before anything is written
     def check_usable(self, input_dir: Path) -> None:
@@ -94,10 +95,44 @@ class OutputStore:
             entries = [entry for entry in os.listdir(self.root) if not TEMP_NAME.fullmatch(entry)]
         except FileNotFoundError:
             return
+        self._check_folders_inside()
         if not entries or "settings.json" in entries or self._settings_path.exists():  # (a run creating it now)
             return
         raise ValueError(f"output {self.root} is a folder of other files ({len(entries)} entries, no settings.json), "
                          f"not an output of this job: name a new or empty folder.")
+
+    def _check_folders_inside(self) -> None:
+        """The job's folders in OUTPUT must be folders of OUTPUT: one replaced by a symlink that
+        leads elsewhere (into the input, say) is refused, so nothing is ever written through it."""
+        real = resolved(self.root, "output")
+        for folder in (*JOB_FOLDERS, "claims"):
+            path = self.root / folder
+            if os.path.lexists(path) and (path.is_symlink() or not inside(path, real)):
+                raise ValueError(f"output {shown(str(self.root))}: {folder}/ is a symlink (to {shown(os.readlink(path))}), "
+                                 f"not a folder of the output; the job writes only inside its output folder, so "
+                                 f"restore that folder or write to a new output folder.")
+
+    def _inside(self, path: Path) -> Path:
+        """``path`` once checked to lie inside OUTPUT (its nearest existing folder resolved, every
+        symlink followed): a write through a symlink leading out of OUTPUT is refused (``OSError``
+        naming the file), never made. Returns ``path``."""
+        real = resolved(self.root, "output")
+        existing = path.parent
+        while not os.path.lexists(existing) and existing != self.root and existing != existing.parent:
+            existing = existing.parent
+        if not inside(existing, real):
+            raise OSError(f"refusing to write {shown(str(path))}: {shown(str(existing))} leads outside the output folder "
+                          f"{shown(str(self.root))} (through a symlink); the job writes only inside its output folder.")
+        return path
+
+    def can_record(self, name: str) -> Optional[str]:
+        """Why chunk ``name`` cannot have an output file (a path component longer than the file
+        system takes), or ``None`` when it can."""
+        too_long = [part for part in Path(name).parts if len(os.fsencode(part)) > MAX_NAME_BYTES]
+        if too_long:
+            return (f"its name has a component of {len(os.fsencode(too_long[0]))} bytes, longer than the "
+                    f"{MAX_NAME_BYTES} bytes a file or folder name may have, so no output file can be named after it")
+        return None
 
     def settings(self) -> Optional[dict]:
         """The settings the output was started with, or ``None`` for a new output."""
@@ -135,7 +170,7 @@ class OutputStore:
         if some run created it first, require the same settings (processes of one job share the
         output; two jobs never do). Then record the inputs' fingerprints and remove the temporary
         files of writers dead before ``started`` (a ``time.time()``)."""
-        if not _create_exclusive(self._settings_path, json.dumps(settings, indent=1)):
+        if not _create_exclusive(self._inside(self._settings_path), json.dumps(settings, indent=1)):
             self.check_same_settings(self._read_settings(), settings)
         # once the output is this job's: the records as they are now (another run may have written some meanwhile)
         self._write_fingerprints(*self._input_changes(fingerprints))
@@ -145,14 +180,17 @@ class OutputStore:
     # ------------------------------------------------------------------------- chunks
     def is_recorded(self, name: str) -> bool:
         """Whether chunk ``name`` is done: its noise file exists (a folder there is not a record)."""
-        return (self.root / "chunks" / name).is_file()
+        try:
+            return (self.root / "chunks" / name).is_file()
+        except OSError:  # e.g. a name too long for the file system: no record can exist
+            return False
 
     def claim_chunk(self, name: str) -> Optional[ChunkClaim]:
         """Try to take chunk ``name`` for this process: an exclusive, non-blocking flock on
         ``claims/HASH`` (the kernel drops it when the process dies, so a killed run's claims are
         never stale). ``None`` when another process holds the chunk. Where the file system has no
         locks the chunk is taken unclaimed."""
-        path = self.root / "claims" / _short_hash(name)
+        path = self._inside(self.root / "claims" / _short_hash(name))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         if fcntl is None:
@@ -165,7 +203,7 @@ class OutputStore:
         except OSError:  # no locks here (some network file systems): unclaimed
             return ChunkClaim(path, fd)
         os.ftruncate(fd, 0)
-        os.write(fd, f"{name}\n{socket.gethostname()} {os.getpid()}\n".encode())
+        os.write(fd, os.fsencode(name) + f"\n{socket.gethostname()} {os.getpid()}\n".encode())
         return ChunkClaim(path, fd)
 
     def write_chunk(self, name: str, noise: np.ndarray, trajectory: Optional[np.ndarray] = None,
@@ -173,15 +211,33 @@ class OutputStore:
         """Write a chunk's outputs, each atomically, the noise last (the record: from then on the
         chunk is done), and drop an earlier quarantine record of it."""
         if trajectory is not None:
-            _atomic_save(self.root / "trajectories" / name, trajectory)
+            _atomic_save(self._inside(self.root / "trajectories" / name), trajectory)
         if round_trip is not None:
-            _atomic_save(self.root / "round_trips" / name, round_trip)
-        _atomic_save(self.root / "chunks" / name, noise)
+            _atomic_save(self._inside(self.root / "round_trips" / name), round_trip)
+        _atomic_save(self._inside(self.root / "chunks" / name), noise)
         _side_path(self.root / "failed", name).unlink(missing_ok=True)
 
     def quarantine(self, name: str, reason: str) -> None:
         """Record chunk ``name`` as failed, and why (a rerun tries it again)."""
-        _atomic_write_text(_side_path(self.root / "failed", name), json.dumps({"chunk": name, "reason": reason}))
+        _atomic_write_text(self._inside(_side_path(self.root / "failed", name)), json.dumps({"chunk": name, "reason": reason}))
+
+    def quarantine_many(self, reasons: dict) -> None:
+        """Record many chunks as failed at once (``reasons``: name -> why), with one fsync per
+        folder and one append to ``events.jsonl`` rather than a few per chunk: shards missing by
+        the thousand cost seconds, not minutes. Each record is still written whole (a temporary
+        file renamed into place); a crash before the folders are synced loses only records the
+        next run makes again."""
+        folders = set()
+        for name, reason in reasons.items():
+            path = self._inside(_side_path(self.root / "failed", name))
+            _atomic_write(path, lambda f, n=name, r=reason: f.write(json.dumps({"chunk": n, "reason": r}).encode()),
+                          durable=False)
+            folders.add(path.parent)
+        for folder in folders:
+            _fsync_folder(folder)
+        with self._events_lock:
+            _append_events(self._inside(self._events_path),
+                           [{"chunk": name, "event": "failed", "reason": reason} for name, reason in reasons.items()])
 
     def failure_since(self, name: str, since: float) -> Optional[str]:
         """Why chunk ``name`` was quarantined, if that happened at ``since`` (a ``time.time()``) or later."""
@@ -203,11 +259,38 @@ class OutputStore:
     def log(self, **event) -> None:
         """Append one event (with the time and this process' id) to ``events.jsonl``, fsynced."""
         with self._events_lock:
-            _append_event(self._events_path, **event)
+            _append_events(self._inside(self._events_path), [event])
 
-    def write_manifest(self, names: Sequence[str], row_shape: Optional[tuple], settings: dict) -> None:
+    def round_trips(self, names: Sequence[str], tolerance: float) -> dict:
+        """Exact inversion's measured round trips of the recorded chunks among ``names``, read from
+        ``round_trips/`` (so a resumed job counts every row, not only this run's): name ->
+        ``{"rows", "rows_converged", "worst_round_trip", "rows_not_converged"}``; a row converged
+        when its round trip is at most ``tolerance`` (a non-finite one never is). A recorded chunk
+        whose round-trip file is missing or unreadable counts every row as not converged."""
+        report = {}
+        for name in names:
+            if not self.is_recorded(name):
+                continue
+            try:
+                trips = np.asarray(np.load(self.root / "round_trips" / name, allow_pickle=False), np.float64).reshape(-1)
+            except (OSError, ValueError):
+                rows = int(np.load(self.root / "chunks" / name, mmap_mode="r").shape[0])
+                report[name] = {"rows": rows, "rows_converged": 0, "worst_round_trip": None,
+                                "rows_not_converged": list(range(rows)), "round_trips": "missing"}
+                continue
+            missed = np.flatnonzero(~(trips <= tolerance)).tolist()
+            finite = trips[np.isfinite(trips)]
+            report[name] = {"rows": int(trips.size), "rows_converged": int(trips.size - len(missed)),
+                            "worst_round_trip": float(finite.max()) if finite.size == trips.size and trips.size else None,
+                            "rows_not_converged": missed}
+        return report
+
+    def write_manifest(self, names: Sequence[str], row_shape: Optional[tuple], settings: dict,
+                       tolerance: Optional[float] = None) -> None:
         """``manifest.json``: the recorded shards in job order, the settings, each recorded shard's
-        input fingerprint, and the shards still missing."""
+        input fingerprint, the shards still missing and, with exact inversion (a ``tolerance``),
+        per shard the rows within it, the rows in all and the worst round trip (``null`` when one
+        is not finite)."""
         done = [name for name in names if self.is_recorded(name)]
         if row_shape is None and done:  # nothing read by this run: the recorded outputs say it
             row_shape = tuple(np.load(self.root / "chunks" / done[0], mmap_mode="r").shape[1:])
@@ -216,9 +299,19 @@ class OutputStore:
             record = _fingerprint_record(_side_path(self.root / "inputs", name))
             fingerprints[name] = record["fingerprint"] if record else None
         job_settings = {key: value for key, value in settings.items() if key != "input_shards"}
-        _atomic_write_text(self.root / "manifest.json", json.dumps({
+        exact = {}
+        if tolerance is not None:
+            shards = {name: {k: v for k, v in r.items() if k != "rows_not_converged"}
+                      for name, r in self.round_trips(done, tolerance).items()}
+            worst = [r["worst_round_trip"] for r in shards.values()]
+            exact = {"exact_inversion": {
+                "tolerance": tolerance, "rows": sum(r["rows"] for r in shards.values()),
+                "rows_converged": sum(r["rows_converged"] for r in shards.values()),
+                "worst_round_trip": None if None in worst else max(worst, default=None), "shards": shards}}
+        done_set = set(done)
+        _atomic_write_text(self._inside(self.root / "manifest.json"), json.dumps({
             "shards": done, "row_shape": list(row_shape) if row_shape else None, "of": "noise", **job_settings,
-            "input_fingerprints": fingerprints, "missing": [n for n in names if n not in set(done)]}, indent=1))
+            "input_fingerprints": fingerprints, "missing": [n for n in names if n not in done_set], **exact}, indent=1))
 
     # ------------------------------------------------------------------------- inside
     @property
@@ -286,7 +379,9 @@ class OutputStore:
         record another run wrote meanwhile must hold the same fingerprint: else the two runs read
         other bytes under one shard name, and this one is refused."""
         for path, record in new.items():  # one small file per shard: not fsynced (a record lost to a crash is made anew)
-            if _create_exclusive(path, json.dumps(record), durable=False):
+            if isinstance(record["fingerprint"], dict) and "error" in record["fingerprint"]:
+                continue  # an unreadable shard: nothing to recognise it by (it is quarantined when its turn comes)
+            if _create_exclusive(self._inside(path), json.dumps(record), durable=False):
                 continue
             before = _fingerprint_record(path)
             if before is not None and before.get("fingerprint") != record["fingerprint"]:
@@ -294,7 +389,7 @@ class OutputStore:
                                  f"run recorded it as {_short(before.get('fingerprint'))}, this run read "
                                  f"{_short(record['fingerprint'])}); restore it or write to a new output folder.")
         for path, record in fixed.items():
-            _atomic_write_text(path, json.dumps(record))
+            _atomic_write_text(self._inside(path), json.dumps(record))
 
     def _may_be_fixed(self, name: str, before) -> bool:
         """A shard may change under a resumed job only while its chunk is not recorded and it was
@@ -324,6 +419,24 @@ class OutputStore:
             if claim is not None:
                 claim.release(recorded=True)
 
+    def _recorded_events(self) -> set:
+        """The chunks ``events.jsonl`` logs as recorded. Lines that are no JSON event (bytes a
+        crash or a stray write left: not UTF-8, cut short) are skipped, counted in
+        :attr:`corrupt_event_lines` with the first one's number, so the job can say so."""
+        logged, corrupt = set(), []
+        with open(self._events_path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                try:
+                    event = json.loads(line)
+                except ValueError:  # UnicodeDecodeError included
+                    if line.strip():
+                        corrupt.append(number)
+                    continue
+                if isinstance(event, dict) and event.get("event") == "recorded":
+                    logged.add(event.get("chunk"))
+        self.corrupt_event_lines = (len(corrupt), corrupt[0] if corrupt else None)
+        return logged
+
     def _log_unlogged_records(self, recorded: Sequence[str]) -> None:
         """A run killed between writing a chunk's output (the record) and logging it leaves the
         chunk done but unlogged: log it now (``"found": true``), so the audit has one "recorded"
@@ -331,20 +444,13 @@ class OutputStore:
         line cut short by the kill is ended first, so the next event starts on a line of its own."""
         events = self._events_path
         if events.exists() and events.stat().st_size:
-            with open(events, "rb+") as f:
+            with open(self._inside(events), "rb+") as f:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     f.write(b"\n")
         logged = set()
         if recorded and events.exists():  # one pass over the log, only when a rerun finds finished chunks
-            with open(events) as f:
-                for line in f:
-                    try:
-                        event = json.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(event, dict) and event.get("event") == "recorded":
-                        logged.add(event.get("chunk"))
+            logged = self._recorded_events()
         for name in recorded:
             if name in logged:
                 continue
@@ -361,12 +467,15 @@ class OutputStore:
 # ----------------------------------------------------------------------------- paths and records
 def _check_apart(input_dir: Path, output_dir: Path) -> None:
     """OUTPUT must be a folder (or not exist yet) apart from INPUT: the job never writes into its input."""
+    source, target = resolved(input_dir, "input"), resolved(output_dir, "output")
+    if output_dir.is_symlink() and not output_dir.exists():
+        raise ValueError(f"output {shown(str(output_dir))} is a symlink to {shown(os.readlink(output_dir))}, which does not "
+                         f"exist: create that folder or name another output folder.")
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output {output_dir} is a file, not a folder: name a folder (it is created if missing).")
     above = next((p for p in output_dir.absolute().parents if p.exists() or p.is_symlink()), None)
     if above is not None and not above.is_dir():
         raise ValueError(f"output {output_dir} cannot be created: {above} is a file, not a folder.")
-    source, target = input_dir.resolve(), output_dir.resolve()
     if source == target:
         relation = "is the input"
     elif target.is_relative_to(source):
@@ -405,7 +514,8 @@ def _short(fingerprint) -> str:
 
 
 def _short_hash(text: str, length: int = 16) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
+    """A hex digest of ``text`` (a name's bytes: one that is not UTF-8 hashes as it is on disk)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:length]
 
 
 _HOST_TAG = _short_hash(socket.gethostname(), 8)  # in temporary names: whose host they are
@@ -418,11 +528,13 @@ def _temp_prefix(path: Path) -> str:
 
 
 def _side_path(folder: Path, name: str) -> Path:
-    """``folder/NAME.json`` for chunk ``NAME.npy`` (subfolders kept); a name too long for that gets
-    a hash instead (the JSON inside names the chunk)."""
+    """``folder/NAME.json`` for chunk ``NAME.npy`` (subfolders kept); a name with a file or folder
+    name too long for that gets a hash instead, directly in ``folder`` (the JSON inside names the chunk)."""
     base = name[:-len(".npy")] if name.endswith(".npy") else name
-    path = folder / f"{base}.json"
-    return path if len(path.name.encode()) <= MAX_NAME_BYTES else path.parent / f"{_short_hash(name)}.json"
+    relative = Path(f"{base}.json")
+    if all(len(os.fsencode(part)) <= MAX_NAME_BYTES for part in relative.parts):
+        return folder / relative
+    return folder / f"{_short_hash(name)}.json"
 
 
 # ----------------------------------------------------------------------------- files, atomically
@@ -437,7 +549,15 @@ def _fsync_folder(folder: Path) -> None:
 def _create_exclusive(path: Path, text: str, durable: bool = True) -> bool:
     """Create ``path`` holding ``text`` if it does not exist, atomically: a temporary file (fsynced
     if ``durable``), hard-linked into place (the link fails if ``path`` exists), so ``path`` is never
-    seen half written. Returns whether this call created it."""
+    seen half written. Returns whether this call created it; a failure (a full disk) is an
+    ``OSError`` naming ``path``."""
+    try:
+        return _link_into_place(path, text, durable=durable)
+    except OSError as error:
+        raise _naming(error, path) from None
+
+
+def _link_into_place(path: Path, text: str, durable: bool) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
@@ -463,37 +583,66 @@ def _create_exclusive(path: Path, text: str, durable: bool = True) -> bool:
         os.unlink(tmp)
 
 
-def _atomic_write(path: Path, write) -> None:
+class _PlainWriter:
+    """A file seen by numpy as a plain stream: it then writes with ``write()`` (an ``OSError`` with
+    its errno, ENOSPC on a full disk) rather than ``tofile`` ("4096 requested and 2016 written")."""
+
+    def __init__(self, file):
+        self.write = file.write
+
+
+def _atomic_write(path: Path, write, durable: bool = True) -> None:
     """``write(file)`` into a temporary file beside ``path``, fsync, rename into place, fsync the
-    folder: ``path`` then exists whole or not at all, also across a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    folder: ``path`` then exists whole or not at all, also across a crash (``durable=False``: no
+    fsyncs, for records a crash may lose because the next run makes them again). A failure (a
+    full disk) leaves no temporary file and is an ``OSError`` naming ``path``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise _naming(error, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise _naming(error, path) from None
         raise
-    _fsync_folder(path.parent)
+    if durable:
+        _fsync_folder(path.parent)
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """``error`` as an ``OSError`` whose message names the file the job was writing."""
+    reason = error.strerror or str(error)
+    return OSError(error.errno, f"cannot write {shown(str(path))}: {reason}")
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    _atomic_write(path, lambda f: np.save(f, array))
+    _atomic_write(path, lambda f: np.lib.format.write_array(_PlainWriter(f), np.asanyarray(array), allow_pickle=False))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _append_event(path: Path, **event) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(dict(event, time=time.time(), pid=os.getpid())) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def _append_events(path: Path, events: Sequence[dict]) -> None:
+    """Append ``events`` (each with the time and this process' id) in one write, fsynced."""
+    now, pid = time.time(), os.getpid()
+    text = "".join(json.dumps(dict(event, time=now, pid=pid)) + "\n" for event in events)
+    try:
+        with open(path, "ab") as f:
+            f.write(text.encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:
+        raise _naming(error, path) from None
 
 
 # ----------------------------------------------------------------------------- temporary files of dead writers

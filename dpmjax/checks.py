@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,14 +23,19 @@ def boolean(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
-def integer(name: str, value: Any, minimum: Optional[int] = None, *, note: str = "") -> int:
+def integer(name: str, value: Any, minimum: Optional[int] = None, *, maximum: Optional[int] = None,
+            note: str = "") -> int:
     """``value`` as a Python ``int`` (Python or NumPy integers; not a bool, float or string), at least
-    ``minimum`` when given. NumPy integers become Python ints, so that configs and cache keys hash
-    alike whichever was passed. ``note`` is added to the message (what the parameter is)."""
-    allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
+    ``minimum`` and at most ``maximum`` when given. NumPy integers become Python ints, so that configs
+    and cache keys hash alike whichever was passed. ``note`` is added to the message (what the
+    parameter is, why the bound)."""
+    if maximum is None:
+        allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
+    else:
+        allowed = f"an integer <= {maximum}" if minimum is None else f"an integer in [{minimum}, {maximum}]"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be {allowed}{note} (not a bool, float or string), got {value!r}.")
-    if minimum is not None and value < minimum:
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be {allowed}{note}, got {value!r}.")
     return int(value)
 
@@ -70,6 +76,26 @@ def floating_array(name: str, value: Any) -> None:
         dtype = np.asarray(value).dtype
     if not jnp.issubdtype(dtype, jnp.floating):  # JAX's view: bfloat16 and float8 are floating too
         raise ValueError(f"{name} must be a floating-point array, got dtype {dtype}.")
+
+
+def non_empty(name: str, value: Any) -> None:
+    """``value`` (an array) must hold at least one value: a zero-size array has nothing to step."""
+    shape = tuple(np.shape(value))
+    if math.prod(shape) == 0:
+        raise ValueError(f"{name} must not be empty (at least one row, every axis of size >= 1), got shape {shape}.")
+
+
+def output_array(name: str, value: Any, *, expected_shape: Optional[Tuple[int, ...]] = None, note: str = "") -> None:
+    """``value``, what the function ``name`` returned, must be one floating-point array (of
+    ``expected_shape`` when given): not a tuple, a dict or a Python number. Checked while tracing,
+    where the output's type, dtype and shape are known."""
+    wanted = "one floating-point array" + (f" of shape {tuple(expected_shape)}" if expected_shape is not None else "")
+    if not isinstance(value, (jax.Array, np.ndarray)):
+        raise ValueError(f"{name} must return {wanted}{note}, got a {type(value).__name__}.")
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise ValueError(f"{name} must return {wanted}{note}, got dtype {value.dtype}.")
+    if expected_shape is not None and tuple(value.shape) != tuple(expected_shape):
+        raise ValueError(f"{name} must return {wanted}{note}, got shape {tuple(value.shape)}.")
 
 
 def function(name: str, value: Any) -> None:

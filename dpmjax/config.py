@@ -39,6 +39,11 @@ DATA_PREDICTION_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 
 CONFIG_NAME = "scheduler_config.json"
 
+# The largest num_train_timesteps: its tables (several float32 arrays of that length) are built on the
+# host and copied to the device before anything else can fail, so an absurd value (a typo of 1e12 in a
+# config file) is refused here, in one line, instead of allocating terabytes. Trained models use 1000.
+MAX_TRAIN_TIMESTEPS = 2**20
+
 
 def check_num_inference_steps(value: Any) -> int:
     """``num_inference_steps`` as a Python int (NumPy integers accepted); bools, floats (also
@@ -90,14 +95,17 @@ class SchedulerConfig:
 
     Attributes:
         num_train_timesteps: Number of diffusion steps the model was trained with (an
-            integer >= 2; default 1000).
+            integer in ``[2, MAX_TRAIN_TIMESTEPS]``, ``MAX_TRAIN_TIMESTEPS = 2**20 = 1048576``;
+            default 1000). The bound keeps the training tables, built before anything else can
+            fail, to a few MiB; trained models use 1000.
         beta_start: Start of the beta schedule (in ``(0, 1)`` for the linear schedules; default
             0.0001).
         beta_end: End of the beta schedule (in ``(0, 1)`` for the linear schedules; default 0.02).
         beta_schedule: ``"linear"`` (default), ``"scaled_linear"`` (Stable Diffusion) or
             ``"squaredcos_cap_v2"``.
-        trained_betas: Explicit betas (length ``num_train_timesteps``, each in ``(0, 1)``;
-            stored as a tuple); overrides the three above.
+        trained_betas: Explicit betas: a 1-D sequence (list, tuple or array) of
+            ``num_train_timesteps`` finite numbers, each in ``(0, 1)`` (stored as a tuple of
+            floats); overrides the three above.
         solver_order: 1, 2 or 3 (multistep order; 2 for guided sampling, 3 unconditional;
             default 2).
         prediction_type: What the model predicts: ``"epsilon"`` (default), ``"sample"``,
@@ -134,8 +142,10 @@ class SchedulerConfig:
             its first half is used.
         timestep_spacing: ``"linspace"`` (default), ``"leading"`` or ``"trailing"`` (Lin et al.
             2023, Table 2).
-        steps_offset: Offset added to the timesteps for ``"leading"`` spacing (an integer >= 0;
-            default 0).
+        steps_offset: Offset added to the timesteps for ``"leading"`` spacing (an integer in
+            ``[0, num_train_timesteps - 1]``; default 0). The timesteps must stay training
+            timesteps: ``set_timesteps`` refuses a step count whose ``"leading"`` timesteps plus
+            the offset pass ``num_train_timesteps - 1``.
         rescale_betas_zero_snr: Rescale the betas to zero terminal SNR (Lin et al. 2023; default
             False).
         use_dynamic_shifting: Flow models whose shift is given per call as ``mu`` (needs
@@ -186,20 +196,14 @@ class SchedulerConfig:
         set_("algorithm_type", _ALGORITHM_ALIASES.get(self.algorithm_type, self.algorithm_type))
         set_("solver_type", _SOLVER_ALIASES.get(self.solver_type, self.solver_type))
 
-        set_("num_train_timesteps", checks.integer("num_train_timesteps", self.num_train_timesteps, 2))
+        set_("num_train_timesteps", checks.integer(
+            "num_train_timesteps", self.num_train_timesteps, 2, maximum=MAX_TRAIN_TIMESTEPS,
+            note=" (at most MAX_TRAIN_TIMESTEPS = 2**20: the training tables are allocated at that length)"))
         set_("beta_start", checks.real("beta_start", self.beta_start))
         set_("beta_end", checks.real("beta_end", self.beta_end))
         checks.choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         if self.trained_betas is not None:
-            betas = tuple(float(b) for b in _as_sequence("trained_betas", self.trained_betas))
-            if len(betas) != self.num_train_timesteps:
-                raise ValueError(
-                    f"trained_betas has {len(betas)} values but num_train_timesteps={self.num_train_timesteps}; "
-                    "they must be equal."
-                )
-            if not all(0.0 < b < 1.0 for b in betas):
-                raise ValueError("trained_betas must all lie in the open interval (0, 1).")
-            set_("trained_betas", betas)
+            set_("trained_betas", _trained_betas(self.trained_betas, self.num_train_timesteps))
         elif self.beta_schedule in ("linear", "scaled_linear"):
             if not 0.0 < self.beta_start < 1.0 or not 0.0 < self.beta_end < 1.0:
                 raise ValueError(
@@ -242,7 +246,10 @@ class SchedulerConfig:
         checks.choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
         checks.choice("variance_type", self.variance_type, VARIANCE_TYPES)
         checks.choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
-        set_("steps_offset", checks.integer("steps_offset", self.steps_offset, 0))
+        set_("steps_offset", checks.integer(
+            "steps_offset", self.steps_offset, 0, maximum=self.num_train_timesteps - 1,
+            note=" (num_train_timesteps - 1 at most: timestep_spacing='leading' adds it to every timestep, which "
+                 "must stay a training timestep)"))
         checks.choice("time_shift_type", self.time_shift_type, TIME_SHIFT_TYPES)
         set_("channel_axis", checks.integer("channel_axis", self.channel_axis, note=" (an axis index)"))
         if self.prediction_type == "flow_prediction" and self.algorithm_type not in DATA_PREDICTION_ALGORITHMS:
@@ -331,11 +338,32 @@ class SchedulerConfig:
         return self.from_dict(self.to_dict(), **changes)
 
 
-def _as_sequence(name: str, value: Any):
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _trained_betas(value: Any, num_train_timesteps: int) -> Tuple[float, ...]:
+    """``trained_betas`` as a tuple of floats: a 1-D sequence (list, tuple, NumPy/JAX array) of
+    ``num_train_timesteps`` finite numbers in ``(0, 1)``; anything else is a ValueError naming it."""
+    allowed = f"a 1-D sequence of num_train_timesteps={num_train_timesteps} finite numbers in (0, 1), or None"
+    if isinstance(value, (str, bytes, Mapping)):
+        raise ValueError(f"trained_betas must be {allowed}, got a {type(value).__name__}: {_short(value)}.")
     try:
-        return list(value.tolist() if hasattr(value, "tolist") else value)
+        items = value.tolist() if hasattr(value, "tolist") else list(value)
     except TypeError:
-        raise ValueError(f"{name} must be a sequence of numbers, got {value!r}.") from None
+        raise ValueError(f"trained_betas must be {allowed}, got {_short(value)}.") from None
+    if not isinstance(items, list):  # a 0-d array
+        raise ValueError(f"trained_betas must be {allowed}, got a single number {_short(value)}.")
+    if len(items) != num_train_timesteps:
+        raise ValueError(f"trained_betas must be {allowed}; it has {len(items)} values.")
+    betas = []
+    for i, item in enumerate(items):
+        number = isinstance(item, (int, float, np.integer, np.floating)) and not isinstance(item, (bool, np.bool_))
+        if not number or not 0.0 < float(item) < 1.0:  # also refuses NaN and infinities
+            raise ValueError(f"trained_betas must be {allowed}; value {i} is {_short(item)}.")
+        betas.append(float(item))
+    return tuple(betas)
 
 
 def read_config_file(path: str, subfolder: Optional[str] = None) -> dict:

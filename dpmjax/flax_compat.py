@@ -22,6 +22,12 @@ semantics: the schedule ends at the smallest training noise level (``final_sigma
 ``add_noise`` takes any training timestep, and ``dtype`` sets the model-output history's dtype.
 The old class's dynamic thresholding was broken (a percentile of 0.995 %, and a maximum where a
 clip belongs); this one thresholds as diffusers' PyTorch schedulers do (see "Numerics and differences from diffusers" in the docs).
+
+A loop that runs past the schedule's last step (``fori_loop(0, n)`` with ``n`` larger than the
+``num_inference_steps`` given to ``set_timesteps``) made the old class repeat its last step on the
+finished sample, silently (``state.timesteps[i]`` clamps to the last timestep, which it looked up
+again). Here such a step returns the sample unchanged and counts itself in
+``state.steps_past_end``; an eager call raises a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -169,6 +175,11 @@ class FlaxDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
                 a tuple.
             key: SDE types: a ``jax.random`` key for the step's noise.
             variance_noise: SDE types: the step's noise, instead of ``key``.
+
+        Past the end (a ``fori_loop`` longer than the schedule): as
+        :meth:`dpmjax.DPMSolverMultistepScheduler.step`, the sample comes back unchanged and
+        ``state.steps_past_end`` counts the call (the old class repeated its last step); an eager
+        call raises a ``ValueError``.
 
         Returns:
             ``FlaxDPMSolverMultistepSchedulerOutput(prev_sample, state)`` (``.to_tuple()`` gives the

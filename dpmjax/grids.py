@@ -9,12 +9,19 @@ Both reproduce diffusers' ``set_timesteps`` value for value, including its quirk
 diffusers is wrong (flow sigmas under inversion run in the forward order there: upstream PR #12262).
 Steps of zero length that some grids end with (Karras, exponential and beta grids under inversion)
 are kept, so that the sigmas are diffusers' own; the solver treats such a step exactly (identity).
+
+Every timestep is a training timestep, in ``[0, num_train_timesteps - 1]``: the model is never
+evaluated outside the range it was trained on. ``"leading"`` spacing with a ``steps_offset`` that
+would pass the end is refused (:func:`check_leading_range`); ``"trailing"`` spacing with a clipped
+log-SNR (``lambda_min_clipped``) can round its least noisy point to timestep -1, where diffusers
+evaluates the model; dpmjax evaluates it at timestep 0 instead (:func:`clip_trailing_timesteps`), the
+timestep whose noise level that point already has.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -95,6 +102,45 @@ def _check_steps(num_inference_steps: int, config: SchedulerConfig) -> None:
         )
 
 
+def check_leading_range(config: SchedulerConfig, n: int, largest_timestep: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Refuse ``"leading"`` timesteps that ``steps_offset`` pushes past the last training timestep.
+
+    Args:
+        config: The config (``timestep_spacing="leading"``).
+        n: The number of steps asked for.
+        largest_timestep: The largest timestep of the grid for each step count of an array, offset
+            included.
+
+    Raises:
+        ValueError: The largest timestep of ``n`` steps passes ``num_train_timesteps - 1``; the
+            message says which step counts (or offsets) stay in range.
+    """
+    T, offset = config.num_train_timesteps, config.steps_offset
+    largest = int(largest_timestep(np.asarray([n]))[0])
+    if largest <= T - 1:
+        return
+    counts = np.arange(1, n)
+    fitting = counts[largest_timestep(counts) <= T - 1]
+    fewer = (f"the largest step count below {n} that fits steps_offset={offset} is {int(fitting.max())}" if fitting.size
+             else f"no smaller step count fits steps_offset={offset}")
+    raise ValueError(
+        f"steps_offset={offset} with timestep_spacing='leading' and num_inference_steps={n} gives timesteps up to "
+        f"{largest}, outside the training timesteps [0, {T - 1}]: use steps_offset <= {T - 1 - (largest - offset)} "
+        f"with {n} step{'s' if n != 1 else ''} ({fewer})."
+    )
+
+
+def clip_trailing_timesteps(timesteps: np.ndarray) -> np.ndarray:
+    """``"trailing"`` timesteps with -1 raised to 0.
+
+    With ``lambda_min_clipped`` set, diffusers' trailing grid (``arange(last, 0, -T/N)`` rounded,
+    minus one) can round its least noisy point to timestep -1, and evaluates the model there. That
+    point's noise level is already timestep 0's (diffusers interpolates the sigmas with clamping),
+    so timestep 0 is the training timestep matching it; the sigmas are unchanged.
+    """
+    return np.maximum(timesteps, 0)
+
+
 def _leading_ratio(span: int, n: int, config: SchedulerConfig) -> int:
     ratio = span // (n + 1)
     if ratio < 1:
@@ -103,6 +149,11 @@ def _leading_ratio(span: int, n: int, config: SchedulerConfig) -> int:
             f"timesteps: at most {span - 1} steps (more would repeat timestep 0)."
         )
     return ratio
+
+
+def _uses_other_grid(config: SchedulerConfig) -> bool:
+    """Whether an alternative noise-level grid (Karras, exponential, Beta, Lu, flow) sets the timesteps."""
+    return any(getattr(config, option) for option in config.SIGMA_GRID_OPTIONS)
 
 
 def _sigma_family(config: SchedulerConfig, *, sigma_first: float, sigma_last: float, n: int) -> Optional[np.ndarray]:
@@ -151,10 +202,12 @@ def forward_grid(
             ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
         elif config.timestep_spacing == "leading":
             ratio = _leading_ratio(last, n, config)
+            if not _uses_other_grid(config):  # the other grids replace these timesteps: the offset is unused
+                check_leading_range(config, n, lambda k: k * (last // (k + 1)) + config.steps_offset)
             ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
             ts += config.steps_offset
         else:  # trailing
-            ts = np.arange(last, 0, -T / n).round().copy().astype(np.int64) - 1
+            ts = clip_trailing_timesteps(np.arange(last, 0, -T / n).round().copy().astype(np.int64) - 1)
 
     sigmas = train.sigmas
     log_sigmas = np.log(sigmas)
@@ -193,9 +246,11 @@ def inverse_grid(config: SchedulerConfig, train: TrainingSchedule, num_inference
         ts = np.linspace(0, noisiest, n + 1).round()[:-1].copy().astype(np.int64)
     elif config.timestep_spacing == "leading":
         ratio = _leading_ratio(noisiest + 1, n, config)
+        if not _uses_other_grid(config):  # the other grids replace these timesteps: the offset is unused
+            check_leading_range(config, n, lambda k: (k - 1) * ((noisiest + 1) // (k + 1)) + config.steps_offset)
         ts = (np.arange(0, n + 1) * ratio).round()[:-1].copy().astype(np.int64)
         ts += config.steps_offset
-    else:  # trailing
+    else:  # trailing (a -1 is raised to 0 after the de-duplication below, which must see diffusers' values)
         ts = np.arange(noisiest + 1, 0, -T / n).round()[::-1].copy().astype(np.int64) - 1
 
     sigmas = train.sigmas
@@ -231,7 +286,7 @@ def inverse_grid(config: SchedulerConfig, train: TrainingSchedule, num_inference
     # keep every step even where several of them truncate to one integer (the cosine schedule's
     # noisiest sigmas all give 998).
     _, first = np.unique(ts, return_index=True)
-    return Grid(ts[np.sort(first)].astype(np.int64), sig)
+    return Grid(clip_trailing_timesteps(ts[np.sort(first)].astype(np.int64)), sig)
 
 
 # ----------------------------------------------------------------------------- a sampler's grid mirrored

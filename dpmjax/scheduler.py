@@ -111,6 +111,7 @@ def _state_fields(config, timestep_bytes: bytes, sigma_bytes: bytes, *, num_step
             model_outputs=jnp.zeros((solver.history_length(config.solver_order),) + shape, dtype),
             lower_order_nums=jnp.asarray(0, jnp.int32),
             step_index=jnp.asarray(-1, jnp.int32),
+            steps_past_end=jnp.asarray(0, jnp.int32),
         )
 
 
@@ -433,6 +434,14 @@ class DPMSolverMultistepBase:
         final steps, as in diffusers). The sample keeps its dtype; the arithmetic runs in float32
         or wider.
 
+        Past the end: a step after the state's last one is a ``ValueError`` when the state is
+        concrete (eager calls). A traced value cannot raise, so inside ``jit``, ``lax.scan`` or
+        ``lax.fori_loop`` such a step computes nothing: it returns ``sample`` unchanged (whatever
+        the model output, NaN included), keeps ``state.step_index`` at ``N`` and adds one to
+        ``state.steps_past_end``. A loop of exactly ``N`` iterations never meets it; after a
+        compiled loop whose length may differ, check ``int(state.steps_past_end) == 0``. (The
+        model-output history of such a state is not meaningful; ``set_timesteps`` starts afresh.)
+
         Args:
             state: The state after ``set_timesteps`` (or the previous ``step``).
             model_output: The raw model output at ``(sample, timestep)``, of the kind
@@ -453,7 +462,8 @@ class DPMSolverMultistepBase:
 
         Raises:
             ValueError: The state has no inference grid; ``sample``'s shape differs from the one
-                given to ``set_timesteps``; all steps of the state were taken; ``model_output`` or
+                given to ``set_timesteps``; all steps of a concrete state were taken (traced: see
+                "Past the end" above); ``model_output`` or
                 ``sample`` is not floating point, or ``model_output``'s shape does not match;
                 an SDE type gets neither ``key`` nor ``variance_noise``, or ``variance_noise`` of
                 another shape; ``channel_axis`` lies outside the sample's axes (learned

@@ -44,6 +44,23 @@ def compute_dtype(sample: Array):
     return working_dtype(sample.dtype)
 
 
+def model_output_shape(config: SchedulerConfig, sample_shape) -> tuple:
+    """The shape a model output must have for samples of ``sample_shape``: the same, or twice the
+    channels on ``config.channel_axis`` with a learned ``variance_type``."""
+    expected = list(sample_shape)
+    if config.variance_type is not None and expected:
+        expected[config.channel_axis % len(expected)] *= 2
+    return tuple(expected)
+
+
+def model_output_note(config: SchedulerConfig) -> str:
+    """What :func:`model_output_shape` asks for, in words, for error messages."""
+    if config.variance_type is None:
+        return " (the model output, shaped like the sample)"
+    return (f" (the model output: twice the sample's channels on channel_axis={config.channel_axis}, "
+            f"for variance_type={config.variance_type!r})")
+
+
 def mean_of_model_output(config: SchedulerConfig, model_output: Array, sample: Array) -> Array:
     """The part of the model output the solver uses, checked against the sample's shape.
 
@@ -101,7 +118,8 @@ def current_step_index(state: SchedulerState, timestep) -> Array:
     if known is not None and known >= n:
         raise ValueError(
             f"step past the end of the schedule: all {n} steps of this state were taken "
-            "(call set_timesteps again to start a new trajectory)."
+            "(call set_timesteps again to start a new trajectory; under jit such a step returns its sample "
+            "unchanged and counts itself in state.steps_past_end)."
         )
     if known is not None and known >= 0:
         return state.step_index
@@ -228,6 +246,10 @@ def step(
     Pure and traceable: ``state`` and ``timestep`` may be traced (inside ``jit``/``scan``). The order
     used is ``min(solver_order, steps taken + 1, order_cap[i])`` (warm-up and lower-order final
     steps, as in diffusers). The sample keeps its dtype; the arithmetic runs in float32 or wider.
+
+    A step after the last one is a ``ValueError`` when the state is concrete; traced, it returns
+    ``sample`` unchanged (whatever the model output, NaN included), keeps ``step_index`` at ``N``
+    and adds one to ``state.steps_past_end``.
     """
     require_timesteps(state)
     history = state.model_outputs
@@ -235,7 +257,10 @@ def step(
         raise ValueError(
             f"sample shape {tuple(sample.shape)} differs from the shape given to set_timesteps {tuple(history.shape[1:])}."
         )
+    n = state.timesteps.shape[0]
     index = current_step_index(state, timestep)
+    past_end = index >= n  # only ever True when traced: a concrete state past the end raised above
+    index = jnp.minimum(index, n)  # row N of the update table is the identity
     K = state.update_coefficients.shape[1]  # the solver order (the history holds history_length(K) slots)
     if K == 1:  # every step is first order: no warm-up or order cap to look up
         row = state.update_coefficients[index, 0]
@@ -244,10 +269,14 @@ def step(
         row = state.update_coefficients[index, step_order(state.lower_order_nums, K, state.order_cap[in_schedule]) - 1]
     prev_sample, history = step_from_output(config, state, index=index, row=row, sample=sample,
                                             model_output=model_output, history=history, key=key, noise=variance_noise)
+    # past the end: the input unchanged (a select the update's fusion absorbs), and the call counted
+    prev_sample = jnp.where(past_end, sample, prev_sample)
+    overrun = jnp.asarray(0, jnp.int32) if state.steps_past_end is None else state.steps_past_end
     new_state = state.replace(
         model_outputs=history,
         lower_order_nums=jnp.minimum(state.lower_order_nums + 1, K).astype(jnp.int32),
-        step_index=(index + 1).astype(jnp.int32),
+        step_index=jnp.minimum(index + 1, n).astype(jnp.int32),
+        steps_past_end=(overrun + past_end).astype(jnp.int32),
     )
     return prev_sample, new_state
 

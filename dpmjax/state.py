@@ -48,7 +48,12 @@ class SchedulerState:
         lower_order_nums: Progress: int32, steps taken since ``set_timesteps`` (saturating at K):
             the warm-up.
         step_index: Progress: int32, the next step; -1 until the first ``step`` locates it from its
-            timestep.
+            timestep; ``N`` once every step was taken (it stays there).
+        steps_past_end: Progress: int32, how many ``step`` calls came after the last step (0 after
+            ``set_timesteps``). Only a traced call (inside ``jit``/``scan``/``fori_loop``) can make
+            one: it returns its sample unchanged and counts itself here, where an eager call raises
+            a ``ValueError``. Check it after a compiled loop (``int(state.steps_past_end) == 0``):
+            a non-zero count means the loop ran more iterations than the schedule has steps.
     """
 
     alphas_cumprod: Array
@@ -66,6 +71,7 @@ class SchedulerState:
     model_outputs: Optional[Array] = None
     lower_order_nums: Optional[Array] = None
     step_index: Optional[Array] = None
+    steps_past_end: Optional[Array] = None
 
     @property
     def num_inference_steps(self) -> Optional[int]:

@@ -60,6 +60,10 @@ SD15_SCHEDULER = {
         (dict(use_dynamic_shifting=True), "use_dynamic_shifting"),
         (dict(solver_orderr=2), "solver_orderr"),
         (dict(channel_axis=1.5), "channel_axis"),
+        (dict(steps_offset=1000), "steps_offset"),
+        (dict(num_train_timesteps=2**21), "num_train_timesteps"),
+        (dict(trained_betas="0.01"), "trained_betas"),
+        (dict(num_train_timesteps=2, trained_betas=[0.01, None]), "trained_betas"),
     ],
 )
 def test_bad_parameters_name_themselves(kwargs, parameter):

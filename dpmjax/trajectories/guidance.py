@@ -60,6 +60,9 @@ def classifier_free_guidance(model: ModelFn, cond: Any, uncond: Any, guidance_sc
 
     def guided(x, t):
         inputs, conditions = doubled(x, uncond, cond)
-        return guide_doubled(model(inputs, t, conditions), guidance_scale)
+        output = model(inputs, t, conditions)
+        checks.output_array("model", output, note=" (the conditional model's output for the doubled batch "
+                                                  f"{tuple(inputs.shape)})")
+        return guide_doubled(output, guidance_scale)
 
     return guided

@@ -105,8 +105,8 @@ def invert(
     Args:
         model_fn: The model: ``model_fn(sample, timestep[, cond]) -> model_output``, called as in
             :func:`dpmjax.sample`.
-        sample: The data to invert, a floating-point array (leading axis: batch; exact inversion
-            needs at least one row).
+        sample: The data to invert, a non-empty floating-point array (leading axis: batch; exact
+            inversion needs that axis).
         scheduler: A ``DPMSolverMultistepInverseScheduler`` (its own grid) or a
             ``DPMSolverMultistepScheduler`` (that sampler is inverted on its grid mirrored).
         num_inference_steps: ``N``, the number of steps (an integer in
@@ -148,7 +148,7 @@ def invert(
 
     Raises:
         ValueError: ``scheduler`` is not a dpmjax scheduler; ``model_fn`` is not callable;
-            ``sample`` is not a floating-point array; a flag (``exact``, ``independent_rows``,
+            ``sample`` is not a floating-point array or has size zero; a flag (``exact``, ``independent_rows``,
             ``return_samples``, ...) is not a bool; ``max_iterations``, ``gmres_restart`` or
             ``gmres_maxiter`` is not an integer >= 1, ``max_sweeps`` not an integer >= 0 or
             ``tolerance`` not in ``(0, 1)`` (checked on every path); ``unroll`` is not an integer >= 1;
@@ -157,8 +157,9 @@ def invert(
             scheduler; ``noises`` is given to a deterministic sampler; a stochastic sampler is
             inverted without ``exact=True``, is not a first-order ``sde-dpmsolver++`` sampler, or
             comes without ``noises`` of shape ``[N, *shape]``; with ``exact=True``: ``checkpoint``
-            or ``unroll != 1`` is given, or ``sample`` has no batch axis with at least one row;
-            the model output's shape does not match the sample (or either is not floating point).
+            or ``unroll != 1`` is given, or ``sample`` has no batch axis; ``model_fn`` returns
+            something other than one floating-point array of the sample's shape (a tuple, a Python
+            number, another shape).
     """
     check_scheduler(scheduler)
     check_unroll(unroll)
@@ -174,6 +175,7 @@ def invert(
     tolerance = checks.real("tolerance", tolerance, low=0.0, high=1.0, open_low=True, open_high=True)
     x = as_array(sample)
     checks.floating_array("sample", x)
+    checks.non_empty("sample", x)
     scan_options = ScanOptions(return_samples=return_samples, return_outputs=return_model_outputs, checkpoint=checkpoint,
                                unroll=unroll, progress=progress, label="invert")
     if not scheduler.forward:
@@ -223,8 +225,8 @@ def invert(
     for name, given in (("checkpoint", checkpoint), ("unroll", unroll != 1)):
         if given:
             raise ValueError(f"{name} applies to plain inversion's scan; exact=True runs its own solves and takes none.")
-    if x.ndim == 0 or x.shape[0] == 0:
-        raise ValueError(f"exact inversion needs a batch axis with at least one row, got shape {tuple(x.shape)}.")
+    if x.ndim == 0:
+        raise ValueError(f"exact inversion needs a batch axis (rows on axis 0), got a sample of shape {tuple(x.shape)}.")
     options = ExactOptions(max_sweeps=max_sweeps, max_iterations=max_iterations, tolerance=tolerance,
                            gmres_restart=gmres_restart, gmres_maxiter=gmres_maxiter,
                            rows=x.shape[0] if independent_rows else 1, return_outputs=return_model_outputs,

@@ -45,7 +45,7 @@ from ..scheduler import DPMSolverMultistepScheduler
 from . import guidance
 from . import progress as progress_line
 from .inversion import invert
-from .scan import Trajectory, check_scheduler
+from .scan import Trajectory, check_model_output, check_scheduler
 
 Array = jax.Array
 
@@ -143,9 +143,12 @@ def _guided_scan(scheduler, model, settings: _ScanSettings, *, state, noise, con
         i, t, row, null_given, target = inputs
         null = null if optimize else null_given
         out_cond = model(x, t, cond)
+        check_model_output(out_cond, x, name="model", config=config)
 
         def step_with(u):  # the guided step with null embedding u: (next sample, history)
-            out = guidance.guide(model(x, t, u), out_cond, guidance_scale)
+            out_null = model(x, t, u)
+            check_model_output(out_null, x, name="model", config=config)
+            out = guidance.guide(out_null, out_cond, guidance_scale)
             return solver.step_from_output(config, state, index=i, row=row, sample=x, model_output=out, history=history)
 
         if optimize:
@@ -307,9 +310,18 @@ def _checked(scheduler, guidance_scale, *, inner_steps, tolerance):
 
 
 @functools.lru_cache(maxsize=32)
-def _packed(model):
-    """``model(x, t, (cond, params))`` for ``model(x, t, cond, params)`` (one per model: jit caches by identity)."""
-    return lambda x, t, packed: model(x, t, packed[0], packed[1])
+def _pivot_model(model, packed: bool, config):
+    """The pivot inversion's ``model_fn(x, t, cond)``: ``model`` with its output checked under this
+    function's name for it (``model``); with ``packed``, ``model(x, t, cond, params)`` called as
+    ``model_fn(x, t, (cond, params))``. One per model and config: jit caches by identity."""
+
+    def checked(out, x):
+        check_model_output(out, x, name="model", config=config)
+        return out
+
+    if packed:
+        return lambda x, t, both: checked(model(x, t, both[0], both[1]), x)
+    return lambda x, t, cond: checked(model(x, t, cond), x)
 
 
 def _per_step(tree, n: int):
@@ -379,7 +391,8 @@ def null_text_inversion(
         ValueError: ``scheduler`` is not a dpmjax scheduler, is an inverse scheduler or is
             stochastic (an SDE ``algorithm_type``); ``guidance_scale`` is not a real number;
             ``inner_steps`` is not an integer >= 0; ``tolerance`` is not a number >= 0; ``data``
-            has no batch axis; or :func:`dpmjax.invert` refuses the pivot's inversion (e.g.
+            has no batch axis, has size zero or is not floating point; ``model`` returns something
+            other than one floating-point array of the data's shape; or :func:`dpmjax.invert` refuses the pivot's inversion (e.g.
             ``num_inference_steps`` not an integer in ``[1, num_train_timesteps]``).
     """
     _checked(scheduler, guidance_scale, inner_steps=inner_steps, tolerance=tolerance)
@@ -391,8 +404,11 @@ def null_text_inversion(
     optimizer = _KeyedOptimizer(_default_optimizer() if optimizer is None else optimizer)
     x = jnp.asarray(data)
     if x.ndim == 0:
-        raise ValueError("data must have a batch axis.")
-    pivot_model, pivot_cond = (model, cond) if model_params is None else (_packed(model), (cond, model_params))
+        raise ValueError("data must have a batch axis (rows on axis 0), got a scalar.")
+    checks.floating_array("data", x)
+    checks.non_empty("data", x)
+    pivot_model = _pivot_model(model, model_params is not None, scheduler.config)
+    pivot_cond = cond if model_params is None else (cond, model_params)
     pivot = invert(pivot_model, x, scheduler, num_inference_steps=num_inference_steps, cond=pivot_cond,
                    exact=exact_pivot, return_samples=True, progress=progress)
     path = pivot.samples  # inversion order: path[j] is the sampler's point N - 1 - j; path[-1] the noise
@@ -446,13 +462,16 @@ def sample_with_null_embeddings(
     Raises:
         ValueError: ``scheduler`` is not a dpmjax scheduler, is an inverse scheduler or is
             stochastic; ``guidance_scale`` is not a real number; ``num_inference_steps`` is not
-            an integer in ``[1, num_train_timesteps]``; some leaf of ``null_embeddings`` does not
-            have a leading axis of ``N``.
+            an integer in ``[1, num_train_timesteps]``; ``noise`` is not floating point or has
+            size zero; some leaf of ``null_embeddings`` does not have a leading axis of ``N``;
+            ``model`` returns something other than one floating-point array of the noise's shape.
     """
     _checked(scheduler, guidance_scale, inner_steps=0, tolerance=0.0)
     checks.function("model", model)
     checks.boolean("progress", progress)
     noise = jnp.asarray(noise)
+    checks.floating_array("noise", noise)
+    checks.non_empty("noise", noise)
     state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape,
                                     dtype=solver.compute_dtype(noise))
     n = state.num_inference_steps

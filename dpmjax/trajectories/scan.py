@@ -80,19 +80,39 @@ class ScanOptions(NamedTuple):
     label: str = ""
 
 
-def call_model(model_fn: ModelFn, x: Array, t: Array, *, cond: Any) -> Array:
-    """``model_fn(x, t)``, or ``model_fn(x, t, cond)`` when a condition is given.
+def call_model(model_fn: ModelFn, x: Array, t: Array, *, cond: Any, config=None, name: str = "model_fn") -> Array:
+    """``model_fn(x, t)``, or ``model_fn(x, t, cond)`` when a condition is given, its output checked.
 
     Args:
         model_fn: The model, ``model_fn(sample, timestep[, cond]) -> model_output``.
         x: The sample.
         t: The timestep.
         cond: Any pytree passed through unchanged, or ``None`` for an unconditional call.
+        config: The scheduler's config: when given, the output's shape is checked against the one
+            the step needs (:func:`dpmjax.solver.model_output_shape`).
+        name: The model's name in error messages (the parameter the user passed it as).
 
     Returns:
         The model output.
+
+    Raises:
+        ValueError: The model returned something other than one floating-point array (a tuple, a
+            Python number, ...), or one of the wrong shape (with ``config``). Raised while
+            tracing, before anything runs.
     """
-    return model_fn(x, t) if cond is None else model_fn(x, t, cond)
+    out = model_fn(x, t) if cond is None else model_fn(x, t, cond)
+    check_model_output(out, x, name=name, config=config)
+    return out
+
+
+def check_model_output(out, x: Array, *, name: str, config=None) -> None:
+    """Refuse a model output that is not one floating-point array (of the shape the step needs for
+    samples shaped like ``x``, when ``config`` is given), naming the model's parameter."""
+    if config is None:
+        checks.output_array(name, out, note=f" (the model output for samples of shape {tuple(x.shape)})")
+    else:
+        checks.output_array(name, out, expected_shape=solver.model_output_shape(config, x.shape),
+                            note=solver.model_output_note(config))
 
 
 def scan_steps(scheduler, model_fn, options: ScanOptions, *, state, x, cond, keys, noises):
@@ -130,7 +150,7 @@ def scan_steps(scheduler, model_fn, options: ScanOptions, *, state, x, cond, key
     def body(carry, inputs):
         x, history = carry
         i, t, row, key, noise = inputs
-        out = call_model(model_fn, x, t, cond=cond)
+        out = call_model(model_fn, x, t, cond=cond, config=config)
         x_new, history = solver.step_from_output(config, state, index=i, row=row, sample=x, model_output=out,
                                                  history=history, key=key, noise=noise)
         progress_line.report(options.progress, i, n, label=options.label)
@@ -242,8 +262,9 @@ def sample(
             :func:`dpmjax.invert`); ``unroll`` is not an integer >= 1; ``num_inference_steps`` is
             not an integer in ``[1, num_train_timesteps]`` (or too many for ``"leading"``
             spacing); ``key`` or ``noises`` is given to a deterministic sampler; an SDE sampler
-            gets neither; ``noises`` does not have shape ``[N, *noise.shape]``; the model output's
-            shape does not match the sample (or either is not floating point).
+            gets neither; ``noises`` does not have shape ``[N, *noise.shape]``; ``noise`` is not
+            floating point or has size zero; ``model_fn`` returns something other than one
+            floating-point array of the sample's shape (a tuple, a Python number, another shape).
     """
     check_scheduler(scheduler)
     check_unroll(unroll)
@@ -260,6 +281,7 @@ def sample(
         )
     noise = as_array(noise)
     checks.floating_array("noise", noise)
+    checks.non_empty("noise", noise)
     state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape,
                                     dtype=solver.compute_dtype(noise))
     n = state.num_inference_steps

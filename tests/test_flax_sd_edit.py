@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from test_edit_hardening import fake_pipeline, png
 from test_flax_compat import OLD_VERSION, old_diffusers  # noqa: F401  (the fixture)
 from test_flax_sd_pipelines import COMPILE_FAST, OLD_TRANSFORMERS, old_transformers  # noqa: F401  (the fixture)
 
@@ -112,12 +113,44 @@ def test_the_command_fails_cleanly_on_a_missing_image(checked, old_env, tmp_path
     assert not (tmp_path / "out.png").exists()
 
 
+@pytest.mark.slow
+def test_the_checks_before_loading_take_a_real_saved_pipeline(checked):
+    """The pipeline folder checks read its index and configs: a real saved folder passes them, and
+    its size rule (sizes are multiples of 4: a 2-block VAE and a 2-block UNet) is what the UNet takes."""
+    from dpmjax.apps import edit
+
+    folder, _ = checked
+    assert edit._pipeline_problems(str(folder / "pipeline")) == ([], edit.Geometry(step=4, default_size=16))
+
+
+@pytest.mark.slow
+def test_a_truncated_unet_weights_file_is_one_line(checked, old_env, tmp_path):
+    """The weights are read only when the pipeline loads: a truncated UNet file fails there, and the
+    command names the file in one line instead of msgpack's traceback."""
+    import shutil
+
+    folder, _ = checked
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(folder / "pipeline", pipeline)
+    weights = pipeline / "unet" / "diffusion_flax_model.msgpack"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    done = _edit(old_env, "--pipeline", pipeline, "--image", folder / "a.png", "--prompt", "a", "--target-prompt", "b",
+                 "--out", tmp_path / "o.png", "--method", "plain", "--steps", 2)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith(f"dpmjax edit: --pipeline {pipeline}: unet/diffusion_flax_model.msgpack is not a readable "
+                               "Flax weights file ("), lines[0]
+    assert not (tmp_path / "o.png").exists()
+
+
 @pytest.mark.parametrize("setting", ["installed", "missing"])
 def test_without_diffusers_039_the_command_says_what_to_install(tmp_path, setting):
     """The test environment's diffusers is >= 0.40 (no Flax); "missing" hides it altogether. The
-    arguments are valid (a pipeline folder, an image file), so the installation is what is missing."""
-    (tmp_path / "model_index.json").write_text("{}")
-    (tmp_path / "x.png").write_bytes(b"")
+    arguments are valid (a pipeline folder that passes the checks made before loading, an image
+    file), so the installation is what is missing."""
+    fake_pipeline(tmp_path)
+    png(tmp_path / "x.png")
     args = ["edit", "--pipeline", str(tmp_path), "--image", str(tmp_path / "x.png"), "--prompt", "a",
             "--target-prompt", "b", "--out", str(tmp_path / "o.png")]
     hide = "import sys; sys.modules['diffusers'] = None; " if setting == "missing" else ""
@@ -137,7 +170,8 @@ def test_the_command_reports_wrong_paths_before_it_needs_diffusers(tmp_path):
                            f"import main; sys.exit(main({args!r}))"], capture_output=True, text=True, check=False)
     assert done.returncode == 2, (done.stdout, done.stderr)
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no model_index.json" in lines[0] and "no such image file: missing.png" in lines[0], done.stderr
+    assert len(lines) == 1 and f"--pipeline {tmp_path}: not a saved pipeline folder (no model_index.json)" in lines[0], done.stderr
+    assert "--image missing.png: no such image file" in lines[0], done.stderr
 
 
 @pytest.mark.parametrize("out, problem", [
@@ -153,8 +187,8 @@ def test_the_command_reports_a_bad_out_before_it_needs_diffusers(tmp_path, capsy
     not after the edit (the installed diffusers >= 0.40 would otherwise be reported first)."""
     from dpmjax.apps import cli
 
-    (tmp_path / "model_index.json").write_text("{}")
-    (tmp_path / "x.png").write_bytes(b"")
+    fake_pipeline(tmp_path)
+    png(tmp_path / "x.png")
     (tmp_path / "a-file").write_text("")
     (tmp_path / "a-folder").mkdir()
     (tmp_path / "a-folder.png").mkdir()
@@ -175,8 +209,8 @@ def test_good_out_paths_pass_the_check(tmp_path):
 
 @pytest.mark.parametrize("args, named, not_named", [
     (["--steps", "0"], "--steps must be >= 1 (got 0)", "--guidance"),
-    (["--guidance", "-1"], "--guidance must be > 0 (got -1)", "--steps"),
-    (["--steps", "0", "--guidance", "0"], "--guidance must be > 0 (got 0)", "--size"),
+    (["--guidance", "-1"], "--guidance must be a finite number > 0 (got -1)", "--steps"),
+    (["--steps", "0", "--guidance", "0"], "--guidance must be a finite number > 0 (got 0)", "--size"),
 ])
 def test_the_command_names_only_the_bad_option(tmp_path, capsys, args, named, not_named):
     from dpmjax.apps import cli

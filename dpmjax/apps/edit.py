@@ -8,9 +8,11 @@ the target prompt, decodes, and writes one PNG with a row per image (original | 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,7 @@ from ..models import flax_sd
 from ..models.flax_sd_edit import (
     INSTALL,
     METHODS,
+    check_image,
     edit_images,
     read_image,
     write_images,
@@ -26,32 +29,112 @@ from ..models.flax_sd_edit import (
 
 # what --out may end with (the ones this Pillow writes are accepted)
 OUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# the largest --size taken (pixels per side), unless the pipeline's own size is larger: a 2048 px image
+# is 16 times Stable Diffusion 1.x's 512 px, and the VAE's and UNet's memory grows with the pixel count
+# (their attention layers with its square)
+MAX_SIZE = 2048
+# the folders of a saved pipeline the edit loads, and the Flax weights files they must hold
+COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+WEIGHTS = {"vae": ("diffusion_flax_model.msgpack",), "unet": ("diffusion_flax_model.msgpack",),
+           "text_encoder": ("flax_model.msgpack", "flax_model.msgpack.index.json")}
+
+GUARANTEES = """\
+what edit guarantees:
+  * it never writes over an input: an --out that is any --image (the same file by another
+    path, through a symbolic link or a hard link) is refused, --overwrite or not;
+  * an existing --out is replaced only with --overwrite (a link at --out is followed: the
+    file it points at is replaced);
+  * --out is written atomically: to a temporary file in its folder, synced to disk, then
+    renamed over --out; on any failure (a full disk, a file size limit) the temporary file
+    is removed, an existing --out is left as it was, and one line names the file and the cause;
+  * the paths, the pipeline folder's index and configs, the image headers and the options are
+    checked before the pipeline is loaded; any problem is one line on stderr and exit status 2
+    (as is a pipeline that fails to load, an image that fails to decode, or a failed write).
+
+limits:
+  --size     a multiple of the pipeline's step (the VAE's downsampling times the UNet's:
+             64 for Stable Diffusion 1.x and 2.x) from one step up to {max_size} (or the
+             pipeline's own size, if larger); memory grows with the pixel count and the
+             number of images
+  --image    at most PIL.Image.MAX_IMAGE_PIXELS pixels (89,478,485 by default), checked from
+             the header before decoding; 16-bit greyscale is divided by 65535, 32-bit
+             integer greyscale by the largest value of its stored bit depth, float
+             greyscale must hold [0, 1]; other images are converted to RGB (alpha dropped)
+  --guidance a finite number > 0
+"""
+
+
+class Geometry(NamedTuple):
+    """What a pipeline folder's configs say about image sizes.
+
+    Attributes:
+        step: The image side must be a multiple of this many pixels: the VAE's downsampling
+            factor times the UNet's (2 ** (number of down blocks - 1) each).
+        default_size: The pipeline's own image size (UNet sample size times the VAE's factor).
+    """
+
+    step: int
+    default_size: int
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dpmjax edit",
-        description="Edit images with a saved diffusers 0.39 Flax Stable Diffusion pipeline: encode, invert with the "
-                    "source prompt, sample with the target prompt, decode. Writes one row per image: original | edited.")
+        prog="dpmjax edit", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Edit images with a saved diffusers 0.39 Flax Stable Diffusion pipeline: encode, invert with\n"
+                    "the source prompt, sample with the target prompt, decode. Writes one row per image:\n"
+                    "original | edited.",
+        epilog=GUARANTEES.format(max_size=MAX_SIZE))
     parser.add_argument("--pipeline", required=True, help="folder of a FlaxStableDiffusionPipeline (save_pretrained layout)")
-    parser.add_argument("--image", required=True, action="append", help="input PNG/JPEG (repeat for a batch); "
-                        "centre-cropped and resized to the pipeline's size")
+    parser.add_argument("--image", required=True, action="append", help="input PNG/JPEG/TIFF/... (repeat for a batch); "
+                        "centre-cropped and resized to --size")
     parser.add_argument("--prompt", required=True, help="what the images show (the source prompt)")
     parser.add_argument("--target-prompt", required=True, help="what they should show")
-    parser.add_argument("--out", required=True, help="output image (.png, .jpg, .webp, .bmp or .tif; its folder is created)")
+    parser.add_argument("--out", required=True, help="output image (.png, .jpg, .webp, .bmp or .tif; its folder is created); "
+                        "never an --image; an existing file only with --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (never an --image)")
     parser.add_argument("--method", choices=METHODS, default="exact")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    parser.add_argument("--guidance", type=float, default=3.0,
+                        help="classifier-free guidance scale, finite and > 0 (default 3)")
     parser.add_argument("--order", type=int, choices=(1, 2, 3), default=2, help="DPM-Solver++ order (default 2)")
-    parser.add_argument("--size", type=int, default=None, help="image size in pixels (default: the pipeline's)")
+    parser.add_argument("--size", type=int, default=None,
+                        help=f"image size in pixels (default: the pipeline's): a multiple of the pipeline's step "
+                             f"(64 for Stable Diffusion), at most {MAX_SIZE}")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and compute dtype")
     parser.add_argument("--edited-only", action="store_true", help="write the edited images only (no original column)")
     return parser
 
 
-def _out_problems(out: str) -> list:
+def _reason(error: BaseException) -> str:
+    """The cause of an error in a few words: the system's words for an errno (``no space left on
+    device``), else the first line of its message."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file Pillow can read"
+    number = getattr(error, "errno", None)
+    if isinstance(error, OSError) and number:
+        return os.strerror(number).lower()
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same file: the same path with symbolic links followed, or the same
+    file on disk (a hard link, another spelling on a case-insensitive file system)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _out_problems(out: str, images: Sequence[str] = (), overwrite: bool = False) -> list:
     """What is wrong with ``--out`` (checked before any work): an image extension Pillow writes,
-    not a folder, and a folder that exists or can be created (the nearest existing one writable)."""
+    not a folder, not any of ``images``, not an existing file unless ``overwrite``, and a folder
+    that exists or can be created (the nearest existing one writable). Links are followed."""
     from PIL import Image
 
     Image.init()
@@ -62,7 +145,12 @@ def _out_problems(out: str) -> list:
         return [f"--out {out}: {found} (use one of {', '.join(writable)})"]
     if os.path.isdir(out):
         return [f"--out {out} is a folder, not an image file"]
-    folder = os.path.dirname(os.path.abspath(out))
+    for image in images:
+        if os.path.exists(image) and _same_file(out, image):
+            return [f"--out {out} is the input image {image} (edit never writes over an input; choose another --out)"]
+    if os.path.exists(out) and not overwrite:
+        return [f"--out {out} exists (pass --overwrite to replace it)"]
+    folder = os.path.dirname(os.path.realpath(out))
     existing = folder
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -72,6 +160,114 @@ def _out_problems(out: str) -> list:
         what = "is not writable" if existing == folder else f"cannot be created ({existing} is not writable)"
         return [f"--out {out}: its folder {what}"]
     return []
+
+
+def _json_object(path: str) -> dict:
+    """The JSON object in a file, or ``ValueError`` saying in a few words what is wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read())
+    except OSError as error:
+        raise ValueError(f"cannot be read ({_reason(error)})") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"is not valid JSON ({_reason(error)})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"is not a JSON object (it holds a {type(value).__name__})")
+    return value
+
+
+def _block_count(config: dict, key: str, name: str) -> int:
+    blocks = config.get(key)
+    if not isinstance(blocks, list) or not blocks:
+        raise ValueError(f"{name} has no {key} list")
+    return len(blocks)
+
+
+def _pipeline_problems(folder: str) -> Tuple[list, Optional[Geometry]]:
+    """What is wrong with ``--pipeline`` (checked before it is loaded, from its index and configs),
+    and its :class:`Geometry` when nothing is."""
+    where = f"--pipeline {folder}"
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        return [f"{where}: not a saved pipeline folder (no model_index.json)"], None
+    try:
+        index = _json_object(os.path.join(folder, "model_index.json"))
+    except ValueError as error:
+        return [f"{where}: model_index.json {error}"], None
+    unnamed = [c for c in COMPONENTS if not isinstance(index.get(c), list) or None in index.get(c)]
+    if unnamed:
+        return [f"{where}: model_index.json names no {', '.join(unnamed)} (a Stable Diffusion pipeline has "
+                f"{', '.join(COMPONENTS)})"], None
+    absent = [c + "/" for c in COMPONENTS if not os.path.isdir(os.path.join(folder, c))]
+    if absent:
+        return [f"{where}: no {', '.join(absent)} folder{'s' if len(absent) > 1 else ''} (a saved pipeline has "
+                f"{', '.join(c + '/' for c in COMPONENTS)})"], None
+    for component, names in WEIGHTS.items():
+        found = [n for n in names if os.path.isfile(os.path.join(folder, component, n))]
+        if not found:
+            return [f"{where}: no Flax weights in {component}/ ({' or '.join(names)})"], None
+        if os.path.getsize(os.path.join(folder, component, found[0])) == 0:
+            return [f"{where}: {component}/{found[0]} is empty"], None
+    try:
+        name = "vae/config.json"
+        vae = _json_object(os.path.join(folder, name))
+        vae_factor = 2 ** (_block_count(vae, "block_out_channels", name) - 1)
+        name = "unet/config.json"
+        unet = _json_object(os.path.join(folder, name))
+        unet_factor = 2 ** (_block_count(unet, "down_block_types", name) - 1)
+    except ValueError as error:
+        text = str(error)
+        return [f"{where}: {text if text.startswith(name) else f'{name} {text}'}"], None
+    sample_size = unet.get("sample_size")
+    if not isinstance(sample_size, int) or isinstance(sample_size, bool) or sample_size < 1:
+        return [f"{where}: unet/config.json has no sample_size (a positive integer; got {sample_size!r})"], None
+    return [], Geometry(step=vae_factor * unet_factor, default_size=sample_size * vae_factor)
+
+
+def _size_problems(size: Optional[int], geometry: Optional[Geometry]) -> list:
+    """What is wrong with ``--size``: a multiple of the pipeline's step, from one step to
+    :data:`MAX_SIZE` (or the pipeline's own size, if larger)."""
+    if size is None:
+        return []
+    if geometry is None:  # the pipeline folder is reported; check the bounds alone
+        return [] if 1 <= size <= MAX_SIZE else [f"--size must be from 1 to {MAX_SIZE} pixels (got {size})"]
+    step = geometry.step
+    top = max(MAX_SIZE, geometry.default_size) // step * step
+    if size < step or size > top or size % step:
+        return [f"--size must be a multiple of {step} from {step} to {top} pixels for this pipeline (got {size})"]
+    return []
+
+
+def _image_problems(paths: Sequence[str]) -> list:
+    """What is wrong with the ``--image`` files, from their headers (the pixels are not decoded)."""
+    problems = []
+    for path in paths:
+        if not os.path.isfile(path):
+            problems.append(f"--image {path}: no such image file")
+            continue
+        try:
+            check_image(path)
+        except (OSError, ValueError) as error:
+            problems.append(f"--image {path}: {_reason(error)}")
+    return problems
+
+
+def _weights_problem(folder: str) -> Optional[str]:
+    """Which Flax weights file of a pipeline that failed to load is unreadable, if one is (read
+    only after a failure: the files can be gigabytes)."""
+    try:
+        from flax.serialization import msgpack_restore
+    except Exception:  # noqa: BLE001 - flax missing: the load error says so
+        return None
+    for component, names in WEIGHTS.items():
+        path = os.path.join(folder, component, names[0])
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, "rb") as f:
+                msgpack_restore(f.read())
+        except Exception as error:  # noqa: BLE001 - truncated, corrupt, unreadable
+            return f"{component}/{names[0]} is not a readable Flax weights file ({_reason(error)})"
+    return None
 
 
 def _old_flax_stack():
@@ -104,53 +300,75 @@ def _old_flax_stack():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``dpmjax edit`` (options: ``dpmjax edit --help``).
+    """``dpmjax edit`` (options and guarantees: ``dpmjax edit --help``).
 
     Encodes the images, inverts them with the source prompt, samples with the target prompt,
-    decodes, and writes one PNG with one row per image (original | edited).
+    decodes, and writes one image with one row per image (original | edited), atomically, never
+    over an input and over an existing file only with ``--overwrite``.
 
     Args:
         argv: The command-line arguments; ``None`` (default) reads ``sys.argv``.
 
     Returns:
-        The exit status: 0 on success; 2 when diffusers < 0.40 / transformers < 5 are missing,
-        the pipeline folder or an image is missing or unreadable, ``--out`` is no image path
-        that can be written, or ``--steps`` / ``--guidance`` / ``--size`` is out of range.
+        The exit status: 0 on success; 2, with one line on stderr naming the option and what is
+        wrong, when the pipeline folder is missing, incomplete or fails to load (a corrupt
+        ``model_index.json`` or config, a missing component folder, unreadable weights), an
+        image is missing, unreadable or larger than ``PIL.Image.MAX_IMAGE_PIXELS``, ``--out`` is
+        no image path that can be written (or is an input, or exists without ``--overwrite``),
+        ``--steps`` / ``--guidance`` / ``--size`` is out of range, diffusers < 0.40 /
+        transformers < 5 are missing, or the output cannot be written (e.g. a full disk; any
+        existing ``--out`` is left as it was).
     """
     args = _parser().parse_args(argv)
-    problems = [f"no such image file: {p}" for p in args.image if not os.path.isfile(p)]
-    if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
-        problems.insert(0, f"not a saved pipeline folder (no model_index.json): {args.pipeline}")
-    problems += _out_problems(args.out)
+    problems, geometry = _pipeline_problems(args.pipeline)
+    problems += _image_problems(args.image)
+    problems += _out_problems(args.out, args.image, overwrite=args.overwrite)
     if args.steps < 1:
         problems.append(f"--steps must be >= 1 (got {args.steps})")
-    if not args.guidance > 0:
-        problems.append(f"--guidance must be > 0 (got {args.guidance:g})")
-    if args.size is not None and args.size < 1:
-        problems.append(f"--size must be >= 1 (got {args.size})")
+    if not (math.isfinite(args.guidance) and args.guidance > 0):
+        problems.append(f"--guidance must be a finite number > 0 (got {args.guidance:g})")
+    problems += _size_problems(args.size, geometry)
     if problems:
         print(f"dpmjax edit: {'; '.join(problems)}", file=sys.stderr)
         return 2
+    size = args.size or geometry.default_size
+    images = []
+    for path in args.image:
+        try:
+            images.append(read_image(path, size, size))
+        except (OSError, ValueError) as error:
+            print(f"dpmjax edit: --image {path}: cannot read it ({_reason(error)})", file=sys.stderr)
+            return 2
+    images = np.stack(images)
     try:
         Pipeline = _old_flax_stack()
     except ImportError as error:
         print(error, file=sys.stderr)
         return 2
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    pipeline, params = Pipeline.from_pretrained(args.pipeline, dtype=dtype, safety_checker=None, feature_extractor=None)
+    try:
+        pipeline, params = Pipeline.from_pretrained(args.pipeline, dtype=dtype, safety_checker=None, feature_extractor=None)
+    except Exception as error:  # noqa: BLE001 - whatever the loaders raise, one line naming the folder
+        cause = _weights_problem(args.pipeline) or f"cannot load it ({type(error).__name__}: {_reason(error)})"
+        print(f"dpmjax edit: --pipeline {args.pipeline}: {cause}", file=sys.stderr)
+        return 2
     if dtype != jnp.float32:
         params = {k: flax_sd.cast_floating(v, dtype) if k in ("unet", "vae", "text_encoder") else v for k, v in params.items()}
-    size = args.size or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    try:
-        images = np.stack([read_image(p, size, size) for p in args.image])
-    except OSError as error:
-        print(f"dpmjax edit: cannot read an image: {error}", file=sys.stderr)
-        return 2
     result = edit_images(pipeline, params, images, source_prompt=args.prompt, target_prompt=args.target_prompt,
                          method=args.method, num_inference_steps=args.steps, guidance_scale=args.guidance,
                          solver_order=args.order, progress=True)
     rows = [[edited] if args.edited_only else [original, edited] for original, edited in zip(images, result.images)]
-    write_images(args.out, rows)
+    existed = os.path.exists(args.out)
+    try:
+        write_images(args.out, rows, overwrite=args.overwrite)
+    except FileExistsError:
+        print(f"dpmjax edit: --out {args.out} appeared while editing (pass --overwrite to replace it); nothing was written",
+              file=sys.stderr)
+        return 2
+    except OSError as error:
+        kept = "the existing file is unchanged" if existed else "nothing was written"
+        print(f"dpmjax edit: --out {args.out}: cannot write it ({_reason(error)}); {kept}", file=sys.stderr)
+        return 2
     for i, path in enumerate(args.image):
         line = f"{path}: edited"
         if result.round_trip is not None:

@@ -499,7 +499,7 @@ def read_image(path: str, height: int, width: int) -> np.ndarray:
     * 16-bit greyscale (Pillow modes ``I;16``, ``I;16B``, ...) is divided by 65535;
     * 32-bit integer greyscale (mode ``I``) is divided by the largest value of the bit depth it
       was stored with: 65535 when the file holds 16-bit values (16-bit PNG, PGM or TIFF opened as
-      ``I``), 2**31 - 1 for 32-bit values (Pillow holds them as signed integers); negative values
+      ``I``), ``2**31 - 1`` for 32-bit values (Pillow holds them as signed integers); negative values
       read as 0;
     * float greyscale (mode ``F``, e.g. a float TIFF) must hold values in [0, 1] and is taken as
       it is (anything else is refused, not clipped).
@@ -603,7 +603,8 @@ def write_images(path: str, rows: Sequence[Sequence[np.ndarray]], *, overwrite: 
     fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
+            if hasattr(os, "fchmod"):  # POSIX: the permissions of the file it replaces (mkstemp's are 0600)
+                os.fchmod(f.fileno(), mode)
             picture.save(f, format=image_format)
             f.flush()
             os.fsync(f.fileno())

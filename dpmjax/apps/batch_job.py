@@ -560,6 +560,7 @@ def _scheduler(args) -> DPMSolverMultistepScheduler:
                      else DPMSolverMultistepScheduler(final_sigmas_type="sigma_min", use_lu_lambdas=args.exact))
         if args.order:
             scheduler = DPMSolverMultistepScheduler(scheduler.config.replace(solver_order=args.order))
+        scheduler.set_timesteps(scheduler.create_state(), args.steps, (1,))  # the grid for --steps (one value a row)
     except Exception as error:
         if not args.config:
             raise

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpmjax.apps import batch_job, output_store
+from dpmjax.apps import batch
+from dpmjax.apps.batch import output_store
 from dpmjax.models import digits
 
 STEPS = 5
@@ -43,7 +44,7 @@ def events(folder: Path) -> list:
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch")
     names = make_store(root / "input", 60)
-    summary = batch_job.run(root / "input", root / "reference", num_inference_steps=STEPS, progress=False)
+    summary = batch.run(root / "input", root / "reference", num_inference_steps=STEPS, progress=False)
     assert sorted(summary.recorded) == names and not summary.failed
     return root, names
 
@@ -51,7 +52,7 @@ def store(tmp_path_factory):
 def test_a_rerun_is_idempotent_and_the_output_store_is_plain_npy(store):
     root, names = store
     before = {p.name: p.stat().st_mtime_ns for p in (root / "reference" / "chunks").glob("*.npy")}
-    summary = batch_job.run(root / "input", root / "reference", num_inference_steps=STEPS, progress=False)
+    summary = batch.run(root / "input", root / "reference", num_inference_steps=STEPS, progress=False)
     assert summary.recorded == [] and sorted(summary.skipped) == names
     assert before == {p.name: p.stat().st_mtime_ns for p in (root / "reference" / "chunks").glob("*.npy")}
     manifest = json.loads((root / "reference" / "manifest.json").read_text())
@@ -72,7 +73,7 @@ def test_a_chunk_written_but_not_logged_is_logged_on_restart(store, tmp_path):
     unlogged = names[7]
     kept = [line for line in lines if not (json.loads(line)["chunk"] == unlogged and json.loads(line)["event"] == "recorded")]
     (out / "events.jsonl").write_text("\n".join(kept) + '\n{"chunk": "part-00')  # cut short
-    summary = batch_job.run(root / "input", out, num_inference_steps=STEPS, progress=False)
+    summary = batch.run(root / "input", out, num_inference_steps=STEPS, progress=False)
     assert summary.recorded == [] and sorted(summary.skipped) == names
     text = (out / "events.jsonl").read_text()
     assert text.splitlines()[len(kept)] == '{"chunk": "part-00'
@@ -128,7 +129,7 @@ def test_corrupt_chunks_are_reported_by_name_and_the_rest_is_done(store, tmp_pat
     np.save(bad / names[0], np.zeros((4, 1, 8, 9), np.float32))
     data = (bad / names[11]).read_bytes(); (bad / names[11]).write_bytes(data[: len(data) // 2])
 
-    code = batch_job.main([str(bad), str(tmp_path / "out"), "--steps", str(STEPS)])
+    code = batch.main([str(bad), str(tmp_path / "out"), "--steps", str(STEPS)])
     printed = capsys.readouterr().out
     assert code == 1
     assert f"FAILED {names[3]}: 1 non-finite input values" in printed
@@ -144,7 +145,7 @@ def test_corrupt_chunks_are_reported_by_name_and_the_rest_is_done(store, tmp_pat
 
     # fixed data: a rerun computes exactly the quarantined chunk and clears its report
     (bad / names[3]).write_bytes((root / "input" / names[3]).read_bytes())
-    summary = batch_job.run(bad, tmp_path / "out", num_inference_steps=STEPS, progress=False)
+    summary = batch.run(bad, tmp_path / "out", num_inference_steps=STEPS, progress=False)
     assert summary.recorded == [names[3]] and set(summary.failed) == {names[0], names[11]}
     assert not (tmp_path / "out" / "failed" / "part-00003.json").exists()
 
@@ -155,7 +156,7 @@ def test_the_progress_line_counts_failed_chunks_and_shows_one_rate(tmp_path, cap
     make_store(tmp_path / "input", 2)
     for name in ("x-bad.npy", "y-bad.npy", "z-bad.npy"):  # sorted after the good ones: they come last
         (tmp_path / "input" / name).write_text("not an array")
-    summary = batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, progress=True)
+    summary = batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, progress=True)
     assert len(summary.recorded) == 2 and len(summary.failed) == 3
     # redrawn in place on a terminal ("\r"), a line per chunk when stderr is a file (as here)
     updates = [u.strip() for u in re.split(r"[\r\n]", capsys.readouterr().err) if u.strip()]
@@ -168,7 +169,7 @@ def test_the_progress_line_counts_failed_chunks_and_shows_one_rate(tmp_path, cap
 def test_steps_and_cluster_option_errors_are_one_line(tmp_path, capsys):
     for args, message in ((["--steps", "0"], "--steps must be >= 1 (got 0)"),
                           (["--num-processes", "2"], "--num-processes needs --distributed")):
-        assert batch_job.main([str(tmp_path / "input"), str(tmp_path / "out"), *args]) == 2
+        assert batch.main([str(tmp_path / "input"), str(tmp_path / "out"), *args]) == 2
         err = capsys.readouterr().err
         assert err == f"dpmjax invert-batch: error: {message}\n", err
     assert not (tmp_path / "out").exists()
@@ -177,19 +178,19 @@ def test_steps_and_cluster_option_errors_are_one_line(tmp_path, capsys):
 def test_bad_job_arguments_name_the_parameter(tmp_path):
     make_store(tmp_path / "input", 1)
     with pytest.raises(ValueError, match="model must be 'module:function'"):
-        batch_job.run(tmp_path / "input", tmp_path / "out", model="dpmjax.models.digits")
+        batch.run(tmp_path / "input", tmp_path / "out", model="dpmjax.models.digits")
     with pytest.raises(ValueError, match="cannot be imported"):
-        batch_job.run(tmp_path / "input", tmp_path / "out", model="dpmjax.models.digits:nothing")
+        batch.run(tmp_path / "input", tmp_path / "out", model="dpmjax.models.digits:nothing")
     with pytest.raises(ValueError, match="num_inference_steps"):
-        batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=0)
+        batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no manifest.json, no .npy files and is no zarr array"):
-        batch_job.run(tmp_path / "empty", tmp_path / "out")  # a folder without shards
+        batch.run(tmp_path / "empty", tmp_path / "out")  # a folder without shards
 
 
 def test_trajectories_are_saved_beside_the_noise(tmp_path):
     make_store(tmp_path / "input", 2)
-    summary = batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, save_trajectory=True,
+    summary = batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, save_trajectory=True,
                             progress=False)
     assert len(summary.recorded) == 2
     for name in summary.recorded:
@@ -212,7 +213,7 @@ def test_exact_inversion_in_the_job_samples_back_to_the_input(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "exact inversion: 8 of 8 rows within round trip 1e-05" in done.stdout, done.stdout
-    assert batch_job.main([str(tmp_path / "input"), str(tmp_path / "plain"), "--steps", str(steps)]) == 0
+    assert batch.main([str(tmp_path / "input"), str(tmp_path / "plain"), "--steps", str(steps)]) == 0
     assert json.loads((tmp_path / "exact" / "manifest.json").read_text())["exact"] is True
     samplers = {"exact": dpmjax.DPMSolverMultistepScheduler(final_sigmas_type="sigma_min", use_lu_lambdas=True),
                 "plain": dpmjax.DPMSolverMultistepScheduler(final_sigmas_type="sigma_min")}
@@ -237,7 +238,7 @@ def test_rows_exact_inversion_cannot_reach_are_reported_not_recorded_as_exact(tm
     command = [sys.executable, "-m", "dpmjax", "invert-batch", str(tmp_path / "input"), str(tmp_path / "out"),
                "--steps", "5", "--exact"]
     done = subprocess.run(command, capture_output=True, text=True)
-    assert done.returncode == batch_job.EXIT_NOT_CONVERGED, done.stderr
+    assert done.returncode == batch.EXIT_NOT_CONVERGED, done.stderr
     recorded = [e for e in events(tmp_path / "out") if e["event"] == "recorded"]
     missed = recorded[0]["rows_not_converged"]
     round_trips = np.load(tmp_path / "out" / "round_trips" / "part-00000.npy")
@@ -297,20 +298,20 @@ def test_chunks_run_in_pieces_of_batch_rows(tmp_path):
     (tmp_path / "input").mkdir()
     np.save(tmp_path / "input" / "a.npy", images[:10])
     np.save(tmp_path / "input" / "b.npy", images[10:13])
-    summary = batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, batch_rows=4, progress=False)
+    summary = batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, batch_rows=4, progress=False)
     assert sorted(summary.recorded) == ["a.npy", "b.npy"] and summary.rows == 13
     got = outputs(tmp_path / "out")
     assert got["a.npy"].shape == (10, 1, 8, 8) and got["b.npy"].shape == (3, 1, 8, 8)
     (tmp_path / "pieces").mkdir()
     for i, begin in enumerate((0, 4, 8)):
         np.save(tmp_path / "pieces" / f"a{i}.npy", images[begin:begin + 4])
-    batch_job.run(tmp_path / "pieces", tmp_path / "pieces_out", num_inference_steps=STEPS, progress=False)
+    batch.run(tmp_path / "pieces", tmp_path / "pieces_out", num_inference_steps=STEPS, progress=False)
     pieces = outputs(tmp_path / "pieces_out")
     np.testing.assert_array_equal(got["a.npy"][:8], np.concatenate([pieces["a0.npy"], pieces["a1.npy"]]))
     np.testing.assert_array_equal(got["a.npy"][8:], pieces["a2.npy"][:2])  # padded: images 10-11 stood in for rows 2-3
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["batch_rows"] == 4
     with pytest.raises(ValueError, match="batch_rows must be an integer >= 1"):
-        batch_job.run(tmp_path / "input", tmp_path / "out", batch_rows=0)
+        batch.run(tmp_path / "input", tmp_path / "out", batch_rows=0)
 
 
 def test_a_rerun_with_other_settings_is_refused(tmp_path):
@@ -319,16 +320,16 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
     import dpmjax
 
     make_store(tmp_path / "input", 2)
-    batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, batch_rows=4, progress=False)
+    batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, batch_rows=4, progress=False)
     with pytest.raises(ValueError, match=r"batch_rows: was 4, now 2.*new output folder"):
-        batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, batch_rows=2, progress=False)
+        batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, batch_rows=2, progress=False)
     with pytest.raises(ValueError, match=r"num_inference_steps: was 5, now 6"):
-        batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS + 1, batch_rows=4, progress=False)
+        batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS + 1, batch_rows=4, progress=False)
     order_one = dpmjax.DPMSolverMultistepScheduler(final_sigmas_type="sigma_min", solver_order=1)
     with pytest.raises(ValueError, match=r"scheduler config differs in solver_order"):
-        batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, scheduler=order_one, batch_rows=4,
+        batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, scheduler=order_one, batch_rows=4,
                       progress=False)
-    assert batch_job.main([str(tmp_path / "input"), str(tmp_path / "out"), "--steps", str(STEPS), "--batch-rows", "4"]) == 0
+    assert batch.main([str(tmp_path / "input"), str(tmp_path / "out"), "--steps", str(STEPS), "--batch-rows", "4"]) == 0
 
 
 def write_zarr(folder: Path, data: np.ndarray, chunk_rows: int, version: int) -> None:
@@ -353,9 +354,9 @@ def test_a_zarr_array_is_inverted_in_its_own_row_chunks(tmp_path, version):
     names = ["rows-00-08.npy", "rows-08-16.npy", "rows-16-20.npy"]
     for name, (begin, end) in zip(names, ((0, 8), (8, 16), (16, 20))):
         np.save(tmp_path / "shards" / name, images[begin:end])
-    summary = batch_job.run(tmp_path / "latents.zarr", tmp_path / "out", num_inference_steps=STEPS, progress=False)
+    summary = batch.run(tmp_path / "latents.zarr", tmp_path / "out", num_inference_steps=STEPS, progress=False)
     assert sorted(summary.recorded) == names and summary.rows == 20
-    batch_job.run(tmp_path / "shards", tmp_path / "from_npy", num_inference_steps=STEPS, progress=False)
+    batch.run(tmp_path / "shards", tmp_path / "from_npy", num_inference_steps=STEPS, progress=False)
     got, expected = outputs(tmp_path / "out"), outputs(tmp_path / "from_npy")
     for name in names:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
@@ -366,7 +367,7 @@ def test_a_zarr_array_is_inverted_in_its_own_row_chunks(tmp_path, version):
     write_zarr(tmp_path / "bad.zarr", bad, chunk_rows=8, version=version)
     chunk_file = (tmp_path / "bad.zarr" / "1.0.0.0") if version == 2 else (tmp_path / "bad.zarr" / "c" / "1" / "0" / "0" / "0")
     chunk_file.write_bytes(b"not a zarr chunk")
-    summary = batch_job.run(tmp_path / "bad.zarr", tmp_path / "bad_out", num_inference_steps=STEPS, progress=False)
+    summary = batch.run(tmp_path / "bad.zarr", tmp_path / "bad_out", num_inference_steps=STEPS, progress=False)
     assert summary.recorded == ["rows-00-08.npy"]
     assert summary.failed["rows-08-16.npy"].startswith("unreadable")
     assert summary.failed["rows-16-20.npy"] == "1 non-finite input values"
@@ -374,11 +375,11 @@ def test_a_zarr_array_is_inverted_in_its_own_row_chunks(tmp_path, version):
 
 def test_an_input_that_is_no_store_is_refused(tmp_path):
     with pytest.raises(ValueError, match="is not a directory"):
-        batch_job.run(tmp_path / "missing", tmp_path / "out")
+        batch.run(tmp_path / "missing", tmp_path / "out")
     (tmp_path / "broken.zarr").mkdir()
     (tmp_path / "broken.zarr" / ".zarray").write_text("{not json")
     with pytest.raises(ValueError, match="is not a readable zarr array"):
-        batch_job.run(tmp_path / "broken.zarr", tmp_path / "out")
+        batch.run(tmp_path / "broken.zarr", tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------- hostile inputs and faults
@@ -578,15 +579,15 @@ def test_missing_zarr_chunk_files_are_reported_unless_fill_values_are_data(tmp_p
     assert "FAILED rows-08-16.npy: rows 8-16: chunk file c/1/0/0/0 is missing" in done.stdout, done.stdout
     assert sorted(outputs(tmp_path / "out")) == ["rows-00-08.npy", "rows-16-20.npy"]
 
-    summary = batch_job.run(tmp_path / "latents.zarr", tmp_path / "zeros", num_inference_steps=STEPS, progress=False,
+    summary = batch.run(tmp_path / "latents.zarr", tmp_path / "zeros", num_inference_steps=STEPS, progress=False,
                             fill_value_is_data=True)
     assert sorted(summary.recorded) == ["rows-00-08.npy", "rows-08-16.npy", "rows-16-20.npy"] and not summary.failed
 
     chunk_file.write_bytes(saved)
-    summary = batch_job.run(tmp_path / "latents.zarr", tmp_path / "out", num_inference_steps=STEPS, progress=False)
+    summary = batch.run(tmp_path / "latents.zarr", tmp_path / "out", num_inference_steps=STEPS, progress=False)
     assert summary.recorded == ["rows-08-16.npy"] and not summary.failed
     with pytest.raises(ValueError, match="input shard rows-08-16.npy is not the one"):
-        batch_job.run(tmp_path / "latents.zarr", tmp_path / "zeros", num_inference_steps=STEPS, progress=False,
+        batch.run(tmp_path / "latents.zarr", tmp_path / "zeros", num_inference_steps=STEPS, progress=False,
                       fill_value_is_data=True)
 
 
@@ -604,7 +605,7 @@ def test_temporary_files_of_killed_runs_are_removed_wherever_the_job_writes(stor
     assert run_cli(tmp_path / "input", out, "--steps", STEPS).returncode == 0
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    tag = output_store._HOST_TAG
+    tag = output_store.HOST_TAG
     leftovers = [out / f".0123456789.{tag}.{dead.pid}.x1y2z3_a.tmp", out / "chunks" / f".0123456789.{tag}.{dead.pid}.q1w2e3r4.tmp",
                  out / "failed" / f".0123456789.{tag}.{dead.pid}.r4t5y6u7.tmp",
                  out / "chunks" / "sub" / f".0123456789.{tag}.{dead.pid}.sub00001.tmp"]
@@ -723,7 +724,7 @@ def test_two_inputs_with_the_same_shard_names_cannot_share_an_output(tmp_path):
 
     shutil.copytree(tmp_path / winner, tmp_path / "moved")
     with pytest.raises(ValueError, match="the input's path is part of the job"):
-        batch_job.run(tmp_path / "moved", tmp_path / "out", num_inference_steps=STEPS, progress=False)
+        batch.run(tmp_path / "moved", tmp_path / "out", num_inference_steps=STEPS, progress=False)
 
 
 def test_a_fingerprint_another_run_recorded_differently_is_refused(tmp_path):
@@ -744,15 +745,15 @@ def test_a_quarantined_shard_fixed_with_other_rows_is_computed_by_the_resume(tmp
     even with more rows than any other, does not make the resume 'another job'."""
     make_store(tmp_path / "input", 1)
     (tmp_path / "input" / "part-00001.npy").write_text("not an array")
-    summary = batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, progress=False)
+    summary = batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, progress=False)
     assert summary.recorded == ["part-00000.npy"] and list(summary.failed) == ["part-00001.npy"]
     np.save(tmp_path / "input" / "part-00001.npy", np.asarray(digits.heldout()[0][:8], np.float32))
-    summary = batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, progress=False)
+    summary = batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, progress=False)
     assert summary.recorded == ["part-00001.npy"] and not summary.failed
     assert np.load(tmp_path / "out" / "chunks" / "part-00001.npy").shape == (8, 1, 8, 8)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["batch_rows"] == 4
     with pytest.raises(ValueError, match="batch_rows: was 4, now 8"):  # asked for explicitly: another job
-        batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, batch_rows=8, progress=False)
+        batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, batch_rows=8, progress=False)
 
 
 def test_trajectories_are_a_setting_and_stale_claims_are_removed(tmp_path):
@@ -760,11 +761,11 @@ def test_trajectories_are_a_setting_and_stale_claims_are_removed(tmp_path):
     is refused. A claim file left by a kill between recording a chunk and giving its claim back is
     removed by the next run."""
     make_store(tmp_path / "input", 2)
-    batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, save_trajectory=True, progress=False)
+    batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, save_trajectory=True, progress=False)
     with pytest.raises(ValueError, match="save_trajectory: was True, now False"):
-        batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, progress=False)
-    (tmp_path / "out" / "claims" / output_store._short_hash("part-00001.npy")).write_text("part-00001.npy\nhost 1\n")
-    summary = batch_job.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, save_trajectory=True,
+        batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, progress=False)
+    (tmp_path / "out" / "claims" / output_store.short_hash("part-00001.npy")).write_text("part-00001.npy\nhost 1\n")
+    summary = batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, save_trajectory=True,
                             progress=False)
     assert summary.recorded == [] and list((tmp_path / "out" / "claims").iterdir()) == []
 

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpmjax.apps import batch_job, input_stores
-from test_batch_job import STEPS, assert_one_line_error, events, finished, make_store, outputs, run_cli
+from dpmjax.apps import batch
+from dpmjax.apps.batch import input_stores
+from test_batch_job import STEPS, assert_one_line_error, events, make_store, outputs, run_cli
 
-TOLERANCE = batch_job.EXACT_TOLERANCE
+TOLERANCE = batch.EXACT_TOLERANCE
 
 
 def listing(folder: Path) -> dict:
@@ -35,11 +36,11 @@ def test_exact_rows_that_missed_are_counted_after_a_resume_in_the_summary_the_ma
     make_store(tmp_path / "input", 3)
     out = tmp_path / "out"
     first = run_cli(tmp_path / "input", out, "--steps", 5, "--exact")
-    assert first.returncode == batch_job.EXIT_NOT_CONVERGED, first.stderr[-3000:]
+    assert first.returncode == batch.EXIT_NOT_CONVERGED, first.stderr[-3000:]
     (out / "chunks" / "part-00002.npy").unlink()  # the kill: chunk 2 never recorded
     (out / "manifest.json").unlink()
     resumed = run_cli(tmp_path / "input", out, "--steps", 5, "--exact")
-    assert resumed.returncode == batch_job.EXIT_NOT_CONVERGED, resumed.stderr[-3000:]
+    assert resumed.returncode == batch.EXIT_NOT_CONVERGED, resumed.stderr[-3000:]
     trips = {name: np.load(out / "round_trips" / name) for name in sorted(os.listdir(out / "round_trips"))}
     total = sum(t.size for t in trips.values())
     within = sum(int(np.sum(t <= TOLERANCE)) for t in trips.values())
@@ -58,7 +59,7 @@ def test_exact_rows_that_missed_are_counted_after_a_resume_in_the_summary_the_ma
     assert report["worst_round_trip"] == pytest.approx(max(float(t.max()) for t in trips.values()), rel=1e-6)
     # a rerun with nothing left to do says the same: failures are never forgotten
     again = run_cli(tmp_path / "input", out, "--steps", 5, "--exact")
-    assert again.returncode == batch_job.EXIT_NOT_CONVERGED
+    assert again.returncode == batch.EXIT_NOT_CONVERGED
     assert f"exact inversion: {within} of {total} rows" in again.stdout, again.stdout
 
 
@@ -67,9 +68,9 @@ def test_a_recorded_exact_chunk_without_its_round_trips_counts_as_not_converged(
     passed off as exact."""
     make_store(tmp_path / "input", 1)
     out = tmp_path / "out"
-    batch_job.run(tmp_path / "input", out, num_inference_steps=3, exact=True, progress=False)
+    batch.run(tmp_path / "input", out, num_inference_steps=3, exact=True, progress=False)
     (out / "round_trips" / "part-00000.npy").unlink()
-    summary = batch_job.run(tmp_path / "input", out, num_inference_steps=3, exact=True, progress=False)
+    summary = batch.run(tmp_path / "input", out, num_inference_steps=3, exact=True, progress=False)
     assert summary.exact_rows == 4 and summary.not_converged == {"part-00000.npy": [0, 1, 2, 3]}
     shard = json.loads((out / "manifest.json").read_text())["exact_inversion"]["shards"]["part-00000.npy"]
     assert shard["rows_converged"] == 0 and shard["round_trips"] == "missing"
@@ -133,7 +134,7 @@ def test_an_output_folder_replaced_by_a_symlink_into_the_input_is_refused_and_no
     assert_one_line_error(run_cli(tmp_path / "input", out, "--steps", STEPS), "chunks/ is a symlink")
     assert listing(tmp_path / "input") == before
     # the library's writes check each target as well: a folder that turns into a symlink later is refused
-    store = batch_job.OutputStore(out)
+    store = batch.OutputStore(out)
     with pytest.raises(OSError, match="leads outside the output folder"):
         store.write_chunk(name="part-00001.npy", noise=np.zeros((4, 1, 8, 8), np.float32))
     assert listing(tmp_path / "input") == before
@@ -169,7 +170,7 @@ def test_sizes_are_refused_before_anything_of_that_size_is_allocated(tmp_path):
     with open(claims / "part-00001.npy", "wb") as f:  # a header for 2**40 rows, and no data
         np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (2 ** 40, 1, 8, 8)})
     done = run_cli(claims, tmp_path / "out3", "--steps", STEPS)
-    assert done.returncode == batch_job.EXIT_FAILED, done.stderr[-3000:]
+    assert done.returncode == batch.EXIT_FAILED, done.stderr[-3000:]
     reason = json.loads((tmp_path / "out3" / "failed" / "part-00001.json").read_text())["reason"]
     assert "too large to read whole" in reason and "host memory" in reason, reason
     assert (tmp_path / "out3" / "chunks" / "part-00000.npy").is_file()
@@ -184,7 +185,7 @@ def test_a_shard_name_that_is_not_utf8_is_inverted_and_named_escaped(tmp_path):
     np.save(tmp_path / "input" / odd, np.load(tmp_path / "input" / "part-00000.npy"))
     (tmp_path / "input" / os.fsdecode(b"bad-\xfe.npy")).write_text("not an array")
     done = run_cli(tmp_path / "input", tmp_path / "out", "--steps", STEPS)
-    assert done.returncode == batch_job.EXIT_FAILED and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == batch.EXIT_FAILED and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "2 chunks inverted" in done.stdout and r"FAILED bad-\xfe.npy: not a .npy array" in done.stdout, done.stdout
     noise = outputs(tmp_path / "out")
     np.testing.assert_array_equal(noise[odd], noise["part-00000.npy"])
@@ -233,7 +234,7 @@ def test_a_write_that_fails_names_the_file_leaves_no_partial_record_and_the_reru
     out = tmp_path / "out"
     command = [sys.executable, "-m", "dpmjax", "invert-batch", str(tmp_path / "input"), str(out), "--steps", str(STEPS)]
     done = subprocess.run(_with_file_size_limit(8192, command), capture_output=True, text=True, timeout=300)
-    assert done.returncode == batch_job.EXIT_FAILED, (done.returncode, done.stderr[-3000:])
+    assert done.returncode == batch.EXIT_FAILED, (done.returncode, done.stderr[-3000:])
     last = done.stderr.strip().splitlines()[-1]
     assert "Traceback" not in done.stderr and "cannot write" in last and "chunks/big.npy" in last, done.stderr[-3000:]
     assert "File too large" in last and "rerun the same command to resume" in last, last
@@ -241,7 +242,7 @@ def test_a_write_that_fails_names_the_file_leaves_no_partial_record_and_the_reru
     assert not [p for p in out.rglob("*.tmp")], list(out.rglob("*"))
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    reference = batch_job.run(tmp_path / "input", tmp_path / "reference", num_inference_steps=STEPS, progress=False)
+    reference = batch.run(tmp_path / "input", tmp_path / "reference", num_inference_steps=STEPS, progress=False)
     assert reference.recorded == ["big.npy"]
     np.testing.assert_array_equal(np.load(out / "chunks" / "big.npy"), np.load(tmp_path / "reference" / "chunks" / "big.npy"))
 
@@ -251,13 +252,13 @@ def test_a_folder_name_too_long_for_the_file_system_is_quarantined_not_a_stopped
     long_name = "f" * 300 + "/b.npy"
     (tmp_path / "input" / "manifest.json").write_text(json.dumps({"shards": ["part-00000.npy", long_name]}))
     done = run_cli(tmp_path / "input", tmp_path / "out", "--steps", STEPS)
-    assert done.returncode == batch_job.EXIT_FAILED and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == batch.EXIT_FAILED and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "1 chunks inverted" in done.stdout and "1 failed" in done.stdout, done.stdout
     records = [json.loads(p.read_text()) for p in (tmp_path / "out" / "failed").glob("*.json")]
     assert [r["chunk"] for r in records] == [long_name]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["missing"] == [long_name]
     # the library refuses to name an output after it, whatever the input file system allowed
-    assert "longer than the 255 bytes" in batch_job.OutputStore(tmp_path / "out").can_record(long_name)
+    assert "longer than the 255 bytes" in batch.OutputStore(tmp_path / "out").can_record(long_name)
 
 
 # ----------------------------------------------------------------------------- exit statuses mean something
@@ -283,7 +284,7 @@ def test_a_model_that_exits_is_a_failure_never_a_success(tmp_path):
     command = [sys.executable, "-m", "dpmjax", "invert-batch", str(tmp_path / "input"), str(tmp_path / "out2"),
                "--model", "exiting:model", "--steps", str(STEPS)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == batch_job.EXIT_FAILED, (done.returncode, done.stderr[-3000:])
+    assert done.returncode == batch.EXIT_FAILED, (done.returncode, done.stderr[-3000:])
     assert "chunk part-00000.npy: SystemExit" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "out2" / "chunks" / "part-00000.npy").exists()
 
@@ -296,7 +297,7 @@ def test_thousands_of_missing_shards_are_quarantined_together(tmp_path):
     missing = [f"gone/{i:05d}.npy" for i in range(3000)]
     (tmp_path / "input" / "manifest.json").write_text(json.dumps({"shards": ["part-00000.npy", *missing]}))
     done = run_cli(tmp_path / "input", tmp_path / "out", "--steps", STEPS)
-    assert done.returncode == batch_job.EXIT_FAILED, done.stderr[-3000:]
+    assert done.returncode == batch.EXIT_FAILED, done.stderr[-3000:]
     assert "1 chunks inverted" in done.stdout and "3000 failed" in done.stdout
     assert "and 2980 more failed chunks" in done.stdout, done.stdout[-2000:]
     out = tmp_path / "out"
@@ -313,5 +314,5 @@ def test_thousands_of_missing_shards_are_quarantined_together(tmp_path):
         np.save(tmp_path / "input" / name, np.load(tmp_path / "input" / "part-00000.npy"))
     (tmp_path / "input" / "manifest.json").write_text(json.dumps({"shards": ["part-00000.npy", *missing]}))
     again = run_cli(tmp_path / "input", out, "--steps", STEPS)
-    assert again.returncode == batch_job.EXIT_FAILED and "2 chunks inverted" in again.stdout, again.stdout[-2000:]
+    assert again.returncode == batch.EXIT_FAILED and "2 chunks inverted" in again.stdout, again.stdout[-2000:]
     assert not (out / "failed" / "gone" / "00000.json").exists()

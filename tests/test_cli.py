@@ -36,7 +36,7 @@ def test_module_entry_point_and_bad_arguments(tmp_path):
 
 def test_an_unknown_command_is_named_in_one_line(capsys):
     assert cli.main(["bogus", "--steps", "5"]) == 2
-    assert capsys.readouterr().err.strip() == "dpmjax: unknown command 'bogus' (commands: digits, demo, invert-batch, edit)"
+    assert capsys.readouterr().err.strip() == "dpmjax: error: unknown command 'bogus' (commands: digits, demo, invert-batch, edit)"
 
 
 @pytest.mark.parametrize("command", ["digits", "demo", "invert-batch", "edit"])

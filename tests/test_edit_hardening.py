@@ -132,7 +132,7 @@ def test_an_out_that_is_an_input_is_refused_before_loading(setup, capsys, spelli
     status, err, loaded = setup.run("--out", out, "--edited-only", *(["--overwrite"] if overwrite else []), capsys=capsys)
     line = _one_line(err)
     assert status == 2 and not loaded
-    assert line == (f"dpmjax edit: --out {out} is the input image {image} "
+    assert line == (f"dpmjax edit: error: --out {out} is the input image {image} "
                     "(edit never writes over an input; choose another --out)"), line
     assert image.read_bytes() == before
 
@@ -148,7 +148,7 @@ def test_an_existing_out_is_replaced_only_with_overwrite(setup, capsys):
     before = out.read_bytes()
     status, err, loaded = setup.run("--out", out, capsys=capsys)
     assert status == 2 and not loaded
-    assert _one_line(err) == f"dpmjax edit: --out {out} exists (pass --overwrite to replace it)"
+    assert _one_line(err) == f"dpmjax edit: error: --out {out} exists (pass --overwrite to replace it)"
     assert out.read_bytes() == before
 
     status, err, loaded = setup.run("--out", out, "--overwrite", "--edited-only", capsys=capsys)
@@ -202,7 +202,7 @@ def test_a_full_disk_leaves_the_old_out_and_no_temporary_file(setup, capsys, mon
     status, err, _ = setup.run("--out", out, "--overwrite", capsys=capsys)
     kept = "the existing file is unchanged" if existing else "nothing was written"
     assert status == 2
-    assert _one_line(err) == f"dpmjax edit: --out {out}: cannot write it (no space left on device); {kept}"
+    assert _one_line(err) == f"dpmjax edit: error: --out {out}: cannot write it (no space left on device); {kept}"
     assert sorted(p.name for p in setup.folder.iterdir()) == listing, "no temporary or partial file left"
     if existing:
         assert out.read_bytes() == before
@@ -231,7 +231,7 @@ sys.exit(cli.main({args!r}))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False,
                           env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
     assert done.returncode == 2, (done.stdout, done.stderr)
-    assert _one_line(done.stderr) == f"dpmjax edit: --out {out}: cannot write it (file too large); the existing file is unchanged"
+    assert _one_line(done.stderr) == f"dpmjax edit: error: --out {out}: cannot write it (file too large); the existing file is unchanged"
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "out.png", "pipeline"]
 
@@ -255,7 +255,7 @@ def test_write_images_replaces_atomically_and_refuses_to_clobber(tmp_path):
 def test_guidance_must_be_finite_and_positive(setup, capsys, value):
     status, err, loaded = setup.run("--out", setup.folder / "o.png", f"--guidance={value}", capsys=capsys)
     assert status == 2 and not loaded
-    assert _one_line(err) == f"dpmjax edit: --guidance must be a finite number > 0 (got {float(value):g})"
+    assert _one_line(err) == f"dpmjax edit: error: --guidance must be a finite number > 0 (got {float(value):g})"
 
 
 # (a bound that is not enforced reads the image at that size: 8192 px is 0.8 GB, not the 120 GB of
@@ -264,7 +264,7 @@ def test_guidance_must_be_finite_and_positive(setup, capsys, value):
 def test_a_size_off_the_grid_or_too_large_is_refused_before_loading(setup, capsys, size):
     status, err, loaded = setup.run("--out", setup.folder / "o.png", f"--size={size}", capsys=capsys)
     assert status == 2 and not loaded
-    assert _one_line(err) == f"dpmjax edit: {SIZE_RULE} (got {size})"
+    assert _one_line(err) == f"dpmjax edit: error: {SIZE_RULE} (got {size})"
 
 
 @pytest.mark.parametrize("size", [4, 24, 2048])
@@ -319,7 +319,7 @@ def test_a_broken_pipeline_folder_is_one_line_before_loading(setup, capsys, dama
     status, err, loaded = setup.run("--out", setup.folder / "o.png", capsys=capsys)
     line = _one_line(err)
     assert status == 2 and not loaded
-    assert line.startswith(f"dpmjax edit: --pipeline {setup.pipeline}: {problem}"), line
+    assert line.startswith(f"dpmjax edit: error: --pipeline {setup.pipeline}: {problem}"), line
 
 
 # ----------------------------------------------------------------------------- images
@@ -331,7 +331,7 @@ def test_a_huge_image_is_refused_from_its_header(setup, capsys, width, height, c
     bomb = png_header(setup.folder / "bomb.png", width, height)
     status, err, loaded = setup.run("--image", bomb, "--out", setup.folder / "o.png", capsys=capsys)
     assert status == 2 and not loaded
-    assert _one_line(err) == (f"dpmjax edit: --image {bomb}: {count}, more than the 89,478,485 an image may have "
+    assert _one_line(err) == (f"dpmjax edit: error: --image {bomb}: {count}, more than the 89,478,485 an image may have "
                               "(PIL.Image.MAX_IMAGE_PIXELS); downscale it first")
 
 
@@ -346,7 +346,7 @@ def test_an_unreadable_image_is_one_line_before_loading(setup, capsys, content, 
         bad.write_bytes(content)
     status, err, loaded = setup.run("--image", bad, "--out", setup.folder / "o.png", capsys=capsys)
     assert status == 2 and not loaded
-    assert _one_line(err).startswith(f"dpmjax edit: --image {bad}: {problem}"), err
+    assert _one_line(err).startswith(f"dpmjax edit: error: --image {bad}: {problem}"), err
 
 
 def _ramp(tmp_path, name, values, **save):

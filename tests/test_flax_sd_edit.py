@@ -139,7 +139,7 @@ def test_a_truncated_unet_weights_file_is_one_line(checked, old_env, tmp_path):
     assert done.returncode == 2, (done.stdout, done.stderr)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert lines[0].startswith(f"dpmjax edit: --pipeline {pipeline}: unet/diffusion_flax_model.msgpack is not a readable "
+    assert lines[0].startswith(f"dpmjax edit: error: --pipeline {pipeline}: unet/diffusion_flax_model.msgpack is not a readable "
                                "Flax weights file ("), lines[0]
     assert not (tmp_path / "o.png").exists()
 
@@ -196,7 +196,7 @@ def test_the_command_reports_a_bad_out_before_it_needs_diffusers(tmp_path, capsy
             "--target-prompt", "b", "--out", str(tmp_path / out)]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and err.startswith(f"dpmjax edit: --out {tmp_path / out}"), err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"dpmjax edit: error: --out {tmp_path / out}"), err
     assert problem in err and "pip install" not in err, err
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from . import batch_job, demo, digits_job
+from . import batch, demo, digits_job
+from .messages import fail
 
 
 def _edit(args):
@@ -14,7 +15,7 @@ def _edit(args):
     return edit.main(args)
 
 
-COMMANDS = {"digits": digits_job.main, "demo": demo.main, "invert-batch": batch_job.main, "edit": _edit}
+COMMANDS = {"digits": digits_job.main, "demo": demo.main, "invert-batch": batch.main, "edit": _edit}
 USAGE = """usage: dpmjax [digits|demo|invert-batch|edit] [options]
 
 commands:
@@ -37,8 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(USAGE)
         return 0
     if args and args[0] not in COMMANDS and not args[0].startswith("-"):
-        print(f"dpmjax: unknown command {args[0]!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
-        return 2
+        return fail("dpmjax", f"unknown command {args[0]!r} (commands: {', '.join(COMMANDS)})")
     command = args.pop(0) if args and args[0] in COMMANDS else "digits"
     return COMMANDS[command](args)
 

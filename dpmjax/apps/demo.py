@@ -23,6 +23,7 @@ from ..scheduler import (
     DPMSolverMultistepScheduler,
 )
 from ..state import SchedulerState
+from .messages import fail
 
 DATA = {"gmm": GaussianMixture(), "gaussian": Gaussian()}
 GRIDS = {"default": {}, "lu": {"use_lu_lambdas": True}, "karras": {"use_karras_sigmas": True}}
@@ -139,8 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.batch < 1:
         problems.append(f"--batch must be >= 1 (got {args.batch})")
     if problems:  # one line, like argparse's own errors but without the usage
-        print(f"dpmjax demo: error: {'; '.join(problems)}", file=sys.stderr)
-        return 2
+        return fail("dpmjax demo", "; ".join(problems))
     base = SchedulerConfig()
     if args.config:
         base = DPMSolverMultistepScheduler.from_pretrained(args.config).config

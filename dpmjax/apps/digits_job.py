@@ -27,6 +27,7 @@ from ..trajectories.guidance import classifier_free_guidance
 from ..trajectories.inversion import invert
 from ..trajectories.null_text import null_text_inversion
 from ..trajectories.scan import sample
+from .messages import fail
 
 GRIDS = {"lu": {"use_lu_lambdas": True}, "default": {}}
 
@@ -127,8 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.null_text_steps < 0:
         problems.append(f"--null-text-steps must be >= 0 (got {args.null_text_steps})")
     if problems:  # one line, like argparse's own errors but without the usage
-        print(f"dpmjax digits: error: {'; '.join(problems)}", file=sys.stderr)
-        return 2
+        return fail("dpmjax digits", "; ".join(problems))
 
     model = digits.load(args.model)
     images, labels = digits.heldout()

@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import jax.numpy as jnp
@@ -26,7 +25,9 @@ from ..models.flax_sd_edit import (
     read_image,
     write_images,
 )
+from .messages import fail
 
+PROG = "dpmjax edit"
 # what --out may end with (the ones this Pillow writes are accepted)
 OUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # the largest --size taken (pixels per side), unless the pipeline's own size is larger: a 2048 px image
@@ -295,7 +296,7 @@ def _old_flax_stack():
             return FlaxStableDiffusionPipeline
         except Exception as error:  # noqa: BLE001 - e.g. flax missing
             found.append(f"the Flax pipeline failed to import ({type(error).__name__})")
-    raise ImportError(f"dpmjax edit needs diffusers < 0.40 and transformers < 5, the last releases with Flax "
+    raise ImportError(f"it needs diffusers < 0.40 and transformers < 5, the last releases with Flax "
                       f"(found {', '.join(found)}): {INSTALL}")
 
 
@@ -329,29 +330,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         problems.append(f"--guidance must be a finite number > 0 (got {args.guidance:g})")
     problems += _size_problems(args.size, geometry)
     if problems:
-        print(f"dpmjax edit: {'; '.join(problems)}", file=sys.stderr)
-        return 2
+        return fail(PROG, "; ".join(problems))
     size = args.size or geometry.default_size
     images = []
     for path in args.image:
         try:
             images.append(read_image(path, size, size))
         except (OSError, ValueError) as error:
-            print(f"dpmjax edit: --image {path}: cannot read it ({_reason(error)})", file=sys.stderr)
-            return 2
+            return fail(PROG, f"--image {path}: cannot read it ({_reason(error)})")
     images = np.stack(images)
     try:
         Pipeline = _old_flax_stack()
     except ImportError as error:
-        print(error, file=sys.stderr)
-        return 2
+        return fail(PROG, str(error))
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     try:
         pipeline, params = Pipeline.from_pretrained(args.pipeline, dtype=dtype, safety_checker=None, feature_extractor=None)
     except Exception as error:  # noqa: BLE001 - whatever the loaders raise, one line naming the folder
         cause = _weights_problem(args.pipeline) or f"cannot load it ({type(error).__name__}: {_reason(error)})"
-        print(f"dpmjax edit: --pipeline {args.pipeline}: {cause}", file=sys.stderr)
-        return 2
+        return fail(PROG, f"--pipeline {args.pipeline}: {cause}")
     if dtype != jnp.float32:
         params = {k: flax_sd.cast_floating(v, dtype) if k in ("unet", "vae", "text_encoder") else v for k, v in params.items()}
     result = edit_images(pipeline, params, images, source_prompt=args.prompt, target_prompt=args.target_prompt,
@@ -362,13 +359,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         write_images(args.out, rows, overwrite=args.overwrite)
     except FileExistsError:
-        print(f"dpmjax edit: --out {args.out} appeared while editing (pass --overwrite to replace it); nothing was written",
-              file=sys.stderr)
-        return 2
+        return fail(PROG, f"--out {args.out} appeared while editing (pass --overwrite to replace it); nothing was written")
     except OSError as error:
         kept = "the existing file is unchanged" if existed else "nothing was written"
-        print(f"dpmjax edit: --out {args.out}: cannot write it ({_reason(error)}); {kept}", file=sys.stderr)
-        return 2
+        return fail(PROG, f"--out {args.out}: cannot write it ({_reason(error)}); {kept}")
     for i, path in enumerate(args.image):
         line = f"{path}: edited"
         if result.round_trip is not None:

@@ -31,6 +31,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..messages import first_line, shown
 from .memory import array_bytes, host_memory, in_words
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -53,23 +54,13 @@ def read_json(path: Path, what: str):
         raise ValueError(f"{what} {path} cannot be read as JSON ({type(error).__name__}: {error}).") from None
 
 
-def shown(name: str) -> str:
-    """A file name as it can be printed: bytes that are not UTF-8 (kept by Python as surrogates)
-    are written as ``\\xNN`` escapes."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def resolved(path: Path, what: str) -> Path:
     """``path`` with every symlink followed; a symlink loop is a ``ValueError`` naming ``what``."""
     try:
         return Path(path).resolve()
     except (RuntimeError, OSError) as error:  # RuntimeError: Python < 3.13's "Symlink loop"
         raise ValueError(f"{what} {shown(str(path))} cannot be resolved: it is a symlink loop or leads through one "
-                         f"({_first_line(error)}).") from None
-
-
-def _first_line(error: BaseException) -> str:
-    return shown((str(error).strip().splitlines() or [type(error).__name__])[0])
+                         f"({first_line(error)}).") from None
 
 
 def inside(path: Path, root: Path) -> bool:

@@ -32,12 +32,9 @@ Guarantees:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -45,21 +42,21 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .input_stores import inside, read_json, resolved, shown
+from ..messages import shown
+from .files import (TEMP_NAME, atomic_save, atomic_write, atomic_write_text, append_events, create_exclusive,
+                    fsync_folder, is_dead_writers, short_hash)
+from .input_stores import inside, read_json, resolved
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: chunks are not claimed
     fcntl = None
 
-STALE_TEMP_SECONDS = 3600  # a temporary file untouched this long before a run starts is a dead writer's
 MAX_NAME_BYTES = 255  # the longest file name most file systems take
 # settings added after outputs were first written: an older settings.json without them is not refused
 LATER_SETTINGS = ("fill_value_is_data", "input_shards", "input", "save_trajectory")
 # the folders the job writes files into (with subfolders: chunk names may have them); the root too, not below it
 JOB_FOLDERS = ("chunks", "trajectories", "round_trips", "failed", "inputs")
-# the job's temporary files, exactly: ".HASH.HOST.PID.RANDOM.tmp" (see _temp_prefix; RANDOM from tempfile.mkstemp)
-TEMP_NAME = re.compile(r"\.[0-9a-f]{10}\.(?P<host>[0-9a-f]{8})\.(?P<pid>[0-9]+)\.[a-z0-9_]{8}\.tmp")
 
 
 class ChunkClaim:
@@ -170,7 +167,7 @@ class OutputStore:
         if some run created it first, require the same settings (processes of one job share the
         output; two jobs never do). Then record the inputs' fingerprints and remove the temporary
         files of writers dead before ``started`` (a ``time.time()``)."""
-        if not _create_exclusive(self._inside(self._settings_path), json.dumps(settings, indent=1)):
+        if not create_exclusive(self._inside(self._settings_path), json.dumps(settings, indent=1)):
             self.check_same_settings(self._read_settings(), settings)
         # once the output is this job's: the records as they are now (another run may have written some meanwhile)
         self._write_fingerprints(*self._input_changes(fingerprints))
@@ -190,7 +187,7 @@ class OutputStore:
         ``claims/HASH`` (the kernel drops it when the process dies, so a killed run's claims are
         never stale). ``None`` when another process holds the chunk. Where the file system has no
         locks the chunk is taken unclaimed."""
-        path = self._inside(self.root / "claims" / _short_hash(name))
+        path = self._inside(self.root / "claims" / short_hash(name))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         if fcntl is None:
@@ -211,15 +208,15 @@ class OutputStore:
         """Write a chunk's outputs, each atomically, the noise last (the record: from then on the
         chunk is done), and drop an earlier quarantine record of it."""
         if trajectory is not None:
-            _atomic_save(self._inside(self.root / "trajectories" / name), trajectory)
+            atomic_save(self._inside(self.root / "trajectories" / name), trajectory)
         if round_trip is not None:
-            _atomic_save(self._inside(self.root / "round_trips" / name), round_trip)
-        _atomic_save(self._inside(self.root / "chunks" / name), noise)
+            atomic_save(self._inside(self.root / "round_trips" / name), round_trip)
+        atomic_save(self._inside(self.root / "chunks" / name), noise)
         _side_path(self.root / "failed", name).unlink(missing_ok=True)
 
     def quarantine(self, name: str, reason: str) -> None:
         """Record chunk ``name`` as failed, and why (a rerun tries it again)."""
-        _atomic_write_text(self._inside(_side_path(self.root / "failed", name)), json.dumps({"chunk": name, "reason": reason}))
+        atomic_write_text(self._inside(_side_path(self.root / "failed", name)), json.dumps({"chunk": name, "reason": reason}))
 
     def quarantine_many(self, reasons: dict) -> None:
         """Record many chunks as failed at once (``reasons``: name -> why), with one fsync per
@@ -230,13 +227,13 @@ class OutputStore:
         folders = set()
         for name, reason in reasons.items():
             path = self._inside(_side_path(self.root / "failed", name))
-            _atomic_write(path, lambda f, n=name, r=reason: f.write(json.dumps({"chunk": n, "reason": r}).encode()),
+            atomic_write(path, lambda f, n=name, r=reason: f.write(json.dumps({"chunk": n, "reason": r}).encode()),
                           durable=False)
             folders.add(path.parent)
         for folder in folders:
-            _fsync_folder(folder)
+            fsync_folder(folder)
         with self._events_lock:
-            _append_events(self._inside(self._events_path),
+            append_events(self._inside(self._events_path),
                            [{"chunk": name, "event": "failed", "reason": reason} for name, reason in reasons.items()])
 
     def failure_since(self, name: str, since: float) -> Optional[str]:
@@ -259,7 +256,7 @@ class OutputStore:
     def log(self, **event) -> None:
         """Append one event (with the time and this process' id) to ``events.jsonl``, fsynced."""
         with self._events_lock:
-            _append_events(self._inside(self._events_path), [event])
+            append_events(self._inside(self._events_path), [event])
 
     def round_trips(self, names: Sequence[str], tolerance: float) -> dict:
         """Exact inversion's measured round trips of the recorded chunks among ``names``, read from
@@ -309,7 +306,7 @@ class OutputStore:
                 "rows_converged": sum(r["rows_converged"] for r in shards.values()),
                 "worst_round_trip": None if None in worst else max(worst, default=None), "shards": shards}}
         done_set = set(done)
-        _atomic_write_text(self._inside(self.root / "manifest.json"), json.dumps({
+        atomic_write_text(self._inside(self.root / "manifest.json"), json.dumps({
             "shards": done, "row_shape": list(row_shape) if row_shape else None, "of": "noise", **job_settings,
             "input_fingerprints": fingerprints, "missing": [n for n in names if n not in done_set], **exact}, indent=1))
 
@@ -381,7 +378,7 @@ class OutputStore:
         for path, record in new.items():  # one small file per shard: not fsynced (a record lost to a crash is made anew)
             if isinstance(record["fingerprint"], dict) and "error" in record["fingerprint"]:
                 continue  # an unreadable shard: nothing to recognise it by (it is quarantined when its turn comes)
-            if _create_exclusive(self._inside(path), json.dumps(record), durable=False):
+            if create_exclusive(self._inside(path), json.dumps(record), durable=False):
                 continue
             before = _fingerprint_record(path)
             if before is not None and before.get("fingerprint") != record["fingerprint"]:
@@ -389,7 +386,7 @@ class OutputStore:
                                  f"run recorded it as {_short(before.get('fingerprint'))}, this run read "
                                  f"{_short(record['fingerprint'])}); restore it or write to a new output folder.")
         for path, record in fixed.items():
-            _atomic_write_text(self._inside(path), json.dumps(record))
+            atomic_write_text(self._inside(path), json.dumps(record))
 
     def _may_be_fixed(self, name: str, before) -> bool:
         """A shard may change under a resumed job only while its chunk is not recorded and it was
@@ -400,20 +397,20 @@ class OutputStore:
 
     def _remove_dead_writers_files(self, started: float) -> None:
         """Temporary files left by killed runs where the job writes: the root (not below it) and
-        the folders of :data:`JOB_FOLDERS` with theirs; see :func:`_is_dead_writers`."""
+        the folders of :data:`JOB_FOLDERS` with theirs; see :func:`is_dead_writers`."""
         places = [(self.root, [entry.name for entry in os.scandir(self.root) if entry.is_file(follow_symlinks=False)])]
         for job_folder in JOB_FOLDERS:
             places += [(Path(folder), files) for folder, _, files in os.walk(self.root / job_folder)]
         for folder, files in places:
             for file in files:
-                if _is_dead_writers(folder / file, started):
+                if is_dead_writers(folder / file, started):
                     (folder / file).unlink(missing_ok=True)
 
     def _remove_recorded_claims(self, recorded: Sequence[str]) -> None:
         """A run killed between recording a chunk and giving its claim back leaves ``claims/HASH``:
         remove those of recorded chunks nobody holds (whoever opened one finds its chunk recorded)."""
         for name in recorded:
-            if not (self.root / "claims" / _short_hash(name)).exists():
+            if not (self.root / "claims" / short_hash(name)).exists():
                 continue
             claim = self.claim_chunk(name)
             if claim is not None:
@@ -513,20 +510,6 @@ def _short(fingerprint) -> str:
     return json.dumps(fingerprint)[:120]
 
 
-def _short_hash(text: str, length: int = 16) -> str:
-    """A hex digest of ``text`` (a name's bytes: one that is not UTF-8 hashes as it is on disk)."""
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:length]
-
-
-_HOST_TAG = _short_hash(socket.gethostname(), 8)  # in temporary names: whose host they are
-
-
-def _temp_prefix(path: Path) -> str:
-    """A short temporary name beside ``path``: ``.HASH.HOST.PID.`` (a 255-byte shard name must not
-    make its temporary name too long)."""
-    return f".{_short_hash(path.name, 10)}.{_HOST_TAG}.{os.getpid()}."
-
-
 def _side_path(folder: Path, name: str) -> Path:
     """``folder/NAME.json`` for chunk ``NAME.npy`` (subfolders kept); a name with a file or folder
     name too long for that gets a hash instead, directly in ``folder`` (the JSON inside names the chunk)."""
@@ -534,142 +517,4 @@ def _side_path(folder: Path, name: str) -> Path:
     relative = Path(f"{base}.json")
     if all(len(os.fsencode(part)) <= MAX_NAME_BYTES for part in relative.parts):
         return folder / relative
-    return folder / f"{_short_hash(name)}.json"
-
-
-# ----------------------------------------------------------------------------- files, atomically
-def _fsync_folder(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _create_exclusive(path: Path, text: str, durable: bool = True) -> bool:
-    """Create ``path`` holding ``text`` if it does not exist, atomically: a temporary file (fsynced
-    if ``durable``), hard-linked into place (the link fails if ``path`` exists), so ``path`` is never
-    seen half written. Returns whether this call created it; a failure (a full disk) is an
-    ``OSError`` naming ``path``."""
-    try:
-        return _link_into_place(path, text, durable=durable)
-    except OSError as error:
-        raise _naming(error, path) from None
-
-
-def _link_into_place(path: Path, text: str, durable: bool) -> bool:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode())
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        except OSError:  # no hard links on this file system: an exclusive create, written in place
-            try:
-                with open(path, "xb") as f:
-                    f.write(text.encode())
-            except FileExistsError:
-                return False
-        if durable:
-            _fsync_folder(path.parent)
-        return True
-    finally:
-        os.unlink(tmp)
-
-
-class _PlainWriter:
-    """A file seen by numpy as a plain stream: it then writes with ``write()`` (an ``OSError`` with
-    its errno, ENOSPC on a full disk) rather than ``tofile`` ("4096 requested and 2016 written")."""
-
-    def __init__(self, file):
-        self.write = file.write
-
-
-def _atomic_write(path: Path, write, durable: bool = True) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync, rename into place, fsync the
-    folder: ``path`` then exists whole or not at all, also across a crash (``durable=False``: no
-    fsyncs, for records a crash may lose because the next run makes them again). A failure (a
-    full disk) leaves no temporary file and is an ``OSError`` naming ``path``."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise _naming(error, path) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(error, OSError):
-            raise _naming(error, path) from None
-        raise
-    if durable:
-        _fsync_folder(path.parent)
-
-
-def _naming(error: OSError, path: Path) -> OSError:
-    """``error`` as an ``OSError`` whose message names the file the job was writing."""
-    reason = error.strerror or str(error)
-    return OSError(error.errno, f"cannot write {shown(str(path))}: {reason}")
-
-
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    _atomic_write(path, lambda f: np.lib.format.write_array(_PlainWriter(f), np.asanyarray(array), allow_pickle=False))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def _append_events(path: Path, events: Sequence[dict]) -> None:
-    """Append ``events`` (each with the time and this process' id) in one write, fsynced."""
-    now, pid = time.time(), os.getpid()
-    text = "".join(json.dumps(dict(event, time=now, pid=pid)) + "\n" for event in events)
-    try:
-        with open(path, "ab") as f:
-            f.write(text.encode())
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as error:
-        raise _naming(error, path) from None
-
-
-# ----------------------------------------------------------------------------- temporary files of dead writers
-def _pid_is_dead(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        return False
-    return False
-
-
-def _is_dead_writers(tmp: Path, started: float) -> bool:
-    """Whether ``tmp`` is a temporary file of this job (its name matches :data:`TEMP_NAME` exactly)
-    that is left over: written by a process of this host that is gone, or untouched for
-    :data:`STALE_TEMP_SECONDS` before this run started (any host). A live process' file, here or
-    elsewhere, is left alone: it may be writing it."""
-    match = TEMP_NAME.fullmatch(tmp.name)
-    if match is None:
-        return False
-    pid = int(match["pid"])
-    if pid == os.getpid():
-        return False
-    if match["host"] == _HOST_TAG and _pid_is_dead(pid):
-        return True
-    try:
-        return tmp.stat().st_mtime < started - STALE_TEMP_SECONDS
-    except FileNotFoundError:
-        return False
+    return folder / f"{short_hash(name)}.json"

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional, Tuple
 import numpy as np
 
 from . import checks
+from .noise_schedule import training_schedule
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
@@ -71,10 +72,6 @@ def _lambda_min_clipped(config: "SchedulerConfig") -> float:
         return clip
     if not math.isfinite(clip):
         raise ValueError(f"lambda_min_clipped must be a finite number or -inf (no clipping), got {clip!r}.")
-    from .noise_schedule import (
-        training_schedule,  # here: noise_schedule imports this module
-    )
-
     largest = float(np.max(training_schedule(config).lambda_t))
     if np.float32(clip) > np.float32(largest):
         raise ValueError(

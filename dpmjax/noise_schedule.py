@@ -8,17 +8,31 @@ the noise-to-signal ratio ``sigma_t / alpha_t = exp(-lambda_t)``.
 The arithmetic reproduces PyTorch's float32 computation bit for bit (its ``linspace`` uses a
 fused multiply-add from both ends, its ``cumprod`` accumulates in float64), so that the schedule
 tables, and every sigma derived from them, are the very values diffusers holds.
+
+The tables depend on six fields of a config (:class:`TrainingConfig`), read by name: this module sits
+below :mod:`dpmjax.config`, which builds the tables to check ``lambda_min_clipped``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Hashable, NamedTuple, Optional, Protocol, Tuple
 
 import numpy as np
 
-from .config import SchedulerConfig
+
+class TrainingConfig(Hashable, Protocol):
+    """The fields of a config that fix the training schedule (a
+    :class:`~dpmjax.config.SchedulerConfig` has them, validated); hashable, the tables are cached
+    per config."""
+
+    num_train_timesteps: int
+    beta_start: float
+    beta_end: float
+    beta_schedule: str  # "linear", "scaled_linear" or "squaredcos_cap_v2"
+    trained_betas: Optional[Tuple[float, ...]]  # overrides the three above
+    rescale_betas_zero_snr: bool
 
 
 class TrainingSchedule(NamedTuple):
@@ -81,7 +95,7 @@ def _cumprod_float32(values: np.ndarray) -> np.ndarray:
     return np.cumprod(values.astype(np.float64)).astype(np.float32)
 
 
-def betas_for(config: SchedulerConfig) -> np.ndarray:
+def betas_for(config: TrainingConfig) -> np.ndarray:
     n = config.num_train_timesteps
     if config.trained_betas is not None:
         betas = np.asarray(config.trained_betas, dtype=np.float32)
@@ -97,7 +111,7 @@ def betas_for(config: SchedulerConfig) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def training_schedule(config: SchedulerConfig) -> TrainingSchedule:
+def training_schedule(config: TrainingConfig) -> TrainingSchedule:
     """Build the float32 training tables of ``config`` (cached per config; the arrays are read-only)."""
     betas = betas_for(config)
     alphas_cumprod = _cumprod_float32(np.float32(1.0) - betas)

@@ -206,3 +206,129 @@ def test_each_layer_imports_only_the_layers_below_it():
                     str(path.relative_to(PACKAGE)) not in SCRIPTS:
                 offences.append(f"{path.relative_to(PACKAGE)} ({layer}) imports {module}, a library of the programs")
     assert not offences, "\n".join(offences)
+
+
+# ----------------------------------------------------------------------------- import cycles
+# No module of dpmjax imports, directly or through others, a module that imports it back. Every import
+# counts: at the top of a file, inside a function (where a circle hides best: it runs later, so Python
+# does not complain) and under ``if TYPE_CHECKING:`` (a type checker follows it). A module that needs
+# something from a module above it takes it as an argument instead.
+
+
+def _module_name(path: Path) -> str:
+    """``dpmjax/a/b.py`` -> ``dpmjax.a.b``; a package's ``__init__.py`` -> the package's name."""
+    parts = ("dpmjax",) + path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_package(name: str, modules: Set[str]) -> bool:
+    return any(other.startswith(name + ".") for other in modules)
+
+
+def import_edges(sources: Dict[str, str]) -> Dict[str, Set[str]]:
+    """The import graph of a package: for each module (``dpmjax.a.b``; a package stands for its
+    ``__init__``), the modules of the package it imports, relative imports resolved.
+
+    ``from X import y`` imports the module ``X.y`` when there is one, else ``X`` (where ``y`` is a
+    name defined in ``X``). The parent packages Python initialises on the way to a module are not
+    edges: ``dpmjax/__init__.py`` gathers every layer, and only an explicit import of the package by
+    one of its modules closes a circle through it.
+
+    Args:
+        sources: Module name -> its source text (``"dpmjax.x.__init__"`` is not used: key packages by
+            their own name).
+    """
+    modules = set(sources)
+    edges: Dict[str, Set[str]] = {}
+    for name, source in sources.items():
+        package = name if _is_package(name, modules) and f"{name}.__init__" not in modules else name.rsplit(".", 1)[0]
+        targets: Set[str] = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                for alias in node.names:
+                    submodule = f"{module}.{alias.name}"
+                    targets.add(submodule if submodule in modules else module)
+        edges[name] = {target for target in targets if target in modules and target != name}
+    return edges
+
+
+def find_cycle(edges: Dict[str, Set[str]]) -> List[str]:
+    """One import circle ``[a, b, ..., a]`` of the graph, or ``[]`` if it has none (depth-first
+    search; modules visited in sorted order, so the circle reported is always the same)."""
+    state: Dict[str, int] = {}  # 1: on the current path, 2: finished (no circle through it)
+    path: List[str] = []
+
+    def visit(module: str) -> List[str]:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(edges.get(module, ())):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state:
+                found = visit(target)
+                if found:
+                    return found
+        path.pop()
+        state[module] = 2
+        return []
+
+    for module in sorted(edges):
+        if module not in state:
+            found = visit(module)
+            if found:
+                return found
+    return []
+
+
+def import_cycles(edges: Dict[str, Set[str]]) -> List[List[str]]:
+    """One circle of each group of modules that import each other (a strongly connected component)."""
+    def reachable(module: str) -> Set[str]:
+        seen, todo = set(), [module]
+        while todo:
+            for target in edges.get(todo.pop(), ()):
+                if target not in seen:
+                    seen.add(target)
+                    todo.append(target)
+        return seen
+
+    reach = {module: reachable(module) for module in edges}
+    groups = {frozenset(other for other in edges if other in reach[module] and module in reach[other])
+              for module in edges if module in reach[module]}
+    return sorted(find_cycle({module: edges[module] & group for module in group}) for group in groups)
+
+
+def _package_sources() -> Dict[str, str]:
+    return {_module_name(path): path.read_text() for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_no_import_cycles():
+    cycles = import_cycles(import_edges(_package_sources()))
+    assert not cycles, "import circles (a module that needs something from a module above it takes it as an " \
+        "argument instead):\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_the_cycle_check_finds_circles():
+    """The check itself: a circle closed by an import inside a function, by ``from . import x``, by
+    ``from .x import name``, through a package's ``__init__``, or under ``TYPE_CHECKING`` is found;
+    imports of outside libraries and of a module's own package's submodules in a line are not circles."""
+    def cycle(**files: str) -> List[str]:
+        return find_cycle(import_edges({"p." + name.replace("__", "."): text for name, text in files.items()} | {"p": ""}))
+
+    assert cycle(a="import numpy\nfrom . import b", b="from .c import f", c="import os") == []
+    assert cycle(a="from . import b", b="def f():\n    from .a import g") == ["p.a", "p.b", "p.a"]
+    assert cycle(a="from .b import f", b="from . import a") == ["p.a", "p.b", "p.a"]
+    assert cycle(a="from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import B",
+                 b="import p.a") == ["p.a", "p.b", "p.a"]
+    assert cycle(q="from . import m", q__m="from .. import q") == ["p.q", "p.q.m", "p.q"]
+    assert cycle(q="from .m import f", q__m="from . import g") == ["p.q", "p.q.m", "p.q"]
+    assert cycle(q="", q__m="from ..a import f", a="from .q.n import g", q__n="") == []
+    two = import_edges({"p": "", "p.a": "from . import b", "p.b": "import p.a", "p.c": "from .d import f",
+                        "p.d": "from .c import g\nfrom .a import h"})
+    assert import_cycles(two) == [["p.a", "p.b", "p.a"], ["p.c", "p.d", "p.c"]]

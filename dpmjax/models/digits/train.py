@@ -1,7 +1,7 @@
-"""Train the shipped digits model (:mod:`dpmjax.models.digits`) and its scoring classifier.
+"""Train the shipped digits models (:mod:`dpmjax.models.digits`) and their scoring classifier.
 
     pip install ".[train]"                      # scikit-learn, for the dataset
-    python -m dpmjax.models.train_digits        # ~minutes on 2 CPU cores; writes the package's files
+    python -m dpmjax.models.digits.train        # ~minutes on 2 CPU cores; writes the package's files
 
 Fixed seeds throughout: the split (numpy seed 0), the initialisation and the batches (JAX key 0).
 Epsilon-prediction loss on diffusers' default training schedule, AdamW with warm-up and cosine
@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..config import SchedulerConfig
-from ..noise_schedule import training_schedule
-from . import digits, digits_unet
+from ...config import SchedulerConfig
+from ...noise_schedule import training_schedule
+from . import common, mlp, unet
 
 LABEL_DROPOUT = 0.15
 
@@ -47,11 +47,11 @@ def train_denoiser(images, labels, steps: int, batch: int = 256, learning_rate: 
                    log_every: int = 1000, model: str = "mlp"):
     alphas_cumprod = jnp.asarray(training_schedule(SchedulerConfig()).alphas_cumprod, jnp.float32)
     key = jax.random.PRNGKey(seed)
-    params = (digits.init_params if model == "mlp" else digits_unet.init_params)(key)
+    params = (mlp.init_params if model == "mlp" else unet.init_params)(key)
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(500, steps // 10 + 1), steps, learning_rate * 0.01)
     optimiser = optax.adamw(schedule, weight_decay=1e-4)
     opt_state = optimiser.init(params)
-    net = digits.DigitsDenoiser() if model == "mlp" else digits_unet.DigitsUNet()
+    net = mlp.DigitsDenoiser() if model == "mlp" else unet.DigitsUNet()
     images, labels = jnp.asarray(images), jnp.asarray(labels)
 
     def loss_fn(params, key):
@@ -62,7 +62,7 @@ def train_denoiser(images, labels, steps: int, batch: int = 256, learning_rate: 
         eps = jax.random.normal(k_eps, x0.shape)
         a = alphas_cumprod[t].reshape(-1, 1, 1, 1)
         xt = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * eps
-        y = jnp.where(jax.random.uniform(k_drop, (batch,)) < LABEL_DROPOUT, digits.NULL_LABEL, y)
+        y = jnp.where(jax.random.uniform(k_drop, (batch,)) < LABEL_DROPOUT, common.NULL_LABEL, y)
         return jnp.mean((net.apply(params, xt, t, y) - eps) ** 2)
 
     def train_step(carry, k):
@@ -124,11 +124,11 @@ def train_classifier(images, labels, steps: int = 2000):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpmjax.models.train_digits", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mlp", choices=digits.MODELS,
+    parser = argparse.ArgumentParser(prog="python -m dpmjax.models.digits.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mlp", choices=common.MODELS,
                         help="mlp (the residual MLP) or unet (the Stable-Diffusion-style UNet); default mlp")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: mlp 20000, unet 6000)")
-    parser.add_argument("--out", default=digits.HERE, help="folder for digits_weights.msgpack and digits_heldout.npz")
+    parser.add_argument("--out", default=common.HERE, help="folder for digits_weights.msgpack and digits_heldout.npz")
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (20000 if args.model == "mlp" else 6000)
     if steps < 1:
@@ -141,13 +141,13 @@ def main(argv=None) -> int:
                             model=args.model)
     if args.model == "unet":  # scored by the MLP's classifier: same data, same split
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, os.path.basename(digits.weights_path("unet")))
+        path = os.path.join(args.out, os.path.basename(common.weights_path("unet")))
         with open(path, "wb") as f:
             f.write(flax.serialization.to_bytes(params))
         print(f"wrote {path}")
         return 0
     classifier = train_classifier(train_x, train_y)
-    accuracy = float(jnp.mean(digits.classify(classifier, jnp.asarray(test_x)) == test_y))
+    accuracy = float(jnp.mean(common.classify(classifier, jnp.asarray(test_x)) == test_y))
     print(f"classifier accuracy on the held-out digits: {accuracy:.3f}")
     os.makedirs(args.out, exist_ok=True)
     payload = {"params": params, "classifier": tuple(np.asarray(a) for a in classifier)}

@@ -1,6 +1,6 @@
 """A Stable-Diffusion-style UNet for the 8x8 digits: the second shipped model.
 
-The same data, schedule and label dropout as the MLP (:mod:`dpmjax.models.digits`), with Stable
+The same data, schedule and label dropout as the MLP (:mod:`dpmjax.models.digits.mlp`), with Stable
 Diffusion's building blocks at toy size: ResNet blocks (GroupNorm, SiLU, 3x3 convolutions, the
 timestep embedding added in between), transformer blocks with self-attention, cross-attention to
 the conditioning tokens and a GEGLU feed-forward, a strided-convolution downsample and a
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .digits import NULL_LABEL, SHAPE, timestep_embedding
+from .common import NULL_LABEL, SHAPE, timestep_embedding
 
 CHANNELS = (16, 32)
 TOKENS, TOKEN_DIM = 4, 32

@@ -222,11 +222,7 @@ class SchedulerConfig:
         for name in (
             "lower_order_final",
             "euler_at_final",
-            "use_karras_sigmas",
-            "use_exponential_sigmas",
-            "use_beta_sigmas",
-            "use_lu_lambdas",
-            "use_flow_sigmas",
+            *self.SIGMA_GRID_OPTIONS,
             "rescale_betas_zero_snr",
             "use_dynamic_shifting",
         ):
@@ -263,6 +259,9 @@ class SchedulerConfig:
             raise ValueError("use_dynamic_shifting=True needs use_flow_sigmas=True.")
         set_("lambda_min_clipped", _lambda_min_clipped(self))  # last: it needs the training schedule
 
+    # The flags that replace the spaced timesteps by another noise-level grid, mutually exclusive. The one
+    # list: the type check, the exclusivity check and the grids' refusals (custom timesteps, the
+    # unused steps_offset) all read it.
     SIGMA_GRID_OPTIONS = (
         "use_karras_sigmas",
         "use_exponential_sigmas",

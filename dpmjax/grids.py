@@ -184,7 +184,7 @@ def forward_grid(
     if (num_inference_steps is None) == (timesteps is None):
         raise ValueError("pass exactly one of num_inference_steps and timesteps.")
     if timesteps is not None:
-        for option in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"):
+        for option in config.SIGMA_GRID_OPTIONS:
             if getattr(config, option):
                 raise ValueError(f"custom timesteps cannot be combined with {option}=True.")
         ts = np.asarray(timesteps)

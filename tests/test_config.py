@@ -140,6 +140,32 @@ def test_custom_timesteps_match_diffusers():
     np.testing.assert_allclose(np.asarray(state.sigmas), d.sigmas.numpy(), rtol=2e-6)
 
 
+@pytest.mark.parametrize("option", SchedulerConfig.SIGMA_GRID_OPTIONS)
+def test_custom_timesteps_are_refused_with_every_sigma_grid(option):
+    """Each alternative grid sets its own timesteps: custom ones are a ValueError naming the flag."""
+    s = Forward(**{option: True})
+    with pytest.raises(ValueError, match=f"custom timesteps cannot be combined with {option}=True"):
+        s.set_timesteps(s.create_state(), shape=SHAPE, timesteps=[999, 500, 10])
+
+
+def test_a_new_sigma_grid_flag_is_honoured_wherever_the_flags_are_read(monkeypatch):
+    """A flag added to ``SIGMA_GRID_OPTIONS`` alone is type-checked, exclusive of the others, refused
+    with custom timesteps and frees ``steps_offset``: no place keeps its own copy of the list."""
+    monkeypatch.setattr(SchedulerConfig, "SIGMA_GRID_OPTIONS", SchedulerConfig.SIGMA_GRID_OPTIONS + ("use_new_sigmas",))
+    monkeypatch.setattr(SchedulerConfig, "use_new_sigmas", "yes", raising=False)
+    with pytest.raises(ValueError, match="use_new_sigmas must be"):
+        SchedulerConfig()
+    monkeypatch.setattr(SchedulerConfig, "use_new_sigmas", True)
+    with pytest.raises(ValueError, match="use_karras_sigmas and use_new_sigmas are mutually exclusive"):
+        SchedulerConfig(use_karras_sigmas=True)
+    s = Forward(SchedulerConfig())
+    with pytest.raises(ValueError, match="custom timesteps cannot be combined with use_new_sigmas=True"):
+        s.set_timesteps(s.create_state(), shape=SHAPE, timesteps=[999, 500, 10])
+    # the offset check is skipped for a grid that sets its own timesteps (the spaced ones are used here)
+    late = Forward(SchedulerConfig(timestep_spacing="leading", steps_offset=990))
+    late.set_timesteps(late.create_state(), 25, SHAPE)
+
+
 def test_config_is_frozen_hashable_and_schedulers_compare_by_config():
     a, b = Forward(solver_order=3), Forward(solver_order=3)
     assert a == b and hash(a) == hash(b) and a != Forward() and a != Inverse(solver_order=3)

@@ -25,6 +25,7 @@ import optax  # noqa: E402
 
 import dpmjax  # noqa: E402
 from dpmjax.models import flax_sd  # noqa: E402
+from dpmjax.models.flax_sd import testing  # noqa: E402
 from dpmjax.trajectories.null_text import null_text_inversion  # noqa: E402
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -65,7 +66,7 @@ def main(out_dir: str, quick: bool) -> dict:
 
     def phase(name):
         phases[name] = round(time.perf_counter() - started - sum(phases.values()), 1)
-    unet, params = flax_sd.tiny_unet(seed=0)
+    unet, params = testing.tiny_unet(seed=0)
     unet.save_pretrained(f"{out_dir}/unet", params=params)
     loaded, loaded_params = flax_sd.load_unet(f"{out_dir}/unet")
     report["loaded_equal"] = bool(all(np.array_equal(a, b) for a, b in

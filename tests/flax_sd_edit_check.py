@@ -1,5 +1,5 @@
 """Run under diffusers 0.39 and transformers 4.x (both first on sys.path): ``edit_images`` on a tiny
-random Flax Stable Diffusion pipeline (``flax_sd.tiny_pipeline``), saved and loaded back with
+random Flax Stable Diffusion pipeline (``flax_sd.testing.tiny_pipeline``), saved and loaded back with
 ``FlaxStableDiffusionPipeline.from_pretrained`` as a user would. Prints one JSON object of
 measurements; tests/test_flax_sd_edit.py asserts on them.
 
@@ -24,8 +24,9 @@ import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 
 from dpmjax.trajectories import scan  # noqa: E402
-from dpmjax.models import flax_sd  # noqa: E402
-from dpmjax.models.flax_sd_edit import decode_latents, edit_images, encode_images, write_images  # noqa: E402
+from dpmjax.apps.images import write_images  # noqa: E402
+from dpmjax.models.flax_sd import testing  # noqa: E402
+from dpmjax.models.flax_sd.edit import decode_latents, edit_images, encode_images  # noqa: E402
 
 STEPS = 15
 GUIDANCE = 3.0
@@ -52,7 +53,7 @@ def main(out: Path) -> dict:
         phases[name] = round(time.perf_counter() - started - sum(phases.values()), 1)
 
     report = {"diffusers": diffusers.__version__, "transformers": transformers.__version__}
-    flax_sd.tiny_pipeline(str(out / "pipeline"))
+    testing.tiny_pipeline(str(out / "pipeline"))
     pipeline, params = diffusers.FlaxStableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None,
                                                                             feature_extractor=None)
     images = test_images()

@@ -30,6 +30,7 @@ from flax.jax_utils import replicate  # noqa: E402
 from flax.training.common_utils import shard  # noqa: E402
 
 from dpmjax.models import flax_sd  # noqa: E402
+from dpmjax.models.flax_sd import testing  # noqa: E402
 
 Ours = flax_sd.for_diffusers_pipelines()
 
@@ -60,7 +61,7 @@ def tiny_text_encoder(vocab_size: int):
                                          num_hidden_layers=2, max_position_embeddings=MAX_LENGTH, projection_dim=32)
     model = transformers.FlaxCLIPTextModel(config, _do_init=False)
     shapes = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, MAX_LENGTH)))
-    return model, flax_sd.random_params(shapes, seed=1)
+    return model, testing.random_params(shapes, seed=1)
 
 
 def tiny_text_encoder_2(vocab_size: int):
@@ -70,7 +71,7 @@ def tiny_text_encoder_2(vocab_size: int):
                                          num_hidden_layers=2, max_position_embeddings=MAX_LENGTH, projection_dim=32)
     model = transformers.FlaxCLIPTextModelWithProjection(config, _do_init=False)
     shapes = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, MAX_LENGTH)))
-    return model, flax_sd.random_params(shapes, seed=4)
+    return model, testing.random_params(shapes, seed=4)
 
 
 def tiny_sdxl_unet():
@@ -82,7 +83,7 @@ def tiny_sdxl_unet():
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, cross_attention_dim=64,
         addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
-    return unet, flax_sd.random_params(jax.eval_shape(lambda: unet.init_weights(jax.random.PRNGKey(0))), seed=5)
+    return unet, testing.random_params(jax.eval_shape(lambda: unet.init_weights(jax.random.PRNGKey(0))), seed=5)
 
 
 def tiny_vae():
@@ -90,7 +91,7 @@ def tiny_vae():
     vae = diffusers.FlaxAutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                                       up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
                                       layers_per_block=1, latent_channels=4, sample_size=16)
-    return vae, flax_sd.random_params(jax.eval_shape(lambda: vae.init_weights(jax.random.PRNGKey(0))), seed=2)
+    return vae, testing.random_params(jax.eval_shape(lambda: vae.init_weights(jax.random.PRNGKey(0))), seed=2)
 
 
 def max_rel(a, b) -> float:
@@ -152,7 +153,7 @@ def main(out: Path) -> dict:
     tokenizer = tiny_tokenizer(out / "tokenizer-src")
     text_encoder, text_encoder_params = tiny_text_encoder(len(tokenizer))
     vae, vae_params = tiny_vae()
-    unet, unet_params = flax_sd.tiny_unet(seed=0, output_scale=1.0)
+    unet, unet_params = testing.tiny_unet(seed=0, output_scale=1.0)
     components = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, safety_checker=None, feature_extractor=None)
     params = dict(vae=vae_params, text_encoder=text_encoder_params, unet=unet_params)
     phase("build")
@@ -212,7 +213,7 @@ def main(out: Path) -> dict:
     phase("img2img")
 
     # 4. inpainting: its own 9-channel UNet
-    inpaint_unet, inpaint_unet_params = flax_sd.tiny_unet(seed=1, output_scale=1.0, in_channels=9)
+    inpaint_unet, inpaint_unet_params = testing.tiny_unet(seed=1, output_scale=1.0, in_channels=9)
     inpaint = diffusers.FlaxStableDiffusionInpaintPipeline(**dict(components, unet=inpaint_unet), scheduler=ours)
     mask = np.zeros((2, 1, 16, 16), np.float32)
     mask[:, :, 4:12, 4:12] = 1

@@ -10,7 +10,8 @@ import pytest
 import dpmjax
 from dpmjax.apps import cli
 from dpmjax.apps.digits_job import psnr, reconstruct, sample_quality
-from dpmjax.models import digits, train_digits
+from dpmjax.models import digits
+from dpmjax.models.digits import common, train
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def heldout():
 
 
 def test_the_held_out_digits_are_the_test_split_that_training_never_saw(heldout):
-    train_x, train_y, test_x, test_y = train_digits.load_split()
+    train_x, train_y, test_x, test_y = train.load_split()
     np.testing.assert_array_equal(np.asarray(heldout[0]), test_x)
     np.testing.assert_array_equal(np.asarray(heldout[1]), test_y)
     assert len(train_y) + len(test_y) == 1797 and len(test_y) == 359
@@ -64,8 +65,8 @@ def test_exact_inversion_reconstructs_held_out_digits(model, heldout):
 
 
 def test_the_training_script_runs_and_its_weights_load(tmp_path, monkeypatch):
-    assert train_digits.main(["--steps", "20", "--out", str(tmp_path)]) == 0
-    monkeypatch.setattr(digits, "WEIGHTS", str(tmp_path / "digits_weights.msgpack"))
+    assert train.main(["--steps", "20", "--out", str(tmp_path)]) == 0
+    monkeypatch.setattr(common, "WEIGHTS", str(tmp_path / "digits_weights.msgpack"))
     digits.load.cache_clear()
     try:
         trained = digits.load()
@@ -98,13 +99,13 @@ def test_the_unet_is_a_trained_sd_style_network_whose_guided_samples_are_digits(
 
 @pytest.mark.slow
 def test_the_unet_training_script_runs_and_its_weights_load(tmp_path, monkeypatch):
-    assert train_digits.main(["--model", "unet", "--steps", "3", "--out", str(tmp_path)]) == 0
+    assert train.main(["--model", "unet", "--steps", "3", "--out", str(tmp_path)]) == 0
     from flax import serialization
-    from dpmjax.models import digits_unet
+    from dpmjax.models.digits import unet
 
-    params = serialization.from_bytes(digits_unet.init_params(jax.random.PRNGKey(1)),
+    params = serialization.from_bytes(unet.init_params(jax.random.PRNGKey(1)),
                                       (tmp_path / "digits_unet_weights.msgpack").read_bytes())
-    out = digits_unet.DigitsUNet().apply(params, jnp.zeros((2, 1, 8, 8)), 500, jnp.array([3, 10]))
+    out = unet.DigitsUNet().apply(params, jnp.zeros((2, 1, 8, 8)), 500, jnp.array([3, 10]))
     assert out.shape == (2, 1, 8, 8) and bool(jnp.all(jnp.isfinite(out)))
 
 

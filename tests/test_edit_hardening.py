@@ -3,7 +3,7 @@ half-way, out-of-range options, broken pipeline folders, huge or wide-range imag
 
 Everything here is checked before the pipeline is loaded, so these tests run without diffusers 0.39:
 the pipeline folder is a stand-in with the index, configs and (dummy) weights files of
-``flax_sd.tiny_pipeline()``, and where a test needs the whole command to run, loading and editing
+``flax_sd.testing.tiny_pipeline()``, and where a test needs the whole command to run, loading and editing
 are stubbed (the edit returns ``1 - image``) so that what is checked is the command's own handling
 of paths and files. tests/test_flax_sd_edit.py runs the command on a real saved pipeline."""
 
@@ -37,7 +37,7 @@ TINY = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=8
 
 
 def fake_pipeline(folder: Path) -> Path:
-    """A folder with the index, configs and weights files (dummy bytes) of ``flax_sd.tiny_pipeline()``:
+    """A folder with the index, configs and weights files (dummy bytes) of ``flax_sd.testing.tiny_pipeline()``:
     what ``dpmjax edit`` checks before it loads a pipeline."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").write_text(json.dumps(TINY_INDEX))
@@ -237,7 +237,7 @@ sys.exit(cli.main({args!r}))
 
 
 def test_write_images_replaces_atomically_and_refuses_to_clobber(tmp_path):
-    from dpmjax.models.flax_sd_edit import write_images
+    from dpmjax.apps.images import write_images
 
     out = tmp_path / "grid.png"
     white, black = np.ones((4, 4, 3), np.float32), np.zeros((4, 4, 3), np.float32)
@@ -362,7 +362,7 @@ def test_a_16_bit_png_is_scaled_by_its_range_not_clipped(tmp_path):
     RGB first would clip everything above 255 to white)."""
     from PIL import Image
 
-    from dpmjax.models.flax_sd_edit import read_image
+    from dpmjax.apps.images import read_image
 
     ramp = np.round(np.linspace(0, 65535, 64 * 64)).astype(np.uint16).reshape(64, 64)
     path = _ramp(tmp_path, "ramp16.png", ramp)
@@ -379,7 +379,7 @@ def test_a_16_bit_png_is_scaled_by_its_range_not_clipped(tmp_path):
 def test_a_16_bit_pgm_opened_as_32_bit_is_scaled_by_its_stored_depth(tmp_path):
     from PIL import Image
 
-    from dpmjax.models.flax_sd_edit import read_image
+    from dpmjax.apps.images import read_image
 
     ramp = np.round(np.linspace(0, 65535, 32 * 32)).astype(np.uint16).reshape(32, 32)
     path = _ramp(tmp_path, "ramp16.pgm", ramp)
@@ -389,7 +389,7 @@ def test_a_16_bit_pgm_opened_as_32_bit_is_scaled_by_its_stored_depth(tmp_path):
 
 
 def test_a_32_bit_integer_tiff_is_scaled_by_its_bit_depth(tmp_path):
-    from dpmjax.models.flax_sd_edit import read_image
+    from dpmjax.apps.images import read_image
 
     values = np.linspace(-2 ** 30, 2 ** 31 - 1, 32 * 32).astype(np.int32).reshape(32, 32)
     read = read_image(str(_ramp(tmp_path, "ramp32.tif", values)), 32, 32)[..., 0]
@@ -397,7 +397,7 @@ def test_a_32_bit_integer_tiff_is_scaled_by_its_bit_depth(tmp_path):
 
 
 def test_a_float_tiff_must_hold_unit_values(tmp_path):
-    from dpmjax.models.flax_sd_edit import read_image
+    from dpmjax.apps.images import read_image
 
     values = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
     np.testing.assert_allclose(read_image(str(_ramp(tmp_path, "unit.tif", values)), 32, 32)[..., 0], values, atol=1e-6)
@@ -409,7 +409,7 @@ def test_a_float_tiff_must_hold_unit_values(tmp_path):
 def test_8_bit_images_are_converted_to_rgb_as_before(tmp_path, mode):
     from PIL import Image
 
-    from dpmjax.models.flax_sd_edit import read_image
+    from dpmjax.apps.images import read_image
 
     image = Image.open(png(tmp_path / "rgb.png")).convert(mode)
     path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")

@@ -1,4 +1,4 @@
-"""Editing real images with a Flax Stable Diffusion pipeline (``dpmjax.models.flax_sd_edit``,
+"""Editing real images with a Flax Stable Diffusion pipeline (``dpmjax.models.flax_sd.edit``,
 ``dpmjax edit``) on a tiny random pipeline of Stable Diffusion's architecture, under diffusers 0.39
 and transformers 4.57 (the last releases with Flax classes; installed beside the test environment
 and put first on the path of a subprocess, as in test_flax_sd_pipelines.py).

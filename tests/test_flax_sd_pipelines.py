@@ -130,7 +130,7 @@ def test_saved_folder_reloads_with_plain_diffusers(report):
 @pytest.mark.slow
 def test_saved_folder_reloads_with_ours_swapped_in(report):
     row = report["dpmjax_reload"]
-    assert row["class"] == "dpmjax.models.flax_sd_pipelines" and row["equal_to_saved"], row
+    assert row["class"] == "dpmjax.models.flax_sd.pipelines" and row["equal_to_saved"], row
     assert row["max_rel_diff_to_first_run"] <= RELATIVE, row
 
 

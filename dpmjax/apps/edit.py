@@ -2,7 +2,8 @@
 
 Encodes the images, inverts them with the source prompt (exact, plain or null-text), samples with
 the target prompt, decodes, and writes one PNG with a row per image (original | edited); see
-:func:`dpmjax.models.flax_sd_edit.edit_images` for the library call it makes.
+:func:`dpmjax.models.flax_sd.edit.edit_images` for the library call it makes, and
+:mod:`dpmjax.apps.images` for the image files it reads and writes.
 """
 
 from __future__ import annotations
@@ -16,15 +17,10 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import jax.numpy as jnp
 import numpy as np
 
-from ..models import flax_sd
-from ..models.flax_sd_edit import (
-    INSTALL,
-    METHODS,
-    check_image,
-    edit_images,
-    read_image,
-    write_images,
-)
+from ..models.flax_sd.edit import METHODS, edit_images
+from ..models.flax_sd.requirements import old_diffusers
+from ..models.flax_sd.unet import cast_floating
+from .images import check_image, read_image, write_images
 from .messages import fail
 
 PROG = "dpmjax edit"
@@ -272,32 +268,14 @@ def _weights_problem(folder: str) -> Optional[str]:
 
 
 def _old_flax_stack():
-    """``FlaxStableDiffusionPipeline`` of diffusers < 0.40 (with transformers < 5), or a sentence
-    saying what is missing and what to install."""
+    """``FlaxStableDiffusionPipeline`` of diffusers < 0.40 (with transformers < 5), or an ImportError
+    saying what is missing and what to install (:func:`dpmjax.models.flax_sd.requirements.old_diffusers`)."""
     import logging
     import warnings
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    found = []
-    for name, limit in (("diffusers", (0, 40)), ("transformers", (5, 0))):
-        try:
-            module = __import__(name)
-            version = tuple(int(p) for p in module.__version__.split(".")[:2])
-        except Exception:  # noqa: BLE001 - missing, or broken by a mismatched dependency
-            found.append(f"{name} missing")
-            continue
-        if version >= limit:
-            found.append(f"{name} {module.__version__}")
-    if not found:
-        try:
-            from diffusers import FlaxStableDiffusionPipeline
-
-            return FlaxStableDiffusionPipeline
-        except Exception as error:  # noqa: BLE001 - e.g. flax missing
-            found.append(f"the Flax pipeline failed to import ({type(error).__name__})")
-    raise ImportError(f"it needs diffusers < 0.40 and transformers < 5, the last releases with Flax "
-                      f"(found {', '.join(found)}): {INSTALL}")
+    return old_diffusers(transformers=True).FlaxStableDiffusionPipeline
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -350,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cause = _weights_problem(args.pipeline) or f"cannot load it ({type(error).__name__}: {_reason(error)})"
         return fail(PROG, f"--pipeline {args.pipeline}: {cause}")
     if dtype != jnp.float32:
-        params = {k: flax_sd.cast_floating(v, dtype) if k in ("unet", "vae", "text_encoder") else v for k, v in params.items()}
+        params = {k: cast_floating(v, dtype) if k in ("unet", "vae", "text_encoder") else v for k, v in params.items()}
     result = edit_images(pipeline, params, images, source_prompt=args.prompt, target_prompt=args.target_prompt,
                          method=args.method, num_inference_steps=args.steps, guidance_scale=args.guidance,
                          solver_order=args.order, progress=True)

@@ -2,7 +2,7 @@
 prompt, decode, in one call.
 
     from diffusers import FlaxStableDiffusionPipeline          # diffusers < 0.40, transformers < 5
-    from dpmjax.models.flax_sd_edit import edit_images
+    from dpmjax.models.flax_sd import edit_images
 
     pipeline, params = FlaxStableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None)
     result = edit_images(pipeline, params, images, source_prompt="a photo of a cat",
@@ -35,25 +35,18 @@ hold. The ``dpmjax edit`` command (:mod:`dpmjax.apps.edit`) loads a saved pipeli
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
-import re
-import stat
-import tempfile
-import warnings
 from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import SchedulerConfig
-from ..scheduler import DPMSolverMultistepScheduler
-from ..trajectories.inversion import invert
-from ..trajectories.null_text import null_text_inversion, sample_with_null_embeddings
-from ..trajectories.scan import sample
-from . import flax_sd
+from ...config import SchedulerConfig
+from ...scheduler import DPMSolverMultistepScheduler
+from ...trajectories.inversion import invert
+from ...trajectories.null_text import null_text_inversion, sample_with_null_embeddings
+from ...trajectories.scan import sample
+from .unet import UNetInputs, guided_unet, unet_with_embedding
 
 Array = jax.Array
 METHODS = ("exact", "plain", "null-text")
@@ -61,7 +54,8 @@ METHODS = ("exact", "plain", "null-text")
 # log-SNR (where every step of the sampler inverts), ending at the smallest training noise level.
 EDIT_SCHEDULER = {"algorithm_type": "dpmsolver++", "use_lu_lambdas": True, "final_sigmas_type": "sigma_min",
                   "use_karras_sigmas": False, "timestep_spacing": "linspace"}
-INSTALL = 'pip install "diffusers<0.40" "transformers<5" flax'
+# Stable Diffusion 1.5's noise schedule (its scheduler_config.json, loaded into the DPM-Solver class)
+SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
 class EditParts(NamedTuple):
@@ -262,7 +256,7 @@ def edit_scheduler(scheduler_config: Optional[Mapping[str, Any]] = None, solver_
     """
     if isinstance(overrides, SchedulerConfig):
         return DPMSolverMultistepScheduler(overrides)
-    base = dict(flax_sd.SD_SCHEDULE if scheduler_config is None else scheduler_config)
+    base = dict(SD_SCHEDULE if scheduler_config is None else scheduler_config)
     values = {**base, **EDIT_SCHEDULER, "solver_order": solver_order, **dict(overrides or {})}
     fields = SchedulerConfig.field_names()
     return DPMSolverMultistepScheduler(SchedulerConfig.from_dict({k: v for k, v in values.items() if k in fields}))
@@ -371,7 +365,7 @@ def edit_images(
     round_trip = converged = losses = recon = None
 
     if method == "null-text":
-        model = flax_sd.unet_with_embedding(parts.unet)
+        model = unet_with_embedding(parts.unet)
         nulls = jnp.broadcast_to(uncond, source_emb.shape)
         kwargs = {} if optimizer is None else {"optimizer": optimizer}
         inverted = null_text_inversion(model, latents, scheduler, num_inference_steps=n, cond=source_emb, uncond=nulls,
@@ -383,252 +377,23 @@ def edit_images(
             guidance_scale=w, model_params=unet_params, progress=progress)
     else:
         exact = method == "exact"
-        source_inputs = flax_sd.UNetInputs(unet_params, source_emb, uncond)
+        source_inputs = UNetInputs(unet_params, source_emb, uncond)
         extra = {"tolerance": tolerance, "max_sweeps": max_sweeps, "max_iterations": max_iterations} if exact else {}
-        inverted = invert(flax_sd.guided_unet(parts.unet, w_invert), latents, scheduler, num_inference_steps=n,
+        inverted = invert(guided_unet(parts.unet, w_invert), latents, scheduler, num_inference_steps=n,
                           cond=source_inputs, exact=exact, progress=progress, **extra)
         noise = inverted.sample
         if exact:
             round_trip, converged = inverted.round_trip, inverted.converged
-        model_fn = flax_sd.guided_unet(parts.unet, w)
+        model_fn = guided_unet(parts.unet, w)
         edited = sample(model_fn, noise, scheduler, num_inference_steps=n,
-                        cond=flax_sd.UNetInputs(unet_params, target_emb, uncond), progress=progress).sample
+                        cond=UNetInputs(unet_params, target_emb, uncond), progress=progress).sample
         if same_prompt and w == w_invert:
             recon = edited
         elif reconstruct or (reconstruct is None and exact):
-            recon = sample(flax_sd.guided_unet(parts.unet, w_invert), noise, scheduler, num_inference_steps=n,
+            recon = sample(guided_unet(parts.unet, w_invert), noise, scheduler, num_inference_steps=n,
                            cond=source_inputs, progress=progress).sample
     if reconstruct is False:
         recon = None
     return EditResult(images=decode_latents(parts.vae, params["vae"], edited), latents=edited, source_latents=latents,
                       noise=noise, reconstruction_latents=recon, round_trip=round_trip, converged=converged,
                       null_text_losses=losses)
-
-
-# ----------------------------------------------------------------------------- image files
-# Pillow modes read at more than 8 bits: scaled by their own range, not clipped to 0-255 (see read_image)
-_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-
-
-def _open_image(path: str):
-    """The image opened by Pillow (its header read, its pixels not decoded yet), or an error:
-    ``OSError`` when Pillow cannot read it, ``ValueError`` when it has more pixels than
-    ``PIL.Image.MAX_IMAGE_PIXELS`` (Pillow's decompression-bomb limit, 89,478,485 by default; ``None``
-    lifts it) or none."""
-    from PIL import Image
-
-    limit = Image.MAX_IMAGE_PIXELS
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, with the size
-        try:
-            image = Image.open(path)
-        except Image.DecompressionBombError as error:  # more than twice the limit: Pillow refuses it
-            found = re.search(r"\((\d+) pixels\)", str(error))
-            count = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-            raise ValueError(f"{count}, more than the {limit:,} an image may have "
-                             "(PIL.Image.MAX_IMAGE_PIXELS); downscale it first") from None
-    width, height = image.size
-    if limit is not None and width * height > limit:
-        image.close()
-        raise ValueError(f"{width}x{height} = {width * height:,} pixels, more than the {limit:,} an image may have "
-                         "(PIL.Image.MAX_IMAGE_PIXELS); downscale it first")
-    if width < 1 or height < 1:
-        image.close()
-        raise ValueError(f"it has no pixels ({width}x{height})")
-    return image
-
-
-def check_image(path: str) -> tuple:
-    """``(width, height)`` of an image file, read from its header without decoding its pixels:
-    whether :func:`read_image` can take it, checked before any work.
-
-    Args:
-        path: The image file.
-
-    Returns:
-        ``(width, height)`` in pixels.
-
-    Raises:
-        OSError: The file cannot be read, or is no image Pillow reads.
-        ValueError: The image has more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (Pillow's
-            decompression-bomb limit: 89,478,485 by default, ``None`` lifts it), or none.
-    """
-    with _open_image(path) as image:
-        return image.size
-
-
-def _stored_bits(image) -> int:
-    """Bits per value a mode ``I`` image was stored with, from the raw mode of its first tile
-    (``I;16B`` from a 16-bit PNG or PGM: 16); 32 when the file does not say."""
-    for tile in getattr(image, "tile", None) or ():
-        args = tile[3]
-        rawmode = args[0] if isinstance(args, tuple) and args else args
-        found = re.match(r"I;(\d+)", rawmode) if isinstance(rawmode, str) else None
-        if found and 1 <= int(found.group(1)) <= 32:
-            return int(found.group(1))
-        break
-    return 32
-
-
-def _wide_grey(image, bits: int) -> np.ndarray:
-    """``[H, W]`` float32 in [0, 1] of a 16-bit, 32-bit integer or float greyscale image."""
-    values = np.asarray(image)
-    if image.mode.startswith("I;16"):
-        return (values.astype(np.float32) / 65535.0).astype(np.float32)
-    if image.mode == "I":
-        top = 2.0 ** 31 - 1 if bits >= 32 else 2.0 ** bits - 1
-        return np.clip(values.astype(np.float64) / top, 0.0, 1.0).astype(np.float32)
-    values = values.astype(np.float32)  # "F"
-    if values.size and not np.all(np.isfinite(values)):
-        raise ValueError("a float image with values that are not finite (NaN or infinity)")
-    low, high = (float(np.min(values)), float(np.max(values))) if values.size else (0.0, 0.0)
-    if low < -1e-3 or high > 1 + 1e-3:
-        raise ValueError(f"a float image must hold values in [0, 1], this one holds [{low:.4g}, {high:.4g}]")
-    return np.clip(values, 0.0, 1.0)
-
-
-def read_image(path: str, height: int, width: int) -> np.ndarray:
-    """``[height, width, 3]`` float32 in [0, 1]: the image centre-cropped to the aspect ratio and resized.
-
-    The size is checked from the header before the pixels are decoded (see :func:`check_image`).
-    Values are scaled by the range of the file's own type:
-
-    * 8-bit images, whatever their layout (greyscale, palette, greyscale or RGB with alpha, CMYK,
-      ...), are converted to RGB by Pillow (alpha is dropped) and divided by 255; 16-bit RGB(A)
-      PNGs are read by Pillow at 8 bits per channel;
-    * 16-bit greyscale (Pillow modes ``I;16``, ``I;16B``, ...) is divided by 65535;
-    * 32-bit integer greyscale (mode ``I``) is divided by the largest value of the bit depth it
-      was stored with: 65535 when the file holds 16-bit values (16-bit PNG, PGM or TIFF opened as
-      ``I``), ``2**31 - 1`` for 32-bit values (Pillow holds them as signed integers); negative values
-      read as 0;
-    * float greyscale (mode ``F``, e.g. a float TIFF) must hold values in [0, 1] and is taken as
-      it is (anything else is refused, not clipped).
-
-    Greyscale images become grey RGB. 16-bit, integer and float images are resized at float
-    precision.
-
-    Args:
-        path: The image file (PNG, JPEG, TIFF, ... : what Pillow reads).
-        height: The height of the result in pixels.
-        width: The width of the result in pixels.
-
-    Returns:
-        ``[height, width, 3]`` float32 in [0, 1].
-
-    Raises:
-        OSError: The file cannot be read or decoded as an image.
-        ValueError: The image has more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` or none, or
-            is a float image with values outside [0, 1].
-    """
-    from PIL import Image
-
-    with _open_image(path) as opened:
-        if opened.mode in _WIDE_MODES:
-            image = Image.fromarray(_wide_grey(opened, _stored_bits(opened)))  # mode F
-        else:
-            image = opened.convert("RGB")
-        w, h = image.size
-        scale = min(w / width, h / height)
-        cw, ch = max(1, round(width * scale)), max(1, round(height * scale))
-        left, top = (w - cw) // 2, (h - ch) // 2
-        image = image.crop((left, top, left + cw, top + ch)).resize((width, height), Image.Resampling.LANCZOS)
-        if image.mode == "F":  # LANCZOS overshoots a little at edges
-            grey = np.clip(np.asarray(image, np.float32), 0.0, 1.0)
-            return np.repeat(grey[:, :, None], 3, axis=2)
-        return np.asarray(image, np.float32) / 255.0
-
-
-def _new_file_mode(path: str) -> int:
-    """The permission bits the written file gets: those of the file it replaces, else what a new
-    file gets under the process's umask."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        mask = os.umask(0)
-        os.umask(mask)
-        return 0o666 & ~mask
-
-
-def _sync_folder(folder: str) -> None:
-    """Flush a folder's entries to disk (where the file system can; some cannot sync a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_images(path: str, rows: Sequence[Sequence[np.ndarray]], *, overwrite: bool = True) -> None:
-    """One image file: each row the given images ([H, W, 3] in [0, 1]) side by side; written atomically.
-
-    The image is written to a temporary file in the destination's folder, flushed and synced to
-    disk, then renamed over ``path`` (and the folder synced): ``path`` holds either its old
-    content or the whole new image, never a part. On any failure (a full disk, a file size limit,
-    ...) the temporary file is removed and an existing ``path`` is left as it was. A symbolic link
-    at ``path`` is followed: the file it points at is replaced, the link kept.
-
-    Args:
-        path: The file to write (its extension picks the format: .png, .jpg, .webp, .bmp, .tif,
-            ...); its folder is created if missing.
-        rows: The rows of the grid, each a sequence of ``[H, W, 3]`` images in [0, 1] (values
-            outside are clipped).
-        overwrite: Replace an existing ``path`` (default); ``False`` raises ``FileExistsError``
-            instead, also when the file appears while this writes.
-
-    Raises:
-        ValueError: ``path`` has no extension Pillow writes.
-        FileExistsError: ``path`` exists and ``overwrite`` is False.
-        OSError: The file cannot be written (the error of the write, the sync or the rename).
-    """
-    from PIL import Image
-
-    Image.init()
-    extension = os.path.splitext(path)[1].lower()
-    image_format = Image.registered_extensions().get(extension)
-    if image_format is None or image_format not in Image.SAVE:
-        raise ValueError(f"cannot write {path}: no image format Pillow writes has the extension {extension!r}.")
-    grid = np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
-    picture = Image.fromarray(np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8))
-    target = os.path.realpath(path)
-    folder = os.path.dirname(target)
-    os.makedirs(folder, exist_ok=True)
-    if not overwrite and os.path.lexists(target):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
-    mode = _new_file_mode(target)
-    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):  # POSIX: the permissions of the file it replaces (mkstemp's are 0600)
-                os.fchmod(f.fileno(), mode)
-            picture.save(f, format=image_format)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(temp, target)
-        else:
-            _place_new(temp, target, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    _sync_folder(folder)
-
-
-def _place_new(temp: str, target: str, path: str) -> None:
-    """Rename ``temp`` to ``target`` unless ``target`` exists (then ``FileExistsError``): a hard link,
-    which fails if the name is taken, where the file system has them."""
-    try:
-        os.link(temp, target)
-    except FileExistsError:
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
-    except OSError:  # no hard links on this file system: check, then rename
-        if os.path.lexists(target):
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
-        os.replace(temp, target)
-        return
-    os.unlink(temp)

@@ -30,31 +30,12 @@ from typing import Any, Mapping, Optional, Union
 
 import jax.numpy as jnp
 
-from .. import flax_compat
-from ..config import SchedulerConfig
-from ..scheduler import DPMSolverMultistepScheduler
+from ... import flax_compat
+from ...config import SchedulerConfig
+from ...scheduler import DPMSolverMultistepScheduler
+from .requirements import old_diffusers
 
-_NEEDS = ("dpmjax's scheduler for diffusers' Flax pipelines needs diffusers < 0.40 with Flax (and transformers < 5 "
-          'for the pipelines\' text encoders): pip install "diffusers<0.40" "transformers<5" flax')
-
-
-def _require_old_diffusers():
-    """diffusers < 0.40 (the last releases with Flax classes), or an ImportError saying what to install."""
-    try:
-        import diffusers
-    except ImportError as error:
-        raise ImportError(_NEEDS + ".") from error
-    major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
-    if (major, minor) >= (0, 40):
-        raise ImportError(f"{_NEEDS} (found diffusers {diffusers.__version__}, which has no Flax classes).")
-    try:
-        from diffusers.schedulers.scheduling_utils_flax import FlaxSchedulerMixin  # noqa: F401
-    except ImportError as error:  # e.g. diffusers without Flax installed
-        raise ImportError(_NEEDS + ".") from error
-    return diffusers
-
-
-diffusers = _require_old_diffusers()
+diffusers = old_diffusers()
 
 from diffusers.schedulers.scheduling_utils_flax import FlaxSchedulerMixin  # noqa: E402
 

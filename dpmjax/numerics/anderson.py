@@ -39,14 +39,18 @@ def mix(G: Array, F: Array, valid: Array) -> Array:
 class FixedPointResult(NamedTuple):
     solution: Array  # each row's best iterate
     residual: Array  # [rows]: its residual, as ``residual_of`` measures it
-    iterations: Array
+    iterations: Array  # [rows]: evaluations of g the row used before it stopped
 
 
 class _Carry(NamedTuple):
+    """The loop's carry: the iterate, the windows of ``g`` and ``f``, the iterations made (all and per
+    row), each row's best iterate and its residual."""
+
     y: Array
     G: Array
     F: Array
     count: Array
+    row_count: Array
     best_y: Array
     best: Array
 
@@ -63,7 +67,11 @@ def anderson_fixed_point(
 ) -> FixedPointResult:
     """Iterate ``y = g(y)`` from ``y0`` with Anderson mixing over the last ``window`` differences, at most
     ``iterations`` evaluations of g; stop when every row's ``residual_of(g(y) - y)`` (``[rows]``) is
-    within ``threshold``. Each row keeps its best iterate (the iteration is not monotone)."""
+    within ``threshold``. Each row keeps its best iterate (the iteration is not monotone).
+
+    A row stops when its best residual is within ``threshold``: from then on its iterate, windows and
+    best are frozen (``jnp.where`` on the per-row mask), so its answer does not depend on how long the
+    other rows of the batch keep the loop running (a NaN row runs to ``iterations``)."""
     by_row = lambda a: a.reshape(rows, -1)  # noqa: E731
     dtype = jnp.promote_types(y0.dtype, jnp.float32)
     history = jnp.zeros((window + 1, rows, y0.size // rows), dtype)  # window differences
@@ -72,19 +80,22 @@ def anderson_fixed_point(
         return (c.count < iterations) & jnp.any(c.best > threshold)
 
     def iterate(c: _Carry) -> _Carry:
+        active = c.best > threshold  # rows not yet stopped; a stopped row is never touched again
         gy = g(c.y)
         res = residual_of(gy - c.y)
         res = jnp.where(jnp.isfinite(res), res, jnp.inf)
-        improved = res < c.best
-        G = jnp.roll(c.G, -1, axis=0).at[-1].set(by_row(gy).astype(dtype))
-        F = jnp.roll(c.F, -1, axis=0).at[-1].set(by_row(gy - c.y).astype(dtype))
+        improved = active & (res < c.best)
+        # an active row has been active at every iteration, so its window holds ``count`` real entries
+        G = jnp.where(active[None, :, None], jnp.roll(c.G, -1, axis=0).at[-1].set(by_row(gy).astype(dtype)), c.G)
+        F = jnp.where(active[None, :, None], jnp.roll(c.F, -1, axis=0).at[-1].set(by_row(gy - c.y).astype(dtype)), c.F)
         valid = jnp.arange(window + 1) >= window - c.count
         y_next = mix(G, F, valid).reshape(c.y.shape).astype(c.y.dtype)
         keep = per_row(improved, c.y)
-        return _Carry(y=y_next, G=G, F=F, count=c.count + 1, best_y=jnp.where(keep, c.y, c.best_y),
-                      best=jnp.where(improved, res, c.best))
+        return _Carry(y=jnp.where(per_row(active, c.y), y_next, c.y), G=G, F=F, count=c.count + 1,
+                      row_count=c.row_count + active.astype(c.row_count.dtype),
+                      best_y=jnp.where(keep, c.y, c.best_y), best=jnp.where(improved, res, c.best))
 
-    start = _Carry(y=y0, G=history, F=history, count=jnp.asarray(0), best_y=y0,
-                   best=jnp.full((rows,), jnp.inf, dtype))
+    start = _Carry(y=y0, G=history, F=history, count=jnp.asarray(0), row_count=jnp.zeros((rows,), jnp.int32),
+                   best_y=y0, best=jnp.full((rows,), jnp.inf, dtype))
     done = lax.while_loop(unfinished, iterate, start)
-    return FixedPointResult(done.best_y, done.best, done.count)
+    return FixedPointResult(done.best_y, done.best, done.row_count)

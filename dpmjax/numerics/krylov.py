@@ -20,23 +20,26 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .rows import row_dot, row_norm, scale_rows
+from .rows import per_row, row_dot, row_norm, scale_rows
 
 Array = jax.Array
 
 
 class _Cycles(NamedTuple):
-    """Carry of the restarts: the solution so far, per row its residual norm, the cycles made."""
+    """Carry of the restarts: the solution so far, per row its residual norm and the Arnoldi steps it
+    made, the cycles made."""
 
     x: Array
     residual: Array
+    steps: Array
     count: Array
 
 
 class _Arnoldi(NamedTuple):
     """Carry of one GMRES cycle after ``j`` Arnoldi steps: the basis ``V``, per row the rotated
-    Hessenberg matrix ``R``, the Givens rotations ``(cs, sn)``, the rotated right-hand side ``g``
-    and the residual norm it gives."""
+    Hessenberg matrix ``R``, the Givens rotations ``(cs, sn)``, the rotated right-hand side ``g``,
+    the residual norm it gives and the steps the row made (``k <= j``: a row stops extending its
+    basis once it meets ``rtol``)."""
 
     j: Array
     V: Array
@@ -45,11 +48,13 @@ class _Arnoldi(NamedTuple):
     sn: Array
     g: Array
     residual: Array
+    k: Array
 
 
 class GMRESResult(NamedTuple):
     solution: Array
     relative_residual: Array  # [rows]: ||b - J x|| / ||b|| estimated by the last least-squares solve
+    iterations: Array  # [rows]: the Arnoldi steps (products with J) the row used
 
 
 def gmres(
@@ -61,18 +66,24 @@ def gmres(
     rtol: float = 1e-6,
 ) -> GMRESResult:
     """Solve ``matvec(x) = b`` from ``x = 0`` with ``cycles`` restarts of at most ``restart`` steps;
-    a cycle ends when every row has ``||b_r - J x_r|| <= rtol ||b_r||``. The least-squares problem
-    of each row is kept triangular by Givens rotations, so its residual is known at every step
-    without solving it (Saad & Schultz 1986)."""
+    a row stops when ``||b_r - J x_r|| <= rtol ||b_r||`` (its least-squares residual), the solve when
+    every row has stopped. The least-squares problem of each row is kept triangular by Givens
+    rotations, so its residual is known at every step without solving it (Saad & Schultz 1986).
+
+    A row that has stopped (or whose residual is not finite) is frozen: its basis, Hessenberg
+    matrix and solution are never changed again (``jnp.where`` on the per-row mask), so a row's
+    answer does not depend on how many steps the other rows of the batch need."""
     if rows < 1 or b.shape[0] % rows:
         raise ValueError(f"rows must divide the leading axis of b ({b.shape}), got {rows}.")
     m = restart
     b_norm = row_norm(b, rows)
     wdt = b_norm.dtype  # the working precision: float32, or float64 for float64 systems
     tiny = jnp.finfo(wdt).tiny
+    by_row = lambda mask, new, old: jnp.where(per_row(mask, new), new, old)  # noqa: E731
 
     def cycle(carry: _Cycles) -> _Cycles:
         x, count = carry.x, carry.count
+        working = carry.residual > rtol * b_norm  # rows still solving (False where not finite)
         r = b - matvec(x)
         beta = row_norm(r, rows)
         V = jnp.zeros((m + 1,) + b.shape, b.dtype).at[0].set(scale_rows(1.0 / jnp.maximum(beta, tiny), r))
@@ -81,11 +92,16 @@ def gmres(
         sn = jnp.zeros((rows, m), wdt)
         g = jnp.zeros((rows, m + 1), wdt).at[:, 0].set(beta)
 
+        def extending(state: _Arnoldi):
+            """Rows that take Arnoldi step ``j``: an active row has taken every step so far (k == j)."""
+            return working & (state.k == state.j) & (state.residual > rtol * b_norm)
+
         def unfinished(state: _Arnoldi):
-            return (state.j < m) & jnp.any(state.residual > rtol * b_norm)
+            return (state.j < m) & jnp.any(extending(state))
 
         def arnoldi(state: _Arnoldi) -> _Arnoldi:
-            j, V, R, cs, sn, g, _ = state
+            j, V, R, cs, sn, g = state.j, state.V, state.R, state.cs, state.sn, state.g
+            active = extending(state)
             w = matvec(V[j])
             h = jnp.zeros((rows, m + 1), wdt)
             for _ in range(2):  # CGS2; basis vectors not made yet are zero
@@ -93,7 +109,8 @@ def gmres(
                 w = w - jnp.sum(jax.vmap(lambda c, v: scale_rows(c, v))(coeffs, V), axis=0)
                 h = h + coeffs.T
             norm = row_norm(w, rows)
-            V = V.at[j + 1].set(scale_rows(jnp.where(norm > tiny, 1.0 / jnp.maximum(norm, tiny), 0.0), w))
+            v_next = scale_rows(jnp.where(norm > tiny, 1.0 / jnp.maximum(norm, tiny), 0.0), w)
+            V = V.at[j + 1].set(by_row(active, v_next, V[j + 1]))
             h = h.at[:, j + 1].set(norm)
 
             def rotate(i, h):  # the rotations of the earlier columns
@@ -106,23 +123,31 @@ def gmres(
             c = jnp.where(radius > 0, hj / jnp.where(radius > 0, radius, 1.0), 1.0)
             s_ = jnp.where(radius > 0, hn / jnp.where(radius > 0, radius, 1.0), 0.0)
             h = h.at[:, j].set(radius).at[:, j + 1].set(0.0)
-            R = R.at[:, :, j].set(h[:, :m])
-            cs, sn = cs.at[:, j].set(c), sn.at[:, j].set(s_)
             gj = g[:, j]
-            g = g.at[:, j].set(c * gj).at[:, j + 1].set(-s_ * gj)
-            return _Arnoldi(j=j + 1, V=V, R=R, cs=cs, sn=sn, g=g, residual=jnp.abs(g[:, j + 1]))
+            return _Arnoldi(
+                j=j + 1, V=V,
+                R=R.at[:, :, j].set(by_row(active, h[:, :m], R[:, :, j])),
+                cs=cs.at[:, j].set(jnp.where(active, c, cs[:, j])), sn=sn.at[:, j].set(jnp.where(active, s_, sn[:, j])),
+                g=by_row(active, g.at[:, j].set(c * gj).at[:, j + 1].set(-s_ * gj), g),
+                residual=jnp.where(active, jnp.abs(s_ * gj), state.residual),
+                k=state.k + active.astype(state.k.dtype),
+            )
 
-        j, V, R, _, _, g, res = lax.while_loop(unfinished, arnoldi, _Arnoldi(j=0, V=V, R=R, cs=cs, sn=sn, g=g, residual=beta))
-        used = jnp.arange(m) < j
-        R = jnp.where(used[None, :, None] & used[None, None, :], R, 0.0) + jnp.diag(jnp.where(used, 0.0, 1.0))[None]
+        start = _Arnoldi(j=0, V=V, R=R, cs=cs, sn=sn, g=g, residual=beta, k=jnp.zeros((rows,), jnp.int32))
+        done = lax.while_loop(unfinished, arnoldi, start)
+        R, g, k = done.R, done.g, done.k
+        used = jnp.arange(m)[None, :] < k[:, None]  # [rows, m]: the columns each row made
+        R = jnp.where(used[:, :, None] & used[:, None, :], R, 0.0) + jax.vmap(jnp.diag)(jnp.where(used, 0.0, 1.0))
         # a zero pivot means the row's Krylov space was exhausted earlier: its later columns are 0
         R = R + jnp.where(jnp.abs(jnp.diagonal(R, axis1=1, axis2=2)) > 0, 0.0, 1.0)[:, :, None] * jnp.eye(m)[None]
         y = jax.vmap(lambda a, c: jax.scipy.linalg.solve_triangular(a, c, lower=False))(R, jnp.where(used, g[:, :m], 0.0))
-        x = x + jnp.sum(jax.vmap(lambda c, v: scale_rows(c, v))(y.T, V[:m]), axis=0)
-        return _Cycles(x=x, residual=res, count=count + 1)
+        x_next = x + jnp.sum(jax.vmap(lambda c, v: scale_rows(c, v))(y.T, done.V[:m]), axis=0)
+        return _Cycles(x=by_row(working, x_next, x), residual=jnp.where(working, done.residual, carry.residual),
+                       steps=carry.steps + k, count=count + 1)
 
     def unfinished_cycles(carry: _Cycles):
         return (carry.count < cycles) & jnp.any(carry.residual > rtol * b_norm)
 
-    x, res, _ = lax.while_loop(unfinished_cycles, cycle, _Cycles(x=jnp.zeros_like(b), residual=b_norm, count=0))
-    return GMRESResult(x, res / jnp.maximum(b_norm, tiny))
+    start = _Cycles(x=jnp.zeros_like(b), residual=b_norm, steps=jnp.zeros((rows,), jnp.int32), count=0)
+    done = lax.while_loop(unfinished_cycles, cycle, start)
+    return GMRESResult(done.x, done.residual / jnp.maximum(b_norm, tiny), done.steps)

@@ -12,7 +12,10 @@ With ``rows = 1`` it is one problem over the whole array.
 
 A row stops at ``max|r| <= tolerance * max(1, max|target|)`` (its own maximum), or when its line
 search finds no decrease (the float32 floor); the solve stops when all rows have stopped or after
-``max_iterations``. Runs inside ``jit``/``scan`` (``lax.while_loop``).
+``max_iterations``. A stopped row is frozen (``jnp.where`` on the per-row mask, in GMRES and the line
+search too): its iterate and residual never change again, so a NaN row or a row that needs many more
+iterations leaves every other row of the batch bitwise as it is without it. Runs inside
+``jit``/``scan`` (``lax.while_loop``).
 """
 
 from __future__ import annotations
@@ -117,9 +120,11 @@ def newton_krylov(
             return jnp.any(searching(ls))
 
         def halve(ls: _LineSearch) -> _LineSearch:
-            step = jnp.where(searching(ls), 0.5 * ls.step, ls.step)
+            halving = searching(ls)  # a row that has found its step keeps it and its residual
+            step = jnp.where(halving, 0.5 * ls.step, ls.step)
             r_new = residual(y + per_row(step, d).astype(d.dtype) * d)
-            return _LineSearch(step=step, r=r_new, r_norm=row_norm(r_new, rows), halvings=ls.halvings + 1)
+            return _LineSearch(step=step, r=jnp.where(per_row(halving, r_new), r_new, ls.r),
+                               r_norm=jnp.where(halving, row_norm(r_new, rows), ls.r_norm), halvings=ls.halvings + 1)
 
         ones = jnp.ones(r_norm.shape, r_norm.dtype)
         r_full = residual(y + d)

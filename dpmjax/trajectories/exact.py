@@ -19,15 +19,19 @@ Each row keeps the best of plain inversion and the two paths, and reports its me
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from .. import solver
 from ..numerics import rows as rows_of
 from ..numerics.anderson import anderson_fixed_point, mix
+from ..numerics.krylov import gmres
 from ..numerics.newton import newton_krylov
 from ..numerics.rows import row_max_abs
 from . import progress as progress_line
@@ -42,6 +46,10 @@ _SWEEP_ITERATIONS = 5
 _FIXED_POINT_ITERATIONS = 10
 # Newton iterations of an unpreconditioned whole-sampler solve
 _SHOOTING_ITERATIONS = 10
+# GMRES of a tangent's linear solve J dz = rhs (preconditioned by plain inversion: a few steps where it is
+# accurate; 100 products at most per tangent otherwise)
+_TANGENT_RESTART = 20
+_TANGENT_CYCLES = 5
 
 
 class ExactOptions(NamedTuple):
@@ -108,6 +116,9 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
     ``exact_inversion_jit`` is this function jitted with ``scheduler``, ``inverse``, ``model_fn`` and
     ``options`` static; the arguments after ``model_fn`` are keyword-only.
 
+    Differentiable in forward and reverse mode by implicit differentiation of ``S(z) = x`` (not
+    through the solver's iterations): see :func:`_solved`.
+
     Args:
         scheduler: The sampler (a forward scheduler).
         inverse: The inverse scheduler of plain inversion ``I``
@@ -127,6 +138,62 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
         per-row round trip, the defect-correction sweeps made and the Newton iterations of the
         whole-sampler solve.
     """
+    # the values the model closes over (e.g. parameters a caller differentiates) become explicit inputs of
+    # the implicitly differentiated solve: a custom derivative only sees its explicit inputs
+    example = jnp.zeros(data.shape, solver.compute_dtype(data))
+    hoisted, params = jax.closure_convert(lambda x, t, c: call_model(model_fn, x, t, cond=c), example,
+                                          state.timesteps[0], cond)
+    result = _solved(scheduler, inverse, _Model(hoisted, conditional=cond is not None), options=options,
+                     inputs=_Inputs(state=state, mirror=mirror, data=data, cond=cond, noises=noises, params=params))
+    n = state.timesteps.shape[0]
+    _, later, _ = scan_steps(scheduler, model_fn, ScanOptions(return_samples=True), state=state, x=result.noise, cond=cond,
+                             keys=None, noises=noises)
+    X = jnp.concatenate([result.noise[None], later[:-1]])
+
+    def raw_output(k):
+        return call_model(model_fn, X[k], state.timesteps[k], cond=cond)
+
+    outputs = lax.map(raw_output, jnp.arange(n)) if options.return_outputs else None
+    return X, outputs, result.error, result.sweeps, result.iterations
+
+
+class _Inputs(NamedTuple):
+    """The differentiable inputs of the solve: as in :func:`exact_inversion`, and ``params`` the values
+    the model closes over (hoisted by ``jax.closure_convert``)."""
+
+    state: object
+    mirror: object
+    data: Array
+    cond: object
+    noises: object
+    params: list
+
+
+class _Model(NamedTuple):
+    """The model with its closed-over values hoisted: ``hoisted(x, t, cond, *params)``; called as
+    ``model_fn(x, t[, cond])`` once bound to its params (:meth:`bound`)."""
+
+    hoisted: object
+    conditional: bool
+
+    def bound(self, params):
+        """The model as :func:`dpmjax.sample` calls it, evaluated at ``params``."""
+        if self.conditional:
+            return lambda x, t, c: self.hoisted(x, t, c, *params)
+        return lambda x, t: self.hoisted(x, t, None, *params)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
+def _solved(scheduler, inverse, model: _Model, options: ExactOptions, inputs: _Inputs) -> _Result:
+    """Per row the start ``z`` found, its round trip and the work made (the arguments as in
+    :func:`exact_inversion`); see the module docstring.
+
+    Its derivative is implicit (a ``custom_jvp``, :func:`_solved_jvp`): ``S(z) = x`` gives
+    ``J dz = dx - dS/dtheta dtheta`` with ``J = dS/dz`` at the ``z`` found, for the tangents of the
+    data ``x`` and of ``theta`` = the sampler's state, ``cond``, ``noises`` and the model's
+    closed-over values (the mirrored grid only steers the solve and has no effect on its answer)."""
+    state, mirror, data, cond, noises = inputs.state, inputs.mirror, inputs.data, inputs.cond, inputs.noises
+    model_fn = model.bound(inputs.params)
     progress = options.progress
     config = scheduler.config
     n = state.timesteps.shape[0]
@@ -212,18 +279,22 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
             return (carry.count < options.max_sweeps) & jnp.any(carry.active)
 
         def sweep(carry: _HistorySweeps) -> _HistorySweeps:
-            X, M, G_hist, F_hist, best_noise, best, active, count = carry
+            X_last, M_last, G_hist, F_hist, best_noise, best, active, count = carry
             # a few Newton iterations per step and sweep: the sweeps, not one step's solve, carry the
             # iteration (measured on the digits at guidance 3: a quarter of the cost, no row lost)
-            X, G = step_solves(X=X, M=M, update_rows=trajectory_rows, from_predictor=count == 0,
+            X, G = step_solves(X=X_last, M=M_last, update_rows=trajectory_rows, from_predictor=count == 0,
                                iterations=min(_SWEEP_ITERATIONS, options.max_iterations))
-            g, f = by_row(G), by_row(G) - by_row(M)
-            G_hist = jnp.roll(G_hist, -1, axis=0).at[-1].set(g)
-            F_hist = jnp.roll(F_hist, -1, axis=0).at[-1].set(f)
+            g, f = by_row(G), by_row(G) - by_row(M_last)
+            # a row that has stopped is frozen: its path, history, windows and best never change again
+            # (an active row has been active at every sweep, so its window holds ``count`` real entries)
+            G_hist = jnp.where(active[None, :, None], jnp.roll(G_hist, -1, axis=0).at[-1].set(g), G_hist)
+            F_hist = jnp.where(active[None, :, None], jnp.roll(F_hist, -1, axis=0).at[-1].set(f), F_hist)
             valid = jnp.arange(window + 1) >= window - count  # entries of sweeps actually made
             M_next = from_rows(mix(G_hist, F_hist, valid).astype(G.dtype), G)
             error = error_of(sampled(X[0])[0])
-            better = error < best
+            better = active & (error < best)
+            on_path = per_row(active)[None]
+            X, M_next = jnp.where(on_path, X, X_last), jnp.where(on_path, M_next, M_last)
             return _HistorySweeps(X=X, M=M_next, G_window=G_hist, F_window=F_hist,
                                   best_noise=jnp.where(per_row(better), X[0], best_noise),
                                   best_error=jnp.where(better, error, best),
@@ -293,9 +364,10 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
         message = f"{stage}: {{}}/{data.shape[0] if rows > 1 else 1} rows within {options.tolerance:g}"
         progress_line.status(progress, "invert (exact)", message, values=(jnp.sum(result.error <= options.tolerance),))
 
-    def better_of(a: _Result, b: _Result) -> _Result:
-        """Per row, the result with the smaller round trip; counts add up."""
-        take_b = b.error < a.error
+    def better_of(a: _Result, b: _Result, rows_open=True) -> _Result:
+        """Per row, the result with the smaller round trip among the rows ``rows_open`` (``[rows]`` or
+        True: all); the other rows keep ``a``. Counts add up."""
+        take_b = rows_open & (b.error < a.error)
         return _Result(noise=jnp.where(per_row(take_b), b.noise, a.noise), error=jnp.where(take_b, b.error, a.error),
                        sweeps=a.sweeps + b.sweeps, iterations=a.iterations + b.iterations)
 
@@ -318,7 +390,10 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
             else:
                 start, start_error, count = history_sweeps(X, M)
             noise, error, iterations = shooting(start, start_error, preconditioned=K == 1)
-            result = better_of(result, _Result(noise=noise, error=error, sweeps=count, iterations=iterations))
+            # orders >= 2 run this path for every row when any row needs it: the rows that were within the
+            # tolerance already keep their result, so that a row's answer never depends on its neighbours
+            result = better_of(result, _Result(noise=noise, error=error, sweeps=count, iterations=iterations),
+                               rows_open=True if K == 1 else result.error > options.tolerance)
             status("per-step solves and the whole-sampler solve", result)
             return result
 
@@ -330,10 +405,77 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
             result = lax.cond(jnp.any(result.error > options.tolerance), robust, lambda r: r, result)
         # never worse than plain inversion on any row: better_of keeps it where nothing beat it
         noise, errors, sweep_count, iterations = result
-    _, later, _ = sampled(noise, True)
-    X = jnp.concatenate([noise[None], later[:-1]])
-    outputs = lax.map(lambda k: converted(k, X[k])[1], steps) if options.return_outputs else None
-    return X, outputs, errors, sweep_count, iterations
+    return _Result(noise=noise, error=errors, sweeps=sweep_count, iterations=iterations)
+
+
+def _zeros_for(tangent):
+    """A concrete zero for a symbolic-zero tangent (``float0`` for integer primals); others unchanged."""
+    if not isinstance(tangent, SymbolicZero):
+        return tangent
+    if tangent.aval.dtype == jax.dtypes.float0:
+        return np.zeros(tangent.aval.shape, jax.dtypes.float0)
+    return jnp.zeros(tangent.aval.shape, tangent.aval.dtype)
+
+
+@partial(_solved.defjvp, symbolic_zeros=True)
+def _solved_jvp(scheduler, inverse, model: _Model, options: ExactOptions, primals, tangents):
+    """Implicit differentiation of ``S(z) = x``: the tangent of the start is the solution ``dz`` of
+
+        J dz = dx - (dS/dtheta) dtheta,    J = dS/dz at the z found,
+
+    with ``theta`` the sampler's state, ``cond`` and ``noises`` (their term is skipped where their
+    tangents are symbolic zeros, e.g. when only ``x`` is differentiated). ``J`` is block diagonal over
+    the rows (``options.rows``), so each row is solved alone with row-wise GMRES on Jacobian-vector
+    products of the sampler, right-preconditioned by the plain inversion's Jacobian at ``x``:
+    ``J P u = rhs``, ``dz = P u``, ``P = dI/dx`` (close to ``J^{-1}`` where plain inversion is
+    accurate). The solve is a ``lax.custom_linear_solve`` whose transpose solves ``J^T w = g`` the
+    same way (GMRES on vector-Jacobian products, preconditioned by ``P^T``), so reverse mode
+    (``jax.grad``) works and never differentiates the solver's iterations. The round trip's tangent
+    is zero (it measures the solve, not a function of the data); the counts have none. A row that
+    did not converge gets the same formula at the start it reports (``Trajectory.converged`` flags
+    it); a row with a non-finite start or data gets a non-finite tangent, and no other row changes."""
+    (inputs,), (tangents,) = primals, tangents
+    state, mirror, data, cond, noises = inputs.state, inputs.mirror, inputs.data, inputs.cond, inputs.noises
+    result = _solved(scheduler, inverse, model, options=options, inputs=inputs)
+    z = result.noise
+    target = data.astype(z.dtype)
+    model_fn = model.bound(inputs.params)
+
+    def sampler(noise, theta):
+        """``S(z)`` with ``theta = (state, cond, noises, params)``."""
+        return scan_steps(scheduler, model.bound(theta[3]), ScanOptions(), state=theta[0], x=noise, cond=theta[1],
+                          keys=None, noises=theta[2])[0]
+
+    def plain(x):
+        return scan_steps(inverse, model_fn, ScanOptions(), state=mirror, x=x, cond=cond, keys=None, noises=None)[0]
+
+    rhs = _zeros_for(tangents.data).astype(z.dtype)
+    theta = (state, cond, noises, inputs.params)
+    others = (tangents.state, tangents.cond, tangents.noises, tangents.params)
+    symbolic = lambda t: isinstance(t, SymbolicZero)  # noqa: E731
+    if not all(symbolic(t) for t in jax.tree.leaves(others, is_leaf=symbolic)):
+        others = jax.tree.map(_zeros_for, others, is_leaf=symbolic)
+        moved = jax.jvp(lambda th: sampler(z, th), (theta,), (others,))[1]
+        rhs = rhs - moved.astype(z.dtype)
+
+    def jacobian(v):
+        return jax.jvp(lambda noise: sampler(noise, theta), (z,), (v,))[1]
+
+    settings = dict(rows=options.rows, restart=_TANGENT_RESTART, cycles=_TANGENT_CYCLES, rtol=options.tolerance / 10)
+
+    def solve(matvec, b):
+        precondition = lambda u: jax.jvp(plain, (target,), (u,))[1]  # noqa: E731
+        return precondition(gmres(lambda u: matvec(precondition(u)), b, **settings).solution)
+
+    def transpose_solve(vecmat, b):
+        plain_vjp = jax.vjp(plain, target)[1]
+        precondition = lambda u: plain_vjp(u)[0]  # noqa: E731
+        return precondition(gmres(lambda u: vecmat(precondition(u)), b, **settings).solution)
+
+    d_noise = lax.custom_linear_solve(jacobian, rhs, solve, transpose_solve=transpose_solve)
+    counts = lambda c: np.zeros(np.shape(c), jax.dtypes.float0)  # noqa: E731
+    return result, _Result(noise=d_noise, error=jnp.zeros_like(result.error), sweeps=counts(result.sweeps),
+                           iterations=counts(result.iterations))
 
 
 exact_inversion_jit = jax.jit(exact_inversion, static_argnums=(0, 1, 2), static_argnames=("options",))

@@ -10,7 +10,6 @@ from .scheduler import (
     DPMSolverMultistepInverseScheduler,
     DPMSolverMultistepScheduler,
     SchedulerOutput,
-    __version__,
 )
 from .state import SchedulerState
 from .trajectories.guidance import classifier_free_guidance
@@ -22,6 +21,7 @@ from .trajectories.null_text import (
 )
 from .trajectories.scan import Trajectory, sample
 from .trajectories.step_check import StepInversionCheck, check_step_inversion
+from .version import __version__
 
 __all__ = [
     "DPMSolverMultistepBase",

@@ -42,10 +42,9 @@ from .grids import forward_grid, inverse_grid
 from .noise_schedule import alpha_sigma_from_sigma, training_schedule
 from .numerics.rows import per_row
 from .state import SchedulerState
+from .version import __version__
 
 Array = jax.Array
-
-__version__ = "0.1.0"
 
 
 @flax.struct.dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -253,6 +254,36 @@ def _diffusers():
     import diffusers
 
     return diffusers
+
+
+def _pyproject() -> dict:
+    import tomllib  # Python >= 3.11, where the tests run
+
+    return tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+
+
+def test_the_version_is_pyprojects_and_saved_configs_carry_it(tmp_path):
+    version = _pyproject()["project"]["version"]
+    assert dpmjax.__version__ == version
+    assert json.loads(Path(Forward().save_pretrained(tmp_path)).read_text())["_dpmjax_version"] == version
+
+
+def test_a_source_tree_without_metadata_reads_its_pyproject(monkeypatch, tmp_path):
+    from importlib import metadata
+
+    from dpmjax import version
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    assert version.package_version() == _pyproject()["project"]["version"]
+    other = tmp_path / "pyproject.toml"
+    other.write_text('[project]\nname = "other"\nversion = "9.9"\n')
+    assert version.source_tree_version(other) == version.UNKNOWN
+    other.write_text('[tool.x]\nversion = "1"\n\n[project]\nname = "dpmjax"\nversion = "2.3.4"\n\n[tool.y]\nversion = "5"\n')
+    assert version.source_tree_version(other) == "2.3.4"
+    assert version.source_tree_version(tmp_path / "missing.toml") == version.UNKNOWN
 
 
 def test_package_exports():

@@ -160,8 +160,8 @@ LAYERS = {
 # the host-side libraries only programs use
 PROGRAM_LIBRARIES = {"matplotlib", "tensorstore", "threading", "argparse", "signal", "socket"}
 # the one script that lives beside the library: the shipped digits models' training script sits with
-# the weights it writes (python -m dpmjax.models.train_digits)
-SCRIPTS = {"models/train_digits.py"}
+# the weights it writes (python -m dpmjax.models.digits.train)
+SCRIPTS = {"models/digits/train.py"}
 
 
 def _layer(module: str) -> str:

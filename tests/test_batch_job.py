@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dpmjax.apps import batch
-from dpmjax.apps.batch import output_store
+from dpmjax.apps.batch import files, output_store
 from dpmjax.models import digits
 
 STEPS = 5
@@ -605,7 +605,7 @@ def test_temporary_files_of_killed_runs_are_removed_wherever_the_job_writes(stor
     assert run_cli(tmp_path / "input", out, "--steps", STEPS).returncode == 0
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    tag = output_store.HOST_TAG
+    tag = files.HOST_TAG
     leftovers = [out / f".0123456789.{tag}.{dead.pid}.x1y2z3_a.tmp", out / "chunks" / f".0123456789.{tag}.{dead.pid}.q1w2e3r4.tmp",
                  out / "failed" / f".0123456789.{tag}.{dead.pid}.r4t5y6u7.tmp",
                  out / "chunks" / "sub" / f".0123456789.{tag}.{dead.pid}.sub00001.tmp"]
@@ -764,7 +764,7 @@ def test_trajectories_are_a_setting_and_stale_claims_are_removed(tmp_path):
     batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, save_trajectory=True, progress=False)
     with pytest.raises(ValueError, match="save_trajectory: was True, now False"):
         batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, progress=False)
-    (tmp_path / "out" / "claims" / output_store.short_hash("part-00001.npy")).write_text("part-00001.npy\nhost 1\n")
+    (tmp_path / "out" / "claims" / files.short_hash("part-00001.npy")).write_text("part-00001.npy\nhost 1\n")
     summary = batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=STEPS, save_trajectory=True,
                             progress=False)
     assert summary.recorded == [] and list((tmp_path / "out" / "claims").iterdir()) == []
@@ -775,7 +775,7 @@ def test_float16_shards_are_checked_without_warnings_and_only_files_count_as_don
     would be is not a record: the manifest lists it as missing."""
     import warnings
 
-    from dpmjax.apps.input_stores import checked
+    from dpmjax.apps.batch.input_stores import checked
 
     x = np.asarray(digits.heldout()[0][:2], np.float16)
     x[0, 0, 0, 0] = np.finfo(np.float16).max

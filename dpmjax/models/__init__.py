@@ -1,1 +1,3 @@
-"""Models shipped with dpmjax (trained here, on data available offline)."""
+"""Models for dpmjax: analytic data with exact denoisers (:mod:`.analytic`), the shipped digits models
+(:mod:`.digits`, trained here on data available offline) and the Flax Stable Diffusion adapters
+(:mod:`.flax_sd`)."""

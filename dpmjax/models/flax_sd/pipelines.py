@@ -19,8 +19,9 @@ diffusers 0.39 and with this class swapped in again::
     images = pipeline(prompt_ids, params, prng_seed, num_inference_steps=25).images
     pipeline.save_pretrained("out", params=params)   # reloads with plain diffusers 0.39
 
-This module imports diffusers (< 0.40, with transformers < 5 for the pipelines' text encoders); the
-rest of dpmjax never does.
+This module imports diffusers (< 0.40, with transformers < 5 for the pipelines' text encoders), after
+the version check of :mod:`dpmjax.models.flax_sd.requirements`; reach it through
+:func:`dpmjax.models.flax_sd.for_diffusers_pipelines`, so that importing dpmjax never imports diffusers.
 """
 
 from __future__ import annotations

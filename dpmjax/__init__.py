@@ -14,6 +14,7 @@ from .scheduler import (
 from .state import SchedulerState
 from .trajectories.guidance import classifier_free_guidance
 from .trajectories.inversion import invert
+from .trajectories.model_fn import ConditionalModelFn, ModelFn, ParametrisedModelFn
 from .trajectories.null_text import (
     NullTextInversion,
     null_text_inversion,
@@ -24,12 +25,15 @@ from .trajectories.step_check import StepInversionCheck, check_step_inversion
 from .version import __version__
 
 __all__ = [
+    "ConditionalModelFn",
     "DPMSolverMultistepBase",
     "DPMSolverMultistepInverseScheduler",
     "DPMSolverMultistepScheduler",
     "FlaxDPMSolverMultistepScheduler",
     "FlaxDPMSolverMultistepSchedulerOutput",
+    "ModelFn",
     "NullTextInversion",
+    "ParametrisedModelFn",
     "SchedulerConfig",
     "SchedulerOutput",
     "SchedulerState",

@@ -235,13 +235,13 @@ def import_edges(sources: Dict[str, str]) -> Dict[str, Set[str]]:
     one of its modules closes a circle through it.
 
     Args:
-        sources: Module name -> its source text (``"dpmjax.x.__init__"`` is not used: key packages by
-            their own name).
+        sources: Module name -> its source text; a package (a name other modules sit under) is
+            keyed by its own name and maps to its ``__init__``'s text.
     """
     modules = set(sources)
     edges: Dict[str, Set[str]] = {}
     for name, source in sources.items():
-        package = name if _is_package(name, modules) and f"{name}.__init__" not in modules else name.rsplit(".", 1)[0]
+        package = name if _is_package(name, modules) else name.rsplit(".", 1)[0]  # what relative imports start from
         targets: Set[str] = set()
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.Import):
@@ -332,3 +332,45 @@ def test_the_cycle_check_finds_circles():
     two = import_edges({"p": "", "p.a": "from . import b", "p.b": "import p.a", "p.c": "from .d import f",
                         "p.d": "from .c import g\nfrom .a import h"})
     assert import_cycles(two) == [["p.a", "p.b", "p.a"], ["p.c", "p.d", "p.c"]]
+
+
+# ----------------------------------------------------------------------------- one definition
+def _public_names() -> List[str]:
+    """``dpmjax.__all__``, read from the source."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return [element.value for element in node.value.elts]
+    raise AssertionError("dpmjax/__init__.py defines no __all__")
+
+
+def definitions(modules: Dict[str, ast.Module], names: Set[str]) -> Dict[str, List[str]]:
+    """For each of ``names``, the modules that define it at their top level (``def``, ``class`` or
+    an assignment; imports do not count, nor a class extending the one of that name under its own
+    name: the diffusers pipelines' scheduler must carry diffusers' class name)."""
+    found: Dict[str, List[str]] = {name: [] for name in names}
+    for path, tree in modules.items():
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                bound = set() if node.name in {_callable_name(base) for base in node.bases} else {node.name}
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                bound = {node.name}
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                bound = {t.id for t in targets if isinstance(t, ast.Name)}
+            else:
+                continue
+            for name in bound & names:
+                found[name].append(path)
+    return found
+
+
+def test_each_public_name_is_defined_in_one_module():
+    """``dpmjax.ModelFn``, ``dpmjax.__version__`` and every other public name has one definition,
+    which the other modules import (a second copy drifts: two version numbers, two model types)."""
+    found = definitions(_sources(), set(_public_names()))
+    wrong = {name: paths for name, paths in found.items() if len(paths) != 1}
+    assert not wrong, f"defined in several modules, or in none: {wrong}"
+    assert definitions({"a.py": ast.parse("ModelFn = 1"), "b.py": ast.parse("from a import ModelFn\nclass ModelFn: ..."),
+                        "c.py": ast.parse("import a\nclass ModelFn(a.ModelFn, object): ...")},
+                       {"ModelFn"}) == {"ModelFn": ["a.py", "b.py"]}

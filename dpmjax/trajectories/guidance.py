@@ -6,15 +6,15 @@ computes both by doubling the batch along axis 0.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from .. import checks
+from .model_fn import ConditionalModelFn, ModelFn
 
 Array = jax.Array
-ModelFn = Callable[..., Array]
 
 
 def guide(unconditional: Array, conditional: Array, guidance_scale) -> Array:
@@ -35,7 +35,7 @@ def guide_doubled(output: Array, guidance_scale) -> Array:
     return guide(unconditional, conditional, guidance_scale)
 
 
-def classifier_free_guidance(model: ModelFn, cond: Any, uncond: Any, guidance_scale: float) -> ModelFn:
+def classifier_free_guidance(model: ConditionalModelFn, cond: Any, uncond: Any, guidance_scale: float) -> ModelFn:
     """A ``model_fn(x, t)`` applying classifier-free guidance with one batched model call per step.
 
     Args:

@@ -25,8 +25,8 @@ from ..noise_schedule import training_schedule
 from ..scheduler import DPMSolverMultistepBase, DPMSolverMultistepInverseScheduler
 from ..state import SchedulerState
 from .exact import ExactOptions, exact_inversion_jit
+from .model_fn import ConditionalModelFn, ModelFn
 from .scan import (
-    ModelFn,
     ScanOptions,
     Trajectory,
     as_array,
@@ -69,7 +69,7 @@ def mirrored_state(scheduler: DPMSolverMultistepBase, forward_state: SchedulerSt
 
 
 def invert(
-    model_fn: ModelFn,
+    model_fn: ModelFn | ConditionalModelFn,
     sample: Array,
     scheduler: DPMSolverMultistepBase,
     num_inference_steps: int,
@@ -104,7 +104,7 @@ def invert(
 
     Args:
         model_fn: The model: ``model_fn(sample, timestep[, cond]) -> model_output``, called as in
-            :func:`dpmjax.sample`.
+            :func:`dpmjax.sample` (see :class:`~dpmjax.ModelFn`).
         sample: The data to invert, a non-empty floating-point array (leading axis: batch; exact
             inversion needs that axis).
         scheduler: A ``DPMSolverMultistepInverseScheduler`` (its own grid) or a

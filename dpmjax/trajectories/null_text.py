@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 import functools
 import types
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.struct
 import jax
@@ -45,6 +45,7 @@ from ..scheduler import DPMSolverMultistepScheduler
 from . import guidance
 from . import progress as progress_line
 from .inversion import invert
+from .model_fn import ConditionalModelFn, ParametrisedModelFn
 from .scan import Trajectory, check_model_output, check_scheduler
 
 Array = jax.Array
@@ -329,7 +330,7 @@ def _per_step(tree, n: int):
 
 
 def null_text_inversion(
-    model: Callable[..., Array],
+    model: ConditionalModelFn | ParametrisedModelFn,
     data: Array,
     scheduler: DPMSolverMultistepScheduler,
     num_inference_steps: int,
@@ -426,7 +427,7 @@ def null_text_inversion(
 
 
 def sample_with_null_embeddings(
-    model: Callable[..., Array],
+    model: ConditionalModelFn | ParametrisedModelFn,
     noise: Array,
     scheduler: DPMSolverMultistepScheduler,
     num_inference_steps: int,

@@ -2,14 +2,15 @@
 :func:`sample`.
 
 The model is called inside the compiled loop: ``model_fn(sample, timestep)`` or, with ``cond``,
-``model_fn(sample, timestep, cond)`` (``cond`` is any pytree, passed through unchanged). Everything
+``model_fn(sample, timestep, cond)`` (``cond`` is any pytree, passed through unchanged; the contract:
+:mod:`dpmjax.trajectories.model_fn`). Everything
 that depends on the step number alone is gathered before the loop, so one iteration is the model
 call and :func:`dpmjax.solver.step_from_output`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.struct
 import jax
@@ -20,9 +21,9 @@ from .. import checks, solver
 from ..scheduler import DPMSolverMultistepBase, DPMSolverMultistepScheduler
 from ..state import SchedulerState
 from . import progress as progress_line
+from .model_fn import ConditionalModelFn, ModelFn
 
 Array = jax.Array
-ModelFn = Callable[..., Array]
 
 
 @flax.struct.dataclass
@@ -80,7 +81,7 @@ class ScanOptions(NamedTuple):
     label: str = ""
 
 
-def call_model(model_fn: ModelFn, x: Array, t: Array, *, cond: Any, config=None, name: str = "model_fn") -> Array:
+def call_model(model_fn: ModelFn | ConditionalModelFn, x: Array, t: Array, *, cond: Any, config=None, name: str = "model_fn") -> Array:
     """``model_fn(x, t)``, or ``model_fn(x, t, cond)`` when a condition is given, its output checked.
 
     Args:
@@ -203,7 +204,7 @@ def check_unroll(unroll) -> None:
 
 
 def sample(
-    model_fn: ModelFn,
+    model_fn: ModelFn | ConditionalModelFn,
     noise: Array,
     scheduler: DPMSolverMultistepScheduler,
     num_inference_steps: int,
@@ -233,7 +234,7 @@ def sample(
     Args:
         model_fn: The model: ``model_fn(sample, timestep[, cond]) -> model_output``, the output of
             the kind the scheduler's ``prediction_type`` names, with the sample's shape (twice its
-            channels with a learned ``variance_type``).
+            channels with a learned ``variance_type``); see :class:`~dpmjax.ModelFn`.
         noise: The starting sample, a floating-point array; its shape is the sample shape (leading
             axis: batch) and its dtype the sample's dtype.
         scheduler: A :class:`~dpmjax.DPMSolverMultistepScheduler` (forward); its config fixes the
@@ -241,7 +242,8 @@ def sample(
         num_inference_steps: ``N``, the number of steps (an integer in
             ``[1, num_train_timesteps]``).
         cond: Any pytree passed unchanged as ``model_fn``'s third argument; ``None`` (default)
-            calls ``model_fn(sample, timestep)``.
+            calls ``model_fn(sample, timestep)``. Large arrays (embeddings, weights) passed here
+            are arguments of the compiled program: a new value does not recompile it.
         key: A ``jax.random`` key for SDE types (``algorithm_type`` ``"sde-dpmsolver"`` or
             ``"sde-dpmsolver++"``), split into one key per step.
         noises: ``[N, *noise.shape]``, the per-step noise of an SDE type, instead of ``key``.

@@ -15,6 +15,13 @@ a multistep sampler is a function of its start alone, so here the whole sampler 
   noise held fixed are exact.
 
 Each row keeps the best of plain inversion and the two paths, and reports its measured round trip.
+Rows are independent bit for bit: every solver freezes a row once it meets its stop rule, and the
+robust path changes only rows not yet within the tolerance.
+
+Differentiable (``jax.jvp``, ``jax.grad``) by implicit differentiation of ``S(z) = x``, never through
+the solver's iterations: ``dz`` solves ``J dz = dx - (dS/dtheta) dtheta`` with ``J = dS/dz`` at the
+``z`` found and ``theta`` the condition, the values the model closes over and an SDE sampler's noises
+(:func:`_solved_jvp`).
 """
 
 from __future__ import annotations

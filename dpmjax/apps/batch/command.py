@@ -16,12 +16,13 @@ import jax
 
 from ...scheduler import DPMSolverMultistepScheduler
 from ..messages import fail, first_line, shown
-from . import __doc__ as PACKAGE_DOC
 from .job import run
 from .plan import DEFAULT_MODEL, EXACT_TOLERANCE, MAX_DEFAULT_BATCH_ROWS, ModelError
 from .workers import JobError
 
 PROG = "dpmjax invert-batch"
+DESCRIPTION = ("A resumable batch inversion job: an array store in, noise shards out; a killed run restarts where it "
+               "stopped, a rerun is idempotent, a bad chunk is reported and the rest is done.")
 # exit statuses (signals: 128 + the signal's number)
 EXIT_OK = 0  # every chunk recorded (with --exact: every row within EXACT_TOLERANCE)
 EXIT_FAILED = 1  # chunks quarantined in failed/, or the job stopped on an error that is no chunk's (model, disk)
@@ -92,7 +93,7 @@ exit status:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, epilog=EPILOG,
-                                     description=textwrap.fill(" ".join(PACKAGE_DOC.split("\n\n")[0].split()), width=100),
+                                     description=textwrap.fill(DESCRIPTION, width=100),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="a directory of .npy shards (optionally with manifest.json) or a zarr array")
     parser.add_argument("output", help="output directory (created; reruns resume)")

@@ -20,7 +20,6 @@ be closed over or passed as a static argument. All arrays live in the state.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -42,6 +41,7 @@ from .grids import forward_grid, inverse_grid
 from .noise_schedule import alpha_sigma_from_sigma, training_schedule
 from .numerics.rows import per_row
 from .state import SchedulerState
+from .static_cache import StaticCache, memoized
 from .version import __version__
 
 Array = jax.Array
@@ -68,18 +68,13 @@ class SchedulerOutput:
         return iter(self.to_tuple())
 
 
-def _cacheable(value):
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
+_GRIDS = StaticCache("inference grids")
 
 
 def _cached_grid(config, forward, num_inference_steps, *, timesteps, shift):
     """Grids depend only on hashable host values: compute each once (set_timesteps is then cheap)."""
-    compute = _cached_grid_lru if _cacheable((config, forward, num_inference_steps, timesteps, shift)) else _compute_grid
-    return compute(config, forward, num_inference_steps, timesteps=timesteps, shift=shift)
+    return _GRIDS.get((config, forward, num_inference_steps, timesteps, shift),
+                      lambda: _compute_grid(config, forward, num_inference_steps, timesteps=timesteps, shift=shift))
 
 
 def _compute_grid(config, forward, num_inference_steps, *, timesteps, shift):
@@ -89,10 +84,7 @@ def _compute_grid(config, forward, num_inference_steps, *, timesteps, shift):
     return inverse_grid(config, train, num_inference_steps)
 
 
-_cached_grid_lru = functools.lru_cache(maxsize=256)(_compute_grid)
-
-
-@functools.lru_cache(maxsize=32)
+@memoized
 def _state_fields(config, timestep_bytes: bytes, sigma_bytes: bytes, *, num_steps: int, forward: bool, shape, dtype: str):
     """The arrays ``state_on_grid`` sets, built once per grid and shape. They are immutable device
     arrays, made concrete even when called under a trace, so sharing them between states is safe."""
@@ -114,7 +106,7 @@ def _state_fields(config, timestep_bytes: bytes, sigma_bytes: bytes, *, num_step
         )
 
 
-@functools.lru_cache(maxsize=64)
+@memoized
 def _initial_state(config: SchedulerConfig, forward: bool) -> SchedulerState:
     train = training_schedule(config)
     T = config.num_train_timesteps

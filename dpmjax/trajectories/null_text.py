@@ -27,21 +27,18 @@ they then enter the compiled program as an argument rather than as constants.
 
 from __future__ import annotations
 
-import enum
-import functools
-import types
 from typing import Any, NamedTuple, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
 from .. import checks, solver
 from ..numerics.rows import per_row
 from ..scheduler import DPMSolverMultistepScheduler
+from ..static_cache import ByIdentity, StaticCache, static_key, value_key
 from . import guidance
 from . import progress as progress_line
 from .inversion import invert
@@ -119,7 +116,7 @@ class _ScanSettings(NamedTuple):
     ``optimize``: tune each step's null towards its target; else use the nulls given."""
 
     guidance_scale: float
-    optimizer: "_KeyedOptimizer"
+    optimizer: ByIdentity  # of the optax transformation
     inner_steps: int
     tolerance: float
     optimize: bool
@@ -131,7 +128,7 @@ def _guided_scan(scheduler, model, settings: _ScanSettings, *, state, noise, con
     previous step's) towards ``targets[k]``; else use ``nulls[k]`` as given. ``_guided_scan_jit`` is
     this function jitted with the first three arguments static; the others are keyword-only."""
     guidance_scale, inner_steps, tolerance = settings.guidance_scale, settings.inner_steps, settings.tolerance
-    optimize, progress, optimizer = settings.optimize, settings.progress, settings.optimizer.optimizer
+    optimize, progress, optimizer = settings.optimize, settings.progress, settings.optimizer.value
     config = scheduler.config
     n = state.timesteps.shape[0]
     cdt = solver.compute_dtype(noise)
@@ -191,111 +188,20 @@ def _guided_scan(scheduler, model, settings: _ScanSettings, *, state, noise, con
     return x, used, errors, taken
 
 
-# ----------------------------------------------------------------------------- optimiser cache keys
-# jit hashes a static argument; an optax transformation hashes by identity, and ``optax.adam(1e-2)``
-# builds new closures on every call, so each call would compile the whole inversion again. The key
-# below describes a transformation by what determines its behaviour: the code of its functions and
-# the values they close over (learning rates, betas, nested transformations, schedules).
-
-_MAX_DEPTH = 64
-_MAX_ARRAY_BYTES = 1 << 16
-_ATOMS = (type(None), bool, int, str, bytes, type(Ellipsis))
+# ----------------------------------------------------------------------------- static arguments
+# jit compiles once per static argument; an optax transformation compares by identity, and
+# ``optax.adam(1e-2)`` builds new closures on every call. Equal settings (``value_key``: the code of
+# its functions and the values they close over) find the handle made the first time.
+_OPTIMIZERS = StaticCache("null-text optimisers")
+_PIVOT_MODELS = StaticCache("null-text pivot models")
 
 
-class _Unrecognised(Exception):
-    """A part of the transformation whose behaviour its value does not pin down."""
+def _static_optimizer(optimizer: optax.GradientTransformation) -> ByIdentity:
+    """One handle per optimiser settings, for :class:`_ScanSettings` (a static argument)."""
+    return _OPTIMIZERS.get(value_key(optimizer), lambda: ByIdentity(optimizer))
 
 
-def _array_key(value) -> tuple:
-    """A small concrete array (NumPy or JAX; not a tracer) by dtype, shape and bytes."""
-    if isinstance(value, jax.core.Tracer):
-        raise _Unrecognised(value)
-    array = np.asarray(value)
-    if array.dtype == object or array.nbytes > _MAX_ARRAY_BYTES:
-        raise _Unrecognised(value)
-    return ("array", type(value), array.dtype.str, array.shape, array.tobytes())
-
-
-def _cell_key(cell, path: tuple):
-    """A closure cell by its contents (an empty cell, not yet assigned, as such)."""
-    try:
-        contents = cell.cell_contents
-    except ValueError:
-        return ("empty cell",)
-    return _describe(contents, path)
-
-
-def _function_key(fn, path: tuple) -> tuple:
-    """A Python function by its code, module globals, defaults and closed-over values."""
-    cells = tuple(_cell_key(cell, path) for cell in (fn.__closure__ or ()))
-    return ("function", fn.__code__, id(fn.__globals__), _describe(fn.__defaults__, path),
-            _describe(fn.__kwdefaults__, path), cells)
-
-
-def _has_identity_equality(value) -> bool:
-    """True for objects that compare (and hash) by identity, so using them in a key is exact."""
-    cls = type(value)
-    return cls.__eq__ is object.__eq__ and cls.__hash__ is object.__hash__
-
-
-def _describe(value, path: tuple = ()):
-    """A hashable description of ``value`` equal for behaviourally identical optax parts; raises
-    :class:`_Unrecognised` for a part it cannot pin down (a tracer, a large array, an object with
-    its own equality)."""
-    if len(path) > _MAX_DEPTH:
-        raise _Unrecognised(value)
-    if id(value) in path:
-        return ("cycle", path.index(id(value)))
-    path = path + (id(value),)
-    if isinstance(value, _ATOMS):
-        return (type(value), value)
-    if isinstance(value, (float, complex)):
-        return (type(value), repr(value))  # repr: NaN equals itself and -0.0 differs from 0.0
-    if isinstance(value, (tuple, list)):  # also NamedTuples such as GradientTransformation
-        return (type(value), tuple(_describe(v, path) for v in value))
-    if isinstance(value, dict):
-        return (type(value), tuple((_describe(k, path), _describe(v, path)) for k, v in value.items()))
-    if isinstance(value, types.FunctionType):
-        return _function_key(value, path)
-    if isinstance(value, functools.partial):
-        return ("partial", type(value), _describe(value.func, path), _describe(value.args, path),
-                _describe(value.keywords, path))
-    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
-        return _array_key(value)
-    if isinstance(value, (type, types.BuiltinFunctionType, types.ModuleType, types.CodeType, np.dtype, enum.Enum)):
-        return ("object", value)
-    if _has_identity_equality(value):
-        return ("identity", value)
-    raise _Unrecognised(value)
-
-
-class _KeyedOptimizer:
-    """An optax transformation as a static jit argument, equal to another when their descriptions
-    are (then either compiled program is the other's), else only to itself."""
-
-    def __init__(self, optimizer: optax.GradientTransformation):
-        self.optimizer = optimizer
-        try:
-            self.key = ("described", _describe(optimizer))
-            hash(self.key)
-        except (_Unrecognised, TypeError):
-            self.key = ("identity", id(optimizer))
-
-    def __eq__(self, other):
-        return isinstance(other, _KeyedOptimizer) and self.key == other.key and (
-            self.key[0] == "described" or self.optimizer is other.optimizer)
-
-    def __hash__(self):
-        return hash(self.key)
-
-
-@functools.lru_cache(maxsize=1)
-def _default_optimizer() -> optax.GradientTransformation:
-    """The paper's optimiser, Adam with learning rate 1e-2 (one object: one compiled program)."""
-    return optax.adam(1e-2)
-
-
-_NO_OPTIMIZER = _KeyedOptimizer(optax.identity())
+_NO_OPTIMIZER = ByIdentity(optax.identity())
 _guided_scan_jit = jax.jit(_guided_scan, static_argnums=(0, 1, 2))
 
 
@@ -310,12 +216,14 @@ def _checked(scheduler, guidance_scale, *, inner_steps, tolerance):
     checks.real("tolerance", tolerance, low=0.0, finite=True)
 
 
-@functools.lru_cache(maxsize=32)
 def _pivot_model(model, packed: bool, config):
     """The pivot inversion's ``model_fn(x, t, cond)``: ``model`` with its output checked under this
     function's name for it (``model``); with ``packed``, ``model(x, t, cond, params)`` called as
     ``model_fn(x, t, (cond, params))``. One per model and config: jit caches by identity."""
+    return _PIVOT_MODELS.get((static_key(model), packed, config), lambda: _make_pivot_model(model, packed, config))
 
+
+def _make_pivot_model(model, packed: bool, config):
     def checked(out, x):
         check_model_output(out, x, name="model", config=config)
         return out
@@ -402,7 +310,7 @@ def null_text_inversion(
     checks.boolean("progress", progress)
     if optimizer is not None and not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
         raise ValueError(f"optimizer must be an optax GradientTransformation (e.g. optax.adam(1e-2)), got {optimizer!r}.")
-    optimizer = _KeyedOptimizer(_default_optimizer() if optimizer is None else optimizer)
+    optimizer = _static_optimizer(optax.adam(1e-2) if optimizer is None else optimizer)
     x = jnp.asarray(data)
     if x.ndim == 0:
         raise ValueError("data must have a batch axis (rows on axis 0), got a scalar.")

@@ -43,6 +43,7 @@ import numpy as np
 
 from ...config import SchedulerConfig
 from ...scheduler import DPMSolverMultistepScheduler
+from ...static_cache import ByIdentity, StaticCache
 from ...trajectories.inversion import invert
 from ...trajectories.null_text import null_text_inversion, sample_with_null_embeddings
 from ...trajectories.scan import sample
@@ -109,17 +110,13 @@ class EditResult(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- jitted parts
-_JITTED: dict = {}
+# one jitted function per (kind, module object): jit keeps its compiled programs on the function
+_JITTED = StaticCache("jitted VAE and text-encoder calls")
 
 
 def _per_object(kind: str, obj, make):
-    """``make()`` once per (kind, object): jit caches compiled programs by the function's identity."""
-    key = (kind, id(obj))
-    if key not in _JITTED or _JITTED[key][0] is not obj:
-        if len(_JITTED) >= 64:
-            _JITTED.clear()
-        _JITTED[key] = (obj, make())
-    return _JITTED[key][1]
+    """``make()`` once per (kind, object), the object by identity (a module need not be hashable)."""
+    return _JITTED.get((kind, ByIdentity(obj)), make)
 
 
 def _encoder(vae):

@@ -21,14 +21,13 @@ float32 with bf16 params.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from ... import checks
+from ...static_cache import ByIdentity, StaticCache
 from ...trajectories import guidance
 from .requirements import old_diffusers
 
@@ -74,36 +73,12 @@ def unet_eps(unet, params, latents: Array, timestep, encoder_hidden_states: Arra
     return out.astype(latents.dtype)
 
 
-_BUILT: dict = {}
+# jit compiles once per model function (a static argument, compared by identity): repeated calls get
+# the function built the first time for the same UNet object (by identity: a UNet loaded from a
+# config holds lists and is not hashable) and settings.
+_MODEL_FNS = StaticCache("Flax UNet model functions")
 
 
-def _per_unet(make):
-    """Cache ``make(unet, *args)`` per UNet object and arguments, so that repeated calls return the
-    same function (jit caches compiled programs by the model function's identity). Keyed by the
-    object's id, with the object kept alive: a UNet loaded from a config holds lists and is not
-    hashable."""
-
-    signature = inspect.signature(make)
-
-    @functools.wraps(make)
-    def cached(unet, *args, **kwargs):
-        bound = signature.bind(unet, *args, **kwargs)
-        bound.apply_defaults()
-        key = (make.__name__, id(unet)) + tuple(bound.arguments.values())[1:]
-        try:
-            hit = key in _BUILT and _BUILT[key][0] is unet
-        except TypeError:  # an unhashable argument: let make() say what is wrong with it
-            return make(*bound.args, **bound.kwargs)
-        if not hit:
-            if len(_BUILT) >= 64:
-                _BUILT.clear()
-            _BUILT[key] = (unet, make(*bound.args, **bound.kwargs))
-        return _BUILT[key][1]
-
-    return cached
-
-
-@_per_unet
 def guided_unet(unet, guidance_scale: float = 7.5) -> Callable[[Array, Array, UNetInputs], Array]:
     """``model_fn(latents, t, inputs: UNetInputs)`` with classifier-free guidance (Ho & Salimans
     2022): ``u + w (c - u)`` from one UNet call on the doubled batch ``[uncond; text]``; at
@@ -123,7 +98,10 @@ def guided_unet(unet, guidance_scale: float = 7.5) -> Callable[[Array, Array, UN
             ``w != 1`` and ``inputs.uncond_embeddings`` is ``None``.
     """
     w = checks.real("guidance_scale", guidance_scale, note=" (a Python number: it is static)")
+    return _MODEL_FNS.get(("guided", ByIdentity(unet), w), lambda: _guided(unet, w))
 
+
+def _guided(unet, w: float):
     def model_fn(latents, t, inputs: UNetInputs):
         if w == 1.0:
             return unet_eps(unet, inputs.params, latents, timestep=t, encoder_hidden_states=inputs.text_embeddings)
@@ -138,7 +116,6 @@ def guided_unet(unet, guidance_scale: float = 7.5) -> Callable[[Array, Array, UN
     return model_fn
 
 
-@_per_unet
 def unet_with_embedding(unet) -> Callable[[Array, Array, Any], Array]:
     """``model(latents, t, embeddings, params)``: the conditional form that
     :func:`dpmjax.null_text_inversion` takes with ``model_params=params``.
@@ -150,7 +127,10 @@ def unet_with_embedding(unet) -> Callable[[Array, Array, Any], Array]:
         ``model(latents, t, embeddings, params)``, one UNet call (:func:`unet_eps`); cached per
         UNet.
     """
+    return _MODEL_FNS.get(("with embedding", ByIdentity(unet)), lambda: _with_embedding(unet))
 
+
+def _with_embedding(unet):
     def model(latents, t, embeddings, params):
         return unet_eps(unet, params, latents, timestep=t, encoder_hidden_states=embeddings)
 

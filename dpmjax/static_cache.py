@@ -52,6 +52,23 @@ MAX_ENTRIES = 64
 """The size bound of every cache (entries), the least recently used dropped first."""
 
 _CACHES: List["StaticCache"] = []
+_MISSING = object()
+
+
+class _Hashed:
+    """A key with its hash computed once (a config's hash walks every field)."""
+
+    __slots__ = ("key", "hash")
+
+    def __init__(self, key: Hashable):
+        self.key = key
+        self.hash = hash(key)
+
+    def __hash__(self):
+        return self.hash
+
+    def __eq__(self, other):
+        return self.key == other.key
 
 
 class StaticCache:
@@ -71,13 +88,17 @@ class StaticCache:
         """The value stored under ``key``, else ``make()``, stored (an unhashable ``key``: ``make()``
         on every call, nothing stored)."""
         try:
-            hash(key)
+            key = _Hashed(key)
         except TypeError:
             return make()
+        return self._get(key, make)
+
+    def _get(self, key: "_Hashed", make: Callable[[], T]) -> T:
         with self._lock:
-            if key in self._entries:
+            value = self._entries.get(key, _MISSING)
+            if value is not _MISSING:
                 self._entries.move_to_end(key)
-                return self._entries[key]
+                return value
         value = make()
         with self._lock:
             value = self._entries.setdefault(key, value)  # another thread's, if it stored first
@@ -111,8 +132,11 @@ def memoized(fn: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(fn)
     def cached(*args, **kwargs):
-        key = (tuple(static_key(a) for a in args), tuple((k, static_key(v)) for k, v in kwargs.items()))
-        return cache.get(key, lambda: fn(*args, **kwargs))
+        try:
+            key = _Hashed((args, tuple(kwargs.items())))
+        except TypeError:
+            key = _Hashed((tuple(static_key(a) for a in args), tuple((k, static_key(v)) for k, v in kwargs.items())))
+        return cache._get(key, lambda: fn(*args, **kwargs))
 
     cached.cache = cache
     return cached

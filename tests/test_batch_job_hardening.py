@@ -316,3 +316,81 @@ def test_thousands_of_missing_shards_are_quarantined_together(tmp_path):
     again = run_cli(tmp_path / "input", out, "--steps", STEPS)
     assert again.returncode == batch.EXIT_FAILED and "2 chunks inverted" in again.stdout, again.stdout[-2000:]
     assert not (out / "failed" / "gone" / "00000.json").exists()
+
+
+# ----------------------------------------------------------------------------- the job's own files, never links
+def test_job_files_replaced_by_symlinks_are_never_read_as_records_or_written_through(tmp_path):
+    """On a resume: ``events.jsonl`` made a symlink to an input shard is refused (the shard keeps its
+    bytes); a claim file made a symlink to a user's file leaves that file untouched; a noise record
+    made a symlink is no record: the chunk is computed and the link replaced by the real file."""
+    make_store(tmp_path / "input", 3)
+    out = tmp_path / "out"
+    assert run_cli(tmp_path / "input", out, "--steps", STEPS).returncode == 0
+    reference = (out / "chunks" / "part-00002.npy").read_bytes()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file\n")
+    before = listing(tmp_path / "input")
+
+    (out / "events.jsonl").rename(tmp_path / "events.jsonl")
+    (out / "events.jsonl").symlink_to(tmp_path / "input" / "part-00000.npy")
+    (out / "chunks" / "part-00001.npy").unlink()
+    assert_one_line_error(run_cli(tmp_path / "input", out, "--steps", STEPS), "events.jsonl is a symlink")
+    assert listing(tmp_path / "input") == before
+    (out / "events.jsonl").unlink()
+    (tmp_path / "events.jsonl").rename(out / "events.jsonl")
+
+    from dpmjax.apps.batch.files import short_hash
+
+    claim = out / "claims" / short_hash("part-00001.npy")
+    claim.unlink(missing_ok=True)
+    claim.symlink_to(victim)
+    (out / "chunks" / "part-00002.npy").unlink()
+    (out / "chunks" / "part-00002.npy").symlink_to(victim)
+    done = run_cli(tmp_path / "input", out, "--steps", STEPS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 chunks inverted" in done.stdout and "1 already done" in done.stdout, done.stdout
+    assert victim.read_text() == "the user's file\n" and listing(tmp_path / "input") == before
+    record = out / "chunks" / "part-00002.npy"
+    assert not record.is_symlink() and record.read_bytes() == reference
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (record.stat().st_mode & 0o777) == 0o666 & ~umask  # the usual mode, not a temporary file's 0600
+
+
+def test_a_fifo_or_rows_without_values_are_quarantined_never_waited_for(tmp_path):
+    """A FIFO named ``*.npy`` would block the job until someone writes to it; rows of shape
+    (0, 8, 8) hold nothing to invert. Both are quarantined saying so; the real shard is done."""
+    make_store(tmp_path / "input", 1)
+    os.mkfifo(tmp_path / "input" / "pipe.npy")
+    np.save(tmp_path / "input" / "empty-rows.npy", np.zeros((4, 0, 8, 8), np.float32))
+    done = run_cli(tmp_path / "input", tmp_path / "out", "--steps", STEPS)
+    assert done.returncode == batch.EXIT_FAILED, done.stderr[-3000:]
+    reasons = {r["chunk"]: r["reason"] for r in (json.loads(p.read_text()) for p in (tmp_path / "out" / "failed").glob("*.json"))}
+    assert "a FIFO" in reasons["pipe.npy"] and "hold no values" in reasons["empty-rows.npy"], reasons
+    assert (tmp_path / "out" / "chunks" / "part-00000.npy").is_file()
+    ts = pytest.importorskip("tensorstore")
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "flat.zarr")},
+            "metadata": {"shape": [4, 0, 8, 8], "chunks": [4, 1, 8, 8], "dtype": "<f4"}}
+    ts.open(spec, create=True).result()
+    assert_one_line_error(run_cli(tmp_path / "flat.zarr", tmp_path / "out2", "--steps", STEPS), "rows hold no values")
+
+
+def test_a_model_that_exits_inside_a_compiled_callback_is_named_in_the_last_line(tmp_path):
+    """A model whose host callback calls ``sys.exit``: JAX wraps the exit in its own error with the
+    traceback inside; the job's one line names ``SystemExit``, exit 1."""
+    make_store(tmp_path / "input", 1)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "callback_exit.py").write_text(
+        "import sys\n"
+        "import jax\n"
+        "def model():\n"
+        "    def leave(x):\n"
+        "        sys.exit(0)\n"
+        "    return lambda x, t: jax.pure_callback(leave, jax.ShapeDtypeStruct(x.shape, x.dtype), x)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "models"), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "dpmjax", "invert-batch", str(tmp_path / "input"), str(tmp_path / "out"),
+               "--model", "callback_exit:model", "--steps", str(STEPS)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == batch.EXIT_FAILED, (done.returncode, done.stderr[-3000:])
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("dpmjax invert-batch: the job stopped while inverting chunk part-00000.npy: SystemExit"), last

@@ -18,7 +18,7 @@ from ...scheduler import DPMSolverMultistepScheduler
 from ..messages import fail, first_line, shown
 from .job import run
 from .plan import DEFAULT_MODEL, EXACT_TOLERANCE, MAX_DEFAULT_BATCH_ROWS, ModelError
-from .workers import JobError
+from .workers import JobError, rate
 
 PROG = "dpmjax invert-batch"
 DESCRIPTION = ("A resumable batch inversion job: an array store in, noise shards out; a killed run restarts where it "
@@ -143,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.write(f"invert-batch: stopped by {signal.Signals(number).name} after recording {len(summary.recorded)} "
                          f"chunks; rerun the same command to resume.\n")
         return 128 + number
-    print(f"invert-batch: {len(summary.recorded)} chunks inverted ({summary.rows} rows, {summary.rows_per_second:.0f} rows/s), "
+    print(f"invert-batch: {len(summary.recorded)} chunks inverted ({summary.rows} rows, {rate(summary.rows, summary.seconds)} rows/s), "
           f"{len(summary.skipped)} already done, {len(summary.failed)} failed")
     for name, reason in list(summary.failed.items())[:MAX_LISTED]:
         print(shown(f"  FAILED {name}: {reason}"))

@@ -23,6 +23,14 @@ import numpy as np
 
 from ..messages import shown
 
+def _file_mode() -> int:
+    """The mode a new file gets here (0o666 less the umask): temporary files are created 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()  # read once, at import (os.umask is process-wide)
 STALE_TEMP_SECONDS = 3600  # a temporary file untouched this long before a run starts is a dead writer's
 # the temporary files, exactly: ".HASH.HOST.PID.RANDOM.tmp" (see temp_prefix; RANDOM from tempfile.mkstemp)
 TEMP_NAME = re.compile(r"\.[0-9a-f]{10}\.(?P<host>[0-9a-f]{8})\.(?P<pid>[0-9]+)\.[a-z0-9_]{8}\.tmp")
@@ -66,6 +74,7 @@ def _link_into_place(path: Path, text: str, durable: bool) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(text.encode())
             if durable:
@@ -104,6 +113,7 @@ def atomic_write(path: Path, write, durable: bool = True) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, FILE_MODE)
     except OSError as error:
         raise _naming(error, path) from None
     try:
@@ -137,12 +147,25 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def open_own(path: Path, flags: int) -> int:
+    """``os.open(path, flags)`` on a file of the job's own, never through a symlink at ``path``
+    (one there is refused with an ``OSError`` naming it: it would write to its target)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+    except OSError as error:
+        if os.path.islink(path):
+            raise OSError(error.errno, f"refusing to write {shown(str(path))}: it is a symlink (to "
+                                       f"{shown(os.readlink(path))}), not a file of the output") from None
+        raise _naming(error, path) from None
+
+
 def append_events(path: Path, events: Sequence[dict]) -> None:
     """Append ``events`` (each with the time and this process' id) in one write, fsynced."""
     now, pid = time.time(), os.getpid()
     text = "".join(json.dumps(dict(event, time=now, pid=pid)) + "\n" for event in events)
+    fd = open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
-        with open(path, "ab") as f:
+        with os.fdopen(fd, "ab") as f:
             f.write(text.encode())
             f.flush()
             os.fsync(f.fileno())

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 from collections import Counter
 from itertools import product
 from pathlib import Path, PurePosixPath
@@ -72,6 +73,21 @@ def inside(path: Path, root: Path) -> bool:
     return target == root or target.is_relative_to(root)
 
 
+def _not_regular(mode: int) -> str:
+    """Why a file of ``mode`` is not read (a FIFO would block the job until someone writes it)."""
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    return f"not a regular file ({kind}): only regular .npy files are read"
+
+
+def regular(path: Path) -> bool:
+    """Whether ``path`` (symlinks followed) is a regular file: the only kind a shard is read from."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def check_chunk_memory(shape: tuple, itemsize: int, copies: int = CHUNK_COPIES) -> None:
     """A chunk of ``shape`` (stored with ``itemsize`` bytes per value) is read whole and held as
     about ``copies`` float32 copies: refuse it (:class:`ChunkError`) when that needs more than half
@@ -91,7 +107,10 @@ def file_fingerprint(path: Path) -> dict:
     else its size with its first and last MiB (``"hashed": "ends"``). An unreadable file gets
     ``{"error": ...}`` (it is quarantined when its turn comes)."""
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            return {"error": _not_regular(info.st_mode)}
+        size = info.st_size
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             if size <= WHOLE_FILE_HASH_BYTES:
@@ -108,6 +127,8 @@ def file_fingerprint(path: Path) -> dict:
 def checked(x: np.ndarray, row_shape: Optional[tuple]) -> np.ndarray:
     """``x`` as float32 once it is ``[rows, *row_shape]`` with at least one row, floating point,
     finite and within float32's range."""
+    if x.ndim >= 2 and x.shape[0] > 0 and x.size == 0:
+        raise ChunkError(f"rows of shape {tuple(x.shape[1:])} hold no values: nothing to invert")
     if x.ndim < 2 or (row_shape is not None and tuple(x.shape[1:]) != tuple(row_shape)):
         raise ChunkError(f"shape {tuple(x.shape)} is not [rows, *{list(row_shape) if row_shape else 'row_shape'}]")
     if x.shape[0] == 0:
@@ -205,6 +226,8 @@ class NpyShards:
         when their turn comes)."""
         shapes = {}
         for name in self.names:
+            if not regular(self.folder / name):  # a FIFO would block: only regular files are opened
+                continue
             try:
                 shapes[name] = tuple(np.load(self.folder / name, mmap_mode="r").shape)
             except Exception:
@@ -220,6 +243,8 @@ class NpyShards:
         try:
             if os.path.exists(path) and not inside(path, self.real):  # a symlink changed since the job started
                 raise ChunkError("it leads outside the input folder (through a symlink): the job reads only files inside its input")
+            if os.path.exists(path) and not regular(path):
+                raise ChunkError(_not_regular(os.stat(path).st_mode))
             with open(path, "rb") as f:
                 head = f.read(len(NPY_MAGIC))
                 if head != NPY_MAGIC:
@@ -278,6 +303,8 @@ class ZarrArray:
             raise ValueError(f"input {self.folder} is a zarr array of shape {shape}: it must be [rows, *row_shape].")
         if shape[0] == 0:
             raise ValueError(f"input {self.folder} is a zarr array of shape {shape} with no rows: nothing to invert.")
+        if 0 in shape[1:]:
+            raise ValueError(f"input {self.folder} is a zarr array of shape {shape}: its rows hold no values, nothing to invert.")
         self.row_shape = shape[1:]
         self.file_chunk = tuple(int(n or s) for n, s in zip(self.array.chunk_layout.write_chunk.shape, shape))
         step = int(self.array.chunk_layout.read_chunk.shape[0] or shape[0])
@@ -363,6 +390,6 @@ def majority_row_shape(shapes: dict) -> Optional[tuple]:
     what every other chunk is checked against. Chunks without a row axis do not vote."""
     counts: dict = {}
     for shape in shapes.values():
-        if len(shape) >= 2:
+        if len(shape) >= 2 and 0 not in shape[1:]:  # rows without values do not vote (they are quarantined)
             counts[shape[1:]] = counts.get(shape[1:], 0) + 1
     return max(counts, key=counts.get) if counts else None

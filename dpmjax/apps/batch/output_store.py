@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ import numpy as np
 
 from ..messages import shown
 from .files import (TEMP_NAME, atomic_save, atomic_write, atomic_write_text, append_events, create_exclusive,
-                    fsync_folder, is_dead_writers, short_hash)
+                    fsync_folder, is_dead_writers, open_own, short_hash)
 from .input_stores import inside, read_json, resolved
 
 try:
@@ -55,6 +56,8 @@ except ImportError:  # pragma: no cover - not POSIX: chunks are not claimed
 MAX_NAME_BYTES = 255  # the longest file name most file systems take
 # settings added after outputs were first written: an older settings.json without them is not refused
 LATER_SETTINGS = ("fill_value_is_data", "input_shards", "input", "save_trajectory")
+# the files the job keeps at the root of OUTPUT
+JOB_FILES = ("settings.json", "events.jsonl", "manifest.json")
 # the folders the job writes files into (with subfolders: chunk names may have them); the root too, not below it
 JOB_FOLDERS = ("chunks", "trajectories", "round_trips", "failed", "inputs")
 
@@ -99,15 +102,17 @@ class OutputStore:
                          f"not an output of this job: name a new or empty folder.")
 
     def _check_folders_inside(self) -> None:
-        """The job's folders in OUTPUT must be folders of OUTPUT: one replaced by a symlink that
-        leads elsewhere (into the input, say) is refused, so nothing is ever written through it."""
+        """The job's folders and files in OUTPUT must be its own: a folder replaced by a symlink
+        that leads elsewhere (into the input, say), or a file of the job replaced by a symlink, is
+        refused, so nothing is ever read as a record, or written, through it."""
         real = resolved(self.root, "output")
-        for folder in (*JOB_FOLDERS, "claims"):
-            path = self.root / folder
+        for entry in (*JOB_FOLDERS, "claims", *JOB_FILES):
+            path = self.root / entry
             if os.path.lexists(path) and (path.is_symlink() or not inside(path, real)):
-                raise ValueError(f"output {shown(str(self.root))}: {folder}/ is a symlink (to {shown(os.readlink(path))}), "
-                                 f"not a folder of the output; the job writes only inside its output folder, so "
-                                 f"restore that folder or write to a new output folder.")
+                kind = "a file" if entry in JOB_FILES else "a folder"
+                raise ValueError(f"output {shown(str(self.root))}: {entry}{'' if entry in JOB_FILES else '/'} is a symlink "
+                                 f"(to {shown(os.readlink(path))}), not {kind} of the output; the job writes only inside "
+                                 f"its output folder, so restore it or write to a new output folder.")
 
     def _inside(self, path: Path) -> Path:
         """``path`` once checked to lie inside OUTPUT (its nearest existing folder resolved, every
@@ -176,10 +181,12 @@ class OutputStore:
 
     # ------------------------------------------------------------------------- chunks
     def is_recorded(self, name: str) -> bool:
-        """Whether chunk ``name`` is done: its noise file exists (a folder there is not a record)."""
+        """Whether chunk ``name`` is done: its noise file exists, a regular file inside OUTPUT (a
+        folder or a symlink there is not a record: the chunk is computed and the file replaced)."""
+        path = self.root / "chunks" / name
         try:
-            return (self.root / "chunks" / name).is_file()
-        except OSError:  # e.g. a name too long for the file system: no record can exist
+            return stat.S_ISREG(os.lstat(path).st_mode) and inside(path.parent, resolved(self.root, "output"))
+        except OSError:  # missing, or a name too long for the file system: no record
             return False
 
     def claim_chunk(self, name: str) -> Optional[ChunkClaim]:
@@ -189,7 +196,9 @@ class OutputStore:
         locks the chunk is taken unclaimed."""
         path = self._inside(self.root / "claims" / short_hash(name))
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        if os.path.islink(path):  # never the job's (it creates claim files, not links): gone, the target untouched
+            path.unlink()
+        fd = open_own(path, os.O_CREAT | os.O_RDWR)
         if fcntl is None:
             return ChunkClaim(path, fd)
         try:
@@ -441,7 +450,7 @@ class OutputStore:
         line cut short by the kill is ended first, so the next event starts on a line of its own."""
         events = self._events_path
         if events.exists() and events.stat().st_size:
-            with open(self._inside(events), "rb+") as f:
+            with os.fdopen(open_own(self._inside(events), os.O_RDWR), "rb+") as f:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     f.write(b"\n")

@@ -59,6 +59,23 @@ class Summary:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
+def cause(error: BaseException) -> str:
+    """``Type: message`` of an error, in one line. An error raised inside a compiled callback
+    (JAX wraps it, with the Python traceback in its message) is named by the traceback's last
+    line, the error the model raised (e.g. ``SystemExit: 0``)."""
+    text = str(error)
+    if "Traceback (most recent call last)" in text:
+        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        return first_line(RuntimeError(lines[-1])) if lines else type(error).__name__
+    return f"{type(error).__name__}: {first_line(error)}"
+
+
+def rate(rows: int, seconds: float) -> str:
+    """Rows per second in words: two significant digits below 10 (a slow job is not ``0 rows/s``)."""
+    value = rows / seconds if seconds > 0 else 0.0
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
+
 class _Stopped(Exception):
     """Raised inside a chunk when the job is asked to stop: the chunk is left for the next run."""
 
@@ -140,10 +157,9 @@ class Workers:
             sys.stderr.write("\n")
         if tally.errors:
             name, error = tally.errors[0]
-            hint = " (free space, then" if isinstance(error, OSError) and error.errno == errno.ENOSPC else " ("
-            raise JobError(f"the job stopped while inverting chunk {shown(name)}: {type(error).__name__}: "
-                           f"{first_line(error)}{hint} rerun the same command to resume: every chunk recorded "
-                           f"so far is kept).") from error
+            then = "free space, then rerun" if isinstance(error, OSError) and error.errno == errno.ENOSPC else "rerun"
+            raise JobError(f"the job stopped while inverting chunk {shown(name)}: {cause(error)} ({then} the same "
+                           f"command to resume: every chunk recorded so far is kept).") from error
         stopped = self.stop.is_set() and bool(tally.todo or tally.busy or tally.interrupted)
         return Summary(recorded=tally.recorded, skipped=tally.skipped, failed=tally.failed, rows=tally.rows,
                        seconds=time.perf_counter() - self.start, not_converged=tally.not_converged, stopped=stopped)
@@ -288,7 +304,7 @@ def progress_text(*, done: int, total: int, rows: int, failed: int, seconds: flo
     """The progress line: ``invert-batch [###...] done/total chunks, R rows (S rows/s), F failed``;
     one rate, this run's rows over the time since the job started (chunks recorded before this
     run count in ``done``, not in the rate)."""
-    rate = f" ({rows / seconds:.0f} rows/s)" if rows and seconds > 0 else ""
-    return f"invert-batch {progress_line.bar(done, total)} {done}/{total} chunks, {rows} rows{rate}, {failed} failed"
+    speed = f" ({rate(rows, seconds)} rows/s)" if rows and seconds > 0 else ""
+    return f"invert-batch {progress_line.bar(done, total)} {done}/{total} chunks, {rows} rows{speed}, {failed} failed"
 
 

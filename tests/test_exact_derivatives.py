@@ -83,6 +83,30 @@ def test_a_nan_row_leaves_the_other_rows_tangents_bitwise():
     assert np.all(np.isfinite(np.asarray(clean))) and not np.all(np.isfinite(np.asarray(bad)[2]))
 
 
+def test_a_non_finite_tangent_on_one_row_gives_that_row_a_non_finite_tangent_never_zero():
+    """A NaN or infinite input tangent on one row (the data finite) is no tangent: that row's
+    output tangent is NaN, as plain inversion's would be, never a zero that passes for one; the
+    other rows keep theirs bit for bit, forward and reverse."""
+    fwd = lu_sampler()
+    gmm = GaussianMixture()
+    model = timestep_model(gmm, fwd.config)
+    x = gmm.sample(jax.random.PRNGKey(4), (4, 16))
+    v = jax.random.normal(jax.random.PRNGKey(5), (4, 16))
+    invert = lambda x: dpmjax.invert(model, x, fwd, 10, exact=True).sample  # noqa: E731
+    tangent = jax.jit(lambda x, v: jax.jvp(invert, (x,), (v,))[1])
+    clean = np.asarray(tangent(x, v))
+    others = np.array([0, 1, 3])
+    for bad_value in (jnp.nan, jnp.inf):
+        bad = np.asarray(tangent(x, v.at[2, 5].set(bad_value)))
+        assert np.all(np.isnan(bad[2])), bad[2]
+        np.testing.assert_array_equal(bad[others], clean[others])
+    cotangent = jax.jit(lambda x, g: jax.vjp(invert, x)[1](g)[0])
+    clean_back = np.asarray(cotangent(x, v))
+    bad_back = np.asarray(cotangent(x, v.at[2, 5].set(jnp.nan)))
+    assert np.all(np.isnan(bad_back[2])) and np.all(np.isfinite(clean_back))
+    np.testing.assert_array_equal(bad_back[others], clean_back[others])
+
+
 _FLOAT64_SCRIPT = """
 import jax
 jax.config.update("jax_enable_x64", True)

@@ -148,8 +148,8 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
     # the values the model closes over (e.g. parameters a caller differentiates) become explicit inputs of
     # the implicitly differentiated solve: a custom derivative only sees its explicit inputs
     example = jnp.zeros(data.shape, solver.compute_dtype(data))
-    hoisted, params = jax.closure_convert(lambda x, t, c: call_model(model_fn, x, t, cond=c), example,
-                                          state.timesteps[0], cond)
+    checked_model = lambda x, t, c: call_model(model_fn, x, t, cond=c, config=scheduler.config)  # noqa: E731
+    hoisted, params = jax.closure_convert(checked_model, example, state.timesteps[0], cond)
     result = _solved(scheduler, inverse, _Model(hoisted, conditional=cond is not None), options=options,
                      inputs=_Inputs(state=state, mirror=mirror, data=data, cond=cond, noises=noises, params=params))
     n = state.timesteps.shape[0]
@@ -158,7 +158,7 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
     X = jnp.concatenate([result.noise[None], later[:-1]])
 
     def raw_output(k):
-        return call_model(model_fn, X[k], state.timesteps[k], cond=cond)
+        return call_model(model_fn, X[k], state.timesteps[k], cond=cond, config=scheduler.config)
 
     outputs = lax.map(raw_output, jnp.arange(n)) if options.return_outputs else None
     return X, outputs, result.error, result.sweeps, result.iterations
@@ -470,14 +470,20 @@ def _solved_jvp(scheduler, inverse, model: _Model, options: ExactOptions, primal
 
     settings = dict(rows=options.rows, restart=_TANGENT_RESTART, cycles=_TANGENT_CYCLES, rtol=options.tolerance / 10)
 
+    def non_finite_rows_stay(b, solution):
+        """A row whose right-hand side is not finite (a NaN or infinite tangent) gets NaN, never
+        GMRES's answer for it (a zero, which would pass for a tangent)."""
+        finite = jnp.isfinite(row_max_abs(b, options.rows))
+        return jnp.where(rows_of.per_row(finite, b), solution, jnp.nan)
+
     def solve(matvec, b):
         precondition = lambda u: jax.jvp(plain, (target,), (u,))[1]  # noqa: E731
-        return precondition(gmres(lambda u: matvec(precondition(u)), b, **settings).solution)
+        return non_finite_rows_stay(b, precondition(gmres(lambda u: matvec(precondition(u)), b, **settings).solution))
 
     def transpose_solve(vecmat, b):
         plain_vjp = jax.vjp(plain, target)[1]
         precondition = lambda u: plain_vjp(u)[0]  # noqa: E731
-        return precondition(gmres(lambda u: vecmat(precondition(u)), b, **settings).solution)
+        return non_finite_rows_stay(b, precondition(gmres(lambda u: vecmat(precondition(u)), b, **settings).solution))
 
     d_noise = lax.custom_linear_solve(jacobian, rhs, solve, transpose_solve=transpose_solve)
     counts = lambda c: np.zeros(np.shape(c), jax.dtypes.float0)  # noqa: E731

@@ -241,8 +241,8 @@ class SchedulerConfig:
         checks.choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         set_("steps_offset", checks.integer(
             "steps_offset", self.steps_offset, 0, maximum=self.num_train_timesteps - 1,
-            note=" (num_train_timesteps - 1 at most: timestep_spacing='leading' adds it to every timestep, which "
-                 "must stay a training timestep)"))
+            note=" (num_train_timesteps - 1 at most: the 'leading' spacing adds it to every timestep, which "
+                 "must stay a training timestep; the other spacings ignore it)"))
         checks.choice("time_shift_type", self.time_shift_type, TIME_SHIFT_TYPES)
         set_("channel_axis", checks.integer("channel_axis", self.channel_axis, note=" (an axis index)"))
         if self.prediction_type == "flow_prediction" and self.algorithm_type not in DATA_PREDICTION_ALGORITHMS:

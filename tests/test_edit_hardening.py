@@ -173,6 +173,97 @@ def test_a_new_out_is_written_and_a_link_at_out_is_followed(setup, capsys):
     assert os.stat(fresh).st_mode & 0o777 == 0o666 & ~_umask(), "a new file gets the usual permissions"
 
 
+# ----------------------------------------------------------------------------- --out changing after the check
+def _link_input(kind, out, image, other):
+    """Make ``out`` name another file: a symbolic or hard link to the input ``image``, a symbolic link
+    to ``other`` (not an input), or its folder replaced by a link to the input's folder."""
+    if kind == "a symbolic link to the input":
+        out.symlink_to(image)
+    elif kind == "a hard link of the input":
+        os.link(image, out)
+    elif kind == "a symbolic link elsewhere":
+        out.symlink_to(other)
+    else:  # its folder, replaced by a link to the input's folder (where a file of --out's name is the input)
+        out.parent.rename(out.parent.with_name("moved"))
+        out.parent.symlink_to(image.parent, target_is_directory=True)
+
+
+RACES = ["a symbolic link to the input", "a hard link of the input", "a symbolic link elsewhere",
+         "its folder replaced by a link to the input's folder"]
+
+
+@pytest.mark.parametrize("when", ["while editing", "while writing"])
+@pytest.mark.parametrize("kind", RACES)
+def test_an_out_that_changes_after_the_check_is_not_written(setup, capsys, monkeypatch, kind, when):
+    """--out is checked before the edit and written after it: whatever it turned into meanwhile (here
+    made while the stubbed edit runs, or while the image is being encoded, just before the rename),
+    nothing is written through it, --overwrite or not. (This once wrote through the new link: the
+    input was replaced and the command said it wrote --out.)"""
+    from PIL import Image
+
+    from dpmjax.apps import edit
+
+    inputs = setup.folder / "inputs"
+    inputs.mkdir()
+    image = png(inputs / "victim.png", seed=6)
+    other = png(setup.folder / "other.png", seed=7)
+    (setup.folder / "sub").mkdir()
+    out = setup.folder / "sub" / "victim.png" if kind.startswith("its folder") else setup.folder / "race.png"
+    before = {path: path.read_bytes() for path in (image, other)}
+    make = lambda: _link_input(kind, out, image, other)  # noqa: E731
+    if when == "while editing":
+        def edit_images(pipeline, params, images, **kwargs):
+            make()
+            return SimpleNamespace(images=1.0 - images, round_trip=None, converged=None)
+
+        monkeypatch.setattr(edit, "edit_images", edit_images)
+    else:
+        save = Image.Image.save
+
+        def save_then_link(picture, fp, *args, **kwargs):
+            result = save(picture, fp, *args, **kwargs)
+            make()
+            return result
+
+        monkeypatch.setattr(Image.Image, "save", save_then_link)
+    status, err, loaded = setup.run("--image", image, "--out", out, "--overwrite", capsys=capsys)
+    line = _one_line(err)
+    assert status == 2 and loaded, (status, err)
+    assert line.startswith(f"dpmjax edit: error: --out {out} "), line
+    assert line.endswith("(it changed after it was checked; edit never writes over an input and never follows a link "
+                         "that appears later); nothing was written"), line
+    if kind != "a symbolic link elsewhere":
+        assert f"is now the input image {image}" in line, line
+    assert {path: path.read_bytes() for path in (image, other)} == before, "no file was written over"
+    assert not [p for p in setup.folder.rglob(".*.tmp")], "no temporary file left"
+    if "symbolic" in kind:
+        assert out.is_symlink(), "the link that appeared is left as it is"
+
+
+def test_write_images_refuses_a_folder_replaced_before_the_rename(tmp_path, monkeypatch):
+    """The folder --out resolves to is replaced by another folder of the same path while the image is
+    encoded: the rename would land in a folder that was never checked; it is refused instead."""
+    from PIL import Image
+
+    from dpmjax.apps.images import PathChangedError, write_images
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "grid.png"
+    save = Image.Image.save
+
+    def save_then_swap(picture, fp, *args, **kwargs):
+        result = save(picture, fp, *args, **kwargs)
+        folder.rename(tmp_path / "checked")
+        folder.mkdir()
+        return result
+
+    monkeypatch.setattr(Image.Image, "save", save_then_swap)
+    with pytest.raises(PathChangedError, match=f"is in a folder {folder} that was replaced by another"):
+        write_images(str(out), [[np.zeros((4, 4, 3), np.float32)]], resolved=str(out), keep=())
+    assert list(folder.iterdir()) == [] and list((tmp_path / "checked").iterdir()) == []
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -258,6 +349,23 @@ def test_guidance_must_be_finite_and_positive(setup, capsys, value):
     assert _one_line(err) == f"dpmjax edit: error: --guidance must be a finite number > 0 (got {float(value):g})"
 
 
+@pytest.mark.parametrize("train_steps, steps, ok", [
+    (None, 100_000_000, False), (None, 1001, False), (None, 1000, True), (100, 101, False), (100, 100, True)])
+def test_steps_are_bounded_by_the_training_timesteps_before_loading(setup, capsys, train_steps, steps, ok):
+    """The sampler takes at most the scheduler's num_train_timesteps steps (1000 where its config does
+    not say): more is refused from the config, not after loading the weights."""
+    if train_steps is not None:
+        (setup.pipeline / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+            {"_class_name": "FlaxDPMSolverMultistepScheduler", "num_train_timesteps": train_steps}))
+    status, err, loaded = setup.run("--out", setup.folder / "o.png", "--steps", steps, capsys=capsys)
+    if ok:
+        assert status == 0 and loaded, err
+        return
+    assert status == 2 and not loaded
+    assert _one_line(err) == (f"dpmjax edit: error: --steps must be at most the scheduler's {train_steps or 1000} "
+                              f"training timesteps (num_train_timesteps; got {steps})")
+
+
 # (a bound that is not enforced reads the image at that size: 8192 px is 0.8 GB, not the 120 GB of
 # the 100000 px that once ran out of memory)
 @pytest.mark.parametrize("size", [7, 6, 0, -4, 2052, 8192])
@@ -280,6 +388,38 @@ def test_a_size_is_bounded_even_when_the_pipeline_folder_is_broken(setup, capsys
     assert status == 2 and "--size must be from 1 to 2048 pixels (got 5000)" in _one_line(err)
 
 
+@pytest.fixture
+def bounded_reads(monkeypatch):
+    """``read_image`` refusing to read at more than 4096 px per side (0.2 GB of float32 RGB): a size
+    bound that is not enforced fails the test instead of running out of memory."""
+    from dpmjax.apps import edit
+
+    read = edit.read_image
+
+    def bounded(path, height, width):
+        assert height * width <= 4096 ** 2, f"read at {height} x {width} pixels"
+        return read(path, height, width)
+
+    monkeypatch.setattr(edit, "read_image", bounded)
+
+
+@pytest.mark.parametrize("sample_size, default", [(1_000_000, "2,000,000"), (1025, "2,050")])
+def test_a_pipeline_size_beyond_the_limit_is_refused_before_reading_images(setup, capsys, bounded_reads,
+                                                                           sample_size, default):
+    """The pipeline's own size (its UNet's sample_size times the VAE's factor), used without --size,
+    has the bound of --size (it was unbounded: 2,000,000 px images were read until killed for memory);
+    a --size within the bound is taken."""
+    config = json.loads((setup.pipeline / "unet" / "config.json").read_text())
+    (setup.pipeline / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": sample_size}))
+    status, err, loaded = setup.run("--out", setup.folder / "o.png", capsys=capsys)
+    assert status == 2 and not loaded and not (setup.folder / "o.png").exists()
+    assert _one_line(err) == (f"dpmjax edit: error: --pipeline {setup.pipeline}: unet/config.json's sample_size "
+                              f"{sample_size:,} (times the VAE's factor 2) gives a default size of {default} pixels, more "
+                              "than the 2048 an image may have per side; pass a --size (a multiple of 4 from 4 to 2048)")
+    status, err, loaded = setup.run("--out", setup.folder / "o.png", "--size", 16, capsys=capsys)
+    assert status == 0 and loaded, err
+
+
 # ----------------------------------------------------------------------------- pipeline folders
 def _rewrite(name, text):
     return lambda folder: (folder / name).write_text(text)
@@ -292,6 +432,10 @@ def _remove(name):
         path = folder / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return remove
+
+
+def _both(first, second):
+    return lambda folder: (first(folder), second(folder))
 
 
 def _drop_from_index(component):
@@ -313,6 +457,29 @@ def _drop_from_index(component):
      "unet/config.json has no sample_size (a positive integer; got 'big')"),
     (_remove("unet/diffusion_flax_model.msgpack"), "no Flax weights in unet/ (diffusion_flax_model.msgpack)"),
     (_rewrite("unet/diffusion_flax_model.msgpack", ""), "unet/diffusion_flax_model.msgpack is empty"),
+    # configs that cannot be read or make no sense (these were tracebacks: RecursionError, OverflowError)
+    (_rewrite("vae/config.json", "[" * 100_000 + "]" * 100_000), "vae/config.json is not valid JSON (nested too deeply to read)"),
+    (_rewrite("model_index.json", '{"a":' * 100_000 + "1" + "}" * 100_000), "model_index.json is not valid JSON (nested too deeply to read)"),
+    (_rewrite("vae/config.json", json.dumps({"block_out_channels": [1] * 5000})),
+     "vae/config.json: block_out_channels has 5,000 entries, a downsampling factor of 2**4999, more than the 2048 pixels "
+     "an image may have per side"),
+    (_rewrite("unet/config.json", json.dumps({"down_block_types": ["D"] * 5000, "sample_size": 8})),
+     "unet/config.json: down_block_types has 5,000 entries, a downsampling factor of 2**4999, more than the 2048 pixels "
+     "an image may have per side"),
+    (_both(_rewrite("vae/config.json", json.dumps({"block_out_channels": [1] * 7})),
+           _rewrite("unet/config.json", json.dumps({"down_block_types": ["D"] * 7, "sample_size": 8}))),
+     "vae/config.json and unet/config.json give a size step of 4096 pixels (the VAE's factor 64 times the UNet's 64), "
+     "more than the 2048 pixels an image may have per side"),
+    (_rewrite("unet/config.json", json.dumps({"down_block_types": ["D"] * 2, "sample_size": 10 ** 100})),
+     "unet/config.json's sample_size about 10**100 (times the VAE's factor 2) gives a default size of about 10**100 "
+     "pixels, more than the 2048"),
+    (_rewrite("vae/config.json", json.dumps({"block_out_channels": [1, 2], "pad": "x" * (1 << 20)})),
+     "vae/config.json is larger than the 1 MiB a config may have"),
+    (_rewrite("scheduler/scheduler_config.json", "{"), "scheduler/scheduler_config.json is not valid JSON"),
+    (_rewrite("scheduler/scheduler_config.json", '{"num_train_timesteps": 1000000000}'),
+     "scheduler/scheduler_config.json: num_train_timesteps must be an integer from 1 to 100,000 (got 1,000,000,000)"),
+    (_rewrite("scheduler/scheduler_config.json", '{"num_train_timesteps": "many"}'),
+     "scheduler/scheduler_config.json: num_train_timesteps must be an integer from 1 to 100,000 (got 'many')"),
 ])
 def test_a_broken_pipeline_folder_is_one_line_before_loading(setup, capsys, damage, problem):
     damage(setup.pipeline)
@@ -320,6 +487,32 @@ def test_a_broken_pipeline_folder_is_one_line_before_loading(setup, capsys, dama
     line = _one_line(err)
     assert status == 2 and not loaded
     assert line.startswith(f"dpmjax edit: error: --pipeline {setup.pipeline}: {problem}"), line
+
+
+def test_a_config_that_is_a_named_pipe_is_not_opened(setup, capsys):
+    """Opening a named pipe waits for a writer: the config is refused from its type instead (a
+    watchdog writes nothing to it after 5 s, so that a reader that did open it gets an empty file
+    and fails the test instead of hanging it)."""
+    import threading
+
+    fifo = setup.pipeline / "unet" / "config.json"
+    fifo.unlink()
+    os.mkfifo(fifo)
+
+    def unblock():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader waiting
+            pass
+
+    watchdog = threading.Timer(5.0, unblock)
+    watchdog.start()
+    try:
+        status, err, loaded = setup.run("--out", setup.folder / "o.png", capsys=capsys)
+    finally:
+        watchdog.cancel()
+    assert status == 2 and not loaded
+    assert _one_line(err) == f"dpmjax edit: error: --pipeline {setup.pipeline}: unet/config.json is not a regular file"
 
 
 # ----------------------------------------------------------------------------- images
@@ -335,7 +528,7 @@ def test_a_huge_image_is_refused_from_its_header(setup, capsys, width, height, c
                               "(PIL.Image.MAX_IMAGE_PIXELS); downscale it first")
 
 
-@pytest.mark.parametrize("content, problem", [(b"", "not an image file Pillow can read"),
+@pytest.mark.parametrize("content, problem", [(b"hello", "not an image file Pillow can read"),
                                               ("truncated", "cannot read it (image file is truncated)")])
 def test_an_unreadable_image_is_one_line_before_loading(setup, capsys, content, problem):
     bad = setup.folder / "bad.png"
@@ -347,6 +540,30 @@ def test_an_unreadable_image_is_one_line_before_loading(setup, capsys, content, 
     status, err, loaded = setup.run("--image", bad, "--out", setup.folder / "o.png", capsys=capsys)
     assert status == 2 and not loaded
     assert _one_line(err).startswith(f"dpmjax edit: error: --image {bad}: {problem}"), err
+
+
+@pytest.mark.parametrize("kind, problem", [
+    ("/dev/null", "not a regular file (a character device), not an image file"),
+    ("a named pipe", "not a regular file (a named pipe), not an image file"),
+    ("an empty file", "an empty file (0 bytes), not an image file"),
+    ("a folder", "a folder, not an image file"),
+    ("a broken link", "a symbolic link to a missing file"),
+    ("a missing file", "no such image file")])
+def test_an_image_that_is_no_regular_file_is_named_for_what_it_is(setup, capsys, kind, problem):
+    """(/dev/null, an empty file and a folder were all reported as missing or unreadable; a named pipe
+    must not be opened: reading it would wait for a writer.)"""
+    path = {"/dev/null": Path("/dev/null"), "a named pipe": setup.folder / "pipe.png"}.get(kind, setup.folder / "x.png")
+    if kind == "a named pipe":
+        os.mkfifo(path)
+    elif kind == "an empty file":
+        path.write_bytes(b"")
+    elif kind == "a folder":
+        path.mkdir()
+    elif kind == "a broken link":
+        path.symlink_to(setup.folder / "gone.png")
+    status, err, loaded = setup.run("--image", path, "--out", setup.folder / "o.png", capsys=capsys)
+    assert status == 2 and not loaded
+    assert _one_line(err) == f"dpmjax edit: error: --image {path}: {problem}"
 
 
 def _ramp(tmp_path, name, values, **save):
@@ -391,9 +608,25 @@ def test_a_16_bit_pgm_opened_as_32_bit_is_scaled_by_its_stored_depth(tmp_path):
 def test_a_32_bit_integer_tiff_is_scaled_by_its_bit_depth(tmp_path):
     from dpmjax.apps.images import read_image
 
-    values = np.linspace(-2 ** 30, 2 ** 31 - 1, 32 * 32).astype(np.int32).reshape(32, 32)
+    values = np.linspace(0, 2 ** 31 - 1, 32 * 32).astype(np.int32).reshape(32, 32)
     read = read_image(str(_ramp(tmp_path, "ramp32.tif", values)), 32, 32)[..., 0]
-    np.testing.assert_allclose(read, np.clip(values / (2.0 ** 31 - 1), 0, 1), atol=1e-6)
+    np.testing.assert_allclose(read, values / (2.0 ** 31 - 1), atol=1e-6)
+
+
+def test_a_32_bit_integer_image_with_negative_values_is_refused_not_clipped(setup, capsys):
+    """Pillow holds 32-bit integers as signed; a negative value has no place on the [0, 2**31 - 1]
+    scale (it used to read as 0, silently)."""
+    from dpmjax.apps.images import read_image
+
+    values = np.linspace(-2 ** 30, 2 ** 31 - 1, 32 * 32).astype(np.int32).reshape(32, 32)
+    path = _ramp(setup.folder, "signed32.tif", values)
+    with pytest.raises(ValueError, match="must hold values from 0 to 2,147,483,647, this one holds values down to "
+                                         "-1,073,741,824"):
+        read_image(str(path), 32, 32)
+    status, err, loaded = setup.run("--image", path, "--out", setup.folder / "o.png", capsys=capsys)
+    assert status == 2 and not loaded and not (setup.folder / "o.png").exists()
+    assert _one_line(err) == (f"dpmjax edit: error: --image {path}: cannot read it (a 32-bit integer image must hold "
+                              "values from 0 to 2,147,483,647, this one holds values down to -1,073,741,824)")
 
 
 def test_a_float_tiff_must_hold_unit_values(tmp_path):
@@ -429,5 +662,9 @@ def test_the_help_states_the_guarantees(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for promise in ("it never writes over an input", "an existing --out is replaced only with --overwrite",
                     "--out is written atomically", "an existing --out is left as it was", "exit status 2",
-                    "up to 2048", "PIL.Image.MAX_IMAGE_PIXELS", "16-bit greyscale is divided by 65535"):
+                    "up to 2048", "PIL.Image.MAX_IMAGE_PIXELS", "16-bit greyscale is divided by 65535",
+                    "--out is checked again right before it is written", "nothing is written",
+                    "without --size the pipeline's own size is used, and it must be at most 2048 too",
+                    "--steps from 1 to the scheduler's num_train_timesteps", "a regular, non-empty file",
+                    "(negative values are refused)", "JSON objects in regular files of at most 1 MiB"):
         assert promise in text, promise

@@ -115,12 +115,15 @@ def test_the_command_fails_cleanly_on_a_missing_image(checked, old_env, tmp_path
 
 @pytest.mark.slow
 def test_the_checks_before_loading_take_a_real_saved_pipeline(checked):
-    """The pipeline folder checks read its index and configs: a real saved folder passes them, and
-    its size rule (sizes are multiples of 4: a 2-block VAE and a 2-block UNet) is what the UNet takes."""
+    """The pipeline folder checks read its index and configs: a real saved folder passes them, its
+    size rule (sizes are multiples of 4: a 2-block VAE and a 2-block UNet) is what the UNet takes, and
+    its scheduler config (saved by diffusers) gives the bound on --steps."""
     from dpmjax.apps import edit
 
     folder, _ = checked
-    assert edit._pipeline_problems(str(folder / "pipeline")) == ([], edit.Geometry(step=4, default_size=16))
+    assert json.loads((folder / "pipeline" / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"] == 1000
+    assert edit._pipeline_problems(str(folder / "pipeline")) == ([], edit.Geometry(step=4, default_size=16,
+                                                                                   train_steps=1000))
 
 
 @pytest.mark.slow

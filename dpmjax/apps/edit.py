@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import stat
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import jax.numpy as jnp
@@ -20,16 +21,22 @@ import numpy as np
 from ..models.flax_sd.edit import METHODS, edit_images
 from ..models.flax_sd.requirements import old_diffusers
 from ..models.flax_sd.unet import cast_floating
-from .images import check_image, read_image, write_images
+from .images import PathChangedError, check_image, read_image, same_file, write_images
 from .messages import fail
 
 PROG = "dpmjax edit"
 # what --out may end with (the ones this Pillow writes are accepted)
 OUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-# the largest --size taken (pixels per side), unless the pipeline's own size is larger: a 2048 px image
-# is 16 times Stable Diffusion 1.x's 512 px, and the VAE's and UNet's memory grows with the pixel count
-# (their attention layers with its square)
+# the largest image size (pixels per side), --size or the pipeline's own: a 2048 px image is 16 times
+# Stable Diffusion 1.x's 512 px, and the VAE's and UNet's memory grows with the pixel count (their
+# attention layers with its square)
 MAX_SIZE = 2048
+# the largest pipeline config file read before loading (Stable Diffusion's are about 1 kB)
+MAX_CONFIG_BYTES = 1 << 20
+# the largest number of training timesteps a scheduler config may give (Stable Diffusion's: 1000);
+# the default where its config does not say, as in diffusers
+MAX_TRAIN_STEPS = 100_000
+DEFAULT_TRAIN_STEPS = 1000
 # the folders of a saved pipeline the edit loads, and the Flax weights files they must hold
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 WEIGHTS = {"vae": ("diffusion_flax_model.msgpack",), "unet": ("diffusion_flax_model.msgpack",),
@@ -38,40 +45,51 @@ WEIGHTS = {"vae": ("diffusion_flax_model.msgpack",), "unet": ("diffusion_flax_mo
 GUARANTEES = """\
 what edit guarantees:
   * it never writes over an input: an --out that is any --image (the same file by another
-    path, through a symbolic link or a hard link) is refused, --overwrite or not;
-  * an existing --out is replaced only with --overwrite (a link at --out is followed: the
-    file it points at is replaced);
+    path, through a symbolic link or a hard link) is refused, --overwrite or not; --out is
+    checked again right before it is written: if it has changed since (a link to an input
+    or elsewhere appeared, a folder on the way was replaced), nothing is written;
+  * an existing --out is replaced only with --overwrite (a link at --out when it is checked
+    is followed: the file it points at is replaced);
   * --out is written atomically: to a temporary file in its folder, synced to disk, then
     renamed over --out; on any failure (a full disk, a file size limit) the temporary file
     is removed, an existing --out is left as it was, and one line names the file and the cause;
   * the paths, the pipeline folder's index and configs, the image headers and the options are
-    checked before the pipeline is loaded; any problem is one line on stderr and exit status 2
-    (as is a pipeline that fails to load, an image that fails to decode, or a failed write).
+    checked before the pipeline is loaded or any image decoded; any problem is one line on
+    stderr and exit status 2 (as is a pipeline that fails to load, an image that fails to
+    decode, or a failed write).
 
 limits:
   --size     a multiple of the pipeline's step (the VAE's downsampling times the UNet's:
-             64 for Stable Diffusion 1.x and 2.x) from one step up to {max_size} (or the
-             pipeline's own size, if larger); memory grows with the pixel count and the
-             number of images
-  --image    at most PIL.Image.MAX_IMAGE_PIXELS pixels (89,478,485 by default), checked from
-             the header before decoding; 16-bit greyscale is divided by 65535, 32-bit
-             integer greyscale by the largest value of its stored bit depth, float
-             greyscale must hold [0, 1]; other images are converted to RGB (alpha dropped)
+             64 for Stable Diffusion 1.x and 2.x) from one step up to {max_size}; without
+             --size the pipeline's own size is used, and it must be at most {max_size} too;
+             memory grows with the pixel count and the number of images
+  --steps    from 1 to the scheduler's num_train_timesteps (1000 for Stable Diffusion)
+  --image    a regular, non-empty file of at most PIL.Image.MAX_IMAGE_PIXELS pixels
+             (89,478,485 by default), checked from the header before decoding; 16-bit
+             greyscale is divided by 65535, 32-bit integer greyscale by the largest value
+             of its stored bit depth (negative values are refused), float greyscale must
+             hold [0, 1]; other images are converted to RGB (alpha dropped)
   --guidance a finite number > 0
+  --pipeline its model_index.json and vae/, unet/ and scheduler/ configs must be JSON
+             objects in regular files of at most 1 MiB, with values that make sense (a
+             size step of at most {max_size} pixels, at most {max_train:,} training timesteps)
 """
 
 
 class Geometry(NamedTuple):
-    """What a pipeline folder's configs say about image sizes.
+    """What a pipeline folder's configs say about image sizes and steps.
 
     Attributes:
         step: The image side must be a multiple of this many pixels: the VAE's downsampling
             factor times the UNet's (2 ** (number of down blocks - 1) each).
         default_size: The pipeline's own image size (UNet sample size times the VAE's factor).
+        train_steps: The scheduler's ``num_train_timesteps`` (1000 where its config does not
+            say): the most sampler steps the edit can take.
     """
 
     step: int
     default_size: int
+    train_steps: int = DEFAULT_TRAIN_STEPS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Edit images with a saved diffusers 0.39 Flax Stable Diffusion pipeline: encode, invert with\n"
                     "the source prompt, sample with the target prompt, decode. Writes one row per image:\n"
                     "original | edited.",
-        epilog=GUARANTEES.format(max_size=MAX_SIZE))
+        epilog=GUARANTEES.format(max_size=MAX_SIZE, max_train=MAX_TRAIN_STEPS))
     parser.add_argument("--pipeline", required=True, help="folder of a FlaxStableDiffusionPipeline (save_pretrained layout)")
     parser.add_argument("--image", required=True, action="append", help="input PNG/JPEG/TIFF/... (repeat for a batch); "
                         "centre-cropped and resized to --size")
@@ -90,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
                         "never an --image; an existing file only with --overwrite")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (never an --image)")
     parser.add_argument("--method", choices=METHODS, default="exact")
-    parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps, at most the scheduler's training timesteps "
+                        "(default 50)")
     parser.add_argument("--guidance", type=float, default=3.0,
                         help="classifier-free guidance scale, finite and > 0 (default 3)")
     parser.add_argument("--order", type=int, choices=(1, 2, 3), default=2, help="DPM-Solver++ order (default 2)")
@@ -117,17 +136,6 @@ def _reason(error: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def _same_file(a: str, b: str) -> bool:
-    """Whether two paths name the same file: the same path with symbolic links followed, or the same
-    file on disk (a hard link, another spelling on a case-insensitive file system)."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _out_problems(out: str, images: Sequence[str] = (), overwrite: bool = False) -> list:
     """What is wrong with ``--out`` (checked before any work): an image extension Pillow writes,
     not a folder, not any of ``images``, not an existing file unless ``overwrite``, and a folder
@@ -143,7 +151,7 @@ def _out_problems(out: str, images: Sequence[str] = (), overwrite: bool = False)
     if os.path.isdir(out):
         return [f"--out {out} is a folder, not an image file"]
     for image in images:
-        if os.path.exists(image) and _same_file(out, image):
+        if os.path.exists(image) and same_file(out, image):
             return [f"--out {out} is the input image {image} (edit never writes over an input; choose another --out)"]
     if os.path.exists(out) and not overwrite:
         return [f"--out {out} exists (pass --overwrite to replace it)"]
@@ -160,29 +168,71 @@ def _out_problems(out: str, images: Sequence[str] = (), overwrite: bool = False)
 
 
 def _json_object(path: str) -> dict:
-    """The JSON object in a file, or ``ValueError`` saying in a few words what is wrong with it."""
+    """The JSON object in a file of at most :data:`MAX_CONFIG_BYTES`, or ``ValueError`` saying in a
+    few words what is wrong with it."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a named pipe would wait for a writer
+            raise ValueError("is not a regular file")
         with open(path, "rb") as f:
-            value = json.loads(f.read())
+            text = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ValueError(f"cannot be read ({_reason(error)})") from None
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ValueError(f"is larger than the {MAX_CONFIG_BYTES >> 20} MiB a config may have")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError("is not valid JSON (nested too deeply to read)") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, a too long integer
         raise ValueError(f"is not valid JSON ({_reason(error)})") from None
     if not isinstance(value, dict):
         raise ValueError(f"is not a JSON object (it holds a {type(value).__name__})")
     return value
 
 
-def _block_count(config: dict, key: str, name: str) -> int:
+def _factor(config: dict, key: str, name: str) -> int:
+    """The downsampling factor of a VAE's or UNet's config: 2 ** (number of ``key`` blocks - 1), at
+    most :data:`MAX_SIZE`."""
     blocks = config.get(key)
     if not isinstance(blocks, list) or not blocks:
         raise ValueError(f"{name} has no {key} list")
-    return len(blocks)
+    if 2 ** (len(blocks) - 1) > MAX_SIZE:
+        raise ValueError(f"{name}: {key} has {len(blocks):,} entries, a downsampling factor of 2**{len(blocks) - 1}, "
+                         f"more than the {MAX_SIZE} pixels an image may have per side")
+    return 2 ** (len(blocks) - 1)
 
 
-def _pipeline_problems(folder: str) -> Tuple[list, Optional[Geometry]]:
+def _train_steps(folder: str) -> int:
+    """The scheduler's ``num_train_timesteps`` from ``scheduler/scheduler_config.json`` (1000 where
+    the file or the key is absent, as in diffusers), or ``ValueError`` naming the file."""
+    name = "scheduler/scheduler_config.json"
+    path = os.path.join(folder, name)
+    if not os.path.lexists(path):
+        return DEFAULT_TRAIN_STEPS
+    try:
+        config = _json_object(path)
+    except ValueError as error:
+        raise ValueError(f"{name} {error}") from None
+    steps = config.get("num_train_timesteps", DEFAULT_TRAIN_STEPS)
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_TRAIN_STEPS:
+        raise ValueError(f"{name}: num_train_timesteps must be an integer from 1 to {MAX_TRAIN_STEPS:,} "
+                         f"(got {_short(steps)})")
+    return steps
+
+
+def _short(value) -> str:
+    """A config value in a message: an integer with thousands separators (``about 10**N`` from 19
+    digits on), anything else as its ``repr`` cut to 60 characters."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}" if abs(value) < 10 ** 18 else f"{'-' if value < 0 else ''}about 10**{len(str(abs(value))) - 1}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _pipeline_problems(folder: str, size: Optional[int] = None) -> Tuple[list, Optional[Geometry]]:
     """What is wrong with ``--pipeline`` (checked before it is loaded, from its index and configs),
-    and its :class:`Geometry` when nothing is."""
+    and its :class:`Geometry` when nothing is. ``size``: the ``--size`` given; without one the
+    pipeline's own size must be at most :data:`MAX_SIZE`."""
     where = f"--pipeline {folder}"
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         return [f"{where}: not a saved pipeline folder (no model_index.json)"], None
@@ -207,39 +257,74 @@ def _pipeline_problems(folder: str) -> Tuple[list, Optional[Geometry]]:
     try:
         name = "vae/config.json"
         vae = _json_object(os.path.join(folder, name))
-        vae_factor = 2 ** (_block_count(vae, "block_out_channels", name) - 1)
+        vae_factor = _factor(vae, "block_out_channels", name)
         name = "unet/config.json"
         unet = _json_object(os.path.join(folder, name))
-        unet_factor = 2 ** (_block_count(unet, "down_block_types", name) - 1)
+        unet_factor = _factor(unet, "down_block_types", name)
+        train_steps = _train_steps(folder)
     except ValueError as error:
         text = str(error)
-        return [f"{where}: {text if text.startswith(name) else f'{name} {text}'}"], None
+        return [f"{where}: {text if text.startswith(('vae/', 'unet/', 'scheduler/')) else f'{name} {text}'}"], None
+    step = vae_factor * unet_factor
+    if step > MAX_SIZE:
+        return [f"{where}: vae/config.json and unet/config.json give a size step of {step} pixels (the VAE's factor "
+                f"{vae_factor} times the UNet's {unet_factor}), more than the {MAX_SIZE} pixels an image may have "
+                "per side"], None
     sample_size = unet.get("sample_size")
     if not isinstance(sample_size, int) or isinstance(sample_size, bool) or sample_size < 1:
-        return [f"{where}: unet/config.json has no sample_size (a positive integer; got {sample_size!r})"], None
-    return [], Geometry(step=vae_factor * unet_factor, default_size=sample_size * vae_factor)
+        return [f"{where}: unet/config.json has no sample_size (a positive integer; got {_short(sample_size)})"], None
+    default_size = sample_size * vae_factor
+    if size is None and default_size > MAX_SIZE:
+        top = MAX_SIZE // step * step
+        return [f"{where}: unet/config.json's sample_size {_short(sample_size)} (times the VAE's factor {vae_factor}) "
+                f"gives a default size of {_short(default_size)} pixels, more than the {MAX_SIZE} an image may have per "
+                f"side; pass a --size (a multiple of {step} from {step} to {top})"], None
+    return [], Geometry(step=step, default_size=default_size, train_steps=train_steps)
 
 
 def _size_problems(size: Optional[int], geometry: Optional[Geometry]) -> list:
     """What is wrong with ``--size``: a multiple of the pipeline's step, from one step to
-    :data:`MAX_SIZE` (or the pipeline's own size, if larger)."""
+    :data:`MAX_SIZE` (the pipeline's own size, used without ``--size``, is checked with the
+    pipeline: :func:`_pipeline_problems`)."""
     if size is None:
         return []
     if geometry is None:  # the pipeline folder is reported; check the bounds alone
         return [] if 1 <= size <= MAX_SIZE else [f"--size must be from 1 to {MAX_SIZE} pixels (got {size})"]
     step = geometry.step
-    top = max(MAX_SIZE, geometry.default_size) // step * step
+    top = MAX_SIZE // step * step
     if size < step or size > top or size % step:
         return [f"--size must be a multiple of {step} from {step} to {top} pixels for this pipeline (got {size})"]
     return []
+
+
+def _not_a_file(path: str) -> Optional[str]:
+    """Why ``path`` is no image file to read, in a few words (``None`` when it is a regular,
+    non-empty file): missing, a folder, a device or other special file, empty."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        if os.path.islink(path):
+            return "a symbolic link to a missing file"
+        return "no such image file" if isinstance(error, FileNotFoundError) else f"cannot be read ({_reason(error)})"
+    if stat.S_ISDIR(info.st_mode):
+        return "a folder, not an image file"
+    if not stat.S_ISREG(info.st_mode):
+        kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
+                 (stat.S_ISSOCK, "a socket"))
+        kind = next((name for test, name in kinds if test(info.st_mode)), "a special file")
+        return f"not a regular file ({kind}), not an image file"
+    if info.st_size == 0:
+        return "an empty file (0 bytes), not an image file"
+    return None
 
 
 def _image_problems(paths: Sequence[str]) -> list:
     """What is wrong with the ``--image`` files, from their headers (the pixels are not decoded)."""
     problems = []
     for path in paths:
-        if not os.path.isfile(path):
-            problems.append(f"--image {path}: no such image file")
+        what = _not_a_file(path)
+        if what:
+            problems.append(f"--image {path}: {what}")
             continue
         try:
             check_image(path)
@@ -291,19 +376,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns:
         The exit status: 0 on success; 2, with one line on stderr naming the option and what is
         wrong, when the pipeline folder is missing, incomplete or fails to load (a corrupt
-        ``model_index.json`` or config, a missing component folder, unreadable weights), an
-        image is missing, unreadable or larger than ``PIL.Image.MAX_IMAGE_PIXELS``, ``--out`` is
-        no image path that can be written (or is an input, or exists without ``--overwrite``),
-        ``--steps`` / ``--guidance`` / ``--size`` is out of range, diffusers < 0.40 /
-        transformers < 5 are missing, or the output cannot be written (e.g. a full disk; any
-        existing ``--out`` is left as it was).
+        ``model_index.json`` or config, one that makes no sense, a missing component folder,
+        unreadable weights), an image is missing, no regular non-empty file, unreadable or larger
+        than ``PIL.Image.MAX_IMAGE_PIXELS``, ``--out`` is no image path that can be written (or
+        is an input, or exists without ``--overwrite``), ``--steps`` / ``--guidance`` /
+        ``--size`` (or the pipeline's own size, without ``--size``) is out of range, diffusers <
+        0.40 / transformers < 5 are missing, ``--out`` changed after it was checked (nothing is
+        written), or the output cannot be written (e.g. a full disk; any existing ``--out`` is
+        left as it was).
     """
     args = _parser().parse_args(argv)
-    problems, geometry = _pipeline_problems(args.pipeline)
+    problems, geometry = _pipeline_problems(args.pipeline, args.size)
     problems += _image_problems(args.image)
+    resolved_out = os.path.realpath(args.out)  # what --out is when checked: the write refuses any other
     problems += _out_problems(args.out, args.image, overwrite=args.overwrite)
     if args.steps < 1:
         problems.append(f"--steps must be >= 1 (got {args.steps})")
+    elif geometry is not None and args.steps > geometry.train_steps:
+        problems.append(f"--steps must be at most the scheduler's {geometry.train_steps} training timesteps "
+                        f"(num_train_timesteps; got {args.steps})")
     if not (math.isfinite(args.guidance) and args.guidance > 0):
         problems.append(f"--guidance must be a finite number > 0 (got {args.guidance:g})")
     problems += _size_problems(args.size, geometry)
@@ -335,7 +426,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = [[edited] if args.edited_only else [original, edited] for original, edited in zip(images, result.images)]
     existed = os.path.exists(args.out)
     try:
-        write_images(args.out, rows, overwrite=args.overwrite)
+        write_images(args.out, rows, overwrite=args.overwrite, resolved=resolved_out, keep=args.image)
+    except PathChangedError as error:
+        return fail(PROG, f"--out {args.out} {error} (it changed after it was checked; edit never writes over an "
+                          "input and never follows a link that appears later); nothing was written")
     except FileExistsError:
         return fail(PROG, f"--out {args.out} appeared while editing (pass --overwrite to replace it); nothing was written")
     except OSError as error:

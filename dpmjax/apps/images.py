@@ -12,7 +12,7 @@ import re
 import stat
 import tempfile
 import warnings
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -86,6 +86,10 @@ def _wide_grey(image, bits: int) -> np.ndarray:
     if image.mode.startswith("I;16"):
         return (values.astype(np.float32) / 65535.0).astype(np.float32)
     if image.mode == "I":
+        low = int(np.min(values)) if values.size else 0
+        if low < 0:
+            raise ValueError(f"a 32-bit integer image must hold values from 0 to 2,147,483,647, "
+                             f"this one holds values down to {low:,}")
         top = 2.0 ** 31 - 1 if bits >= 32 else 2.0 ** bits - 1
         return np.clip(values.astype(np.float64) / top, 0.0, 1.0).astype(np.float32)
     values = values.astype(np.float32)  # "F"
@@ -109,8 +113,8 @@ def read_image(path: str, height: int, width: int) -> np.ndarray:
     * 16-bit greyscale (Pillow modes ``I;16``, ``I;16B``, ...) is divided by 65535;
     * 32-bit integer greyscale (mode ``I``) is divided by the largest value of the bit depth it
       was stored with: 65535 when the file holds 16-bit values (16-bit PNG, PGM or TIFF opened as
-      ``I``), ``2**31 - 1`` for 32-bit values (Pillow holds them as signed integers); negative values
-      read as 0;
+      ``I``), ``2**31 - 1`` for 32-bit values (Pillow holds them as signed integers); an image with
+      negative values is refused (not clipped);
     * float greyscale (mode ``F``, e.g. a float TIFF) must hold values in [0, 1] and is taken as
       it is (anything else is refused, not clipped).
 
@@ -127,8 +131,8 @@ def read_image(path: str, height: int, width: int) -> np.ndarray:
 
     Raises:
         OSError: The file cannot be read or decoded as an image.
-        ValueError: The image has more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` or none, or
-            is a float image with values outside [0, 1].
+        ValueError: The image has more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` or none, is a
+            float image with values outside [0, 1], or a 32-bit integer image with negative values.
     """
     from PIL import Image
 
@@ -173,7 +177,36 @@ def _sync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def write_images(path: str, rows: Sequence[Sequence[np.ndarray]], *, overwrite: bool = True) -> None:
+class PathChangedError(Exception):
+    """The path :func:`write_images` was to write changed after it was checked: it now resolves
+    elsewhere (a symbolic link appeared, or a folder on the way was replaced), or it is now one of
+    the files it must not replace. Nothing was written; the message says what it is now."""
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same file: the same path with symbolic links followed, or the same
+    file on disk (a hard link, another spelling on a case-insensitive file system)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_target(path: str, target: str, keep: Sequence[str]) -> None:
+    """Raise :class:`PathChangedError` unless ``path`` still resolves to ``target`` and ``target``
+    is none of the files in ``keep``."""
+    now = os.path.realpath(path)
+    for other in keep:
+        if same_file(now, other):
+            raise PathChangedError(f"is now the input image {other}")
+    if now != target:
+        raise PathChangedError(f"now resolves to {now}, not to {target}")
+
+
+def write_images(path: str, rows: Sequence[Sequence[np.ndarray]], *, overwrite: bool = True,
+                 resolved: Optional[str] = None, keep: Sequence[str] = ()) -> None:
     """One image file: each row the given images ([H, W, 3] in [0, 1]) side by side; written atomically.
 
     The image is written to a temporary file in the destination's folder, flushed and synced to
@@ -182,6 +215,12 @@ def write_images(path: str, rows: Sequence[Sequence[np.ndarray]], *, overwrite: 
     ...) the temporary file is removed and an existing ``path`` is left as it was. A symbolic link
     at ``path`` is followed: the file it points at is replaced, the link kept.
 
+    ``resolved`` and ``keep`` guard against ``path`` changing after a caller checked it: ``path``
+    must still resolve (symbolic links followed) to ``resolved``, and name none of the files in
+    ``keep``; both are checked when the write starts and again right before the rename, which goes
+    into the folder checked (held open) and replaces the name itself, never following a link that
+    appears there later.
+
     Args:
         path: The file to write (its extension picks the format: .png, .jpg, .webp, .bmp, .tif,
             ...); its folder is created if missing.
@@ -189,10 +228,14 @@ def write_images(path: str, rows: Sequence[Sequence[np.ndarray]], *, overwrite: 
             outside are clipped).
         overwrite: Replace an existing ``path`` (default); ``False`` raises ``FileExistsError``
             instead, also when the file appears while this writes.
+        resolved: What ``path`` resolved to (``os.path.realpath``) when it was checked; ``None``
+            (default): what it resolves to when the write starts.
+        keep: Files never to replace (e.g. the inputs the image was made from).
 
     Raises:
         ValueError: ``path`` has no extension Pillow writes.
         FileExistsError: ``path`` exists and ``overwrite`` is False.
+        PathChangedError: ``path`` no longer resolves to ``resolved``, or is now one of ``keep``.
         OSError: The file cannot be written (the error of the write, the sync or the rename).
     """
     from PIL import Image
@@ -204,41 +247,78 @@ def write_images(path: str, rows: Sequence[Sequence[np.ndarray]], *, overwrite: 
         raise ValueError(f"cannot write {path}: no image format Pillow writes has the extension {extension!r}.")
     grid = np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
     picture = Image.fromarray(np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8))
-    target = os.path.realpath(path)
-    folder = os.path.dirname(target)
+    target = os.path.realpath(path) if resolved is None else resolved
+    _check_target(path, target, keep)
+    folder, name = os.path.split(target)
     os.makedirs(folder, exist_ok=True)
     if not overwrite and os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
     mode = _new_file_mode(target)
-    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):  # POSIX: the permissions of the file it replaces (mkstemp's are 0600)
-                os.fchmod(f.fileno(), mode)
-            picture.save(f, format=image_format)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(temp, target)
-        else:
-            _place_new(temp, target, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+    with _open_folder(folder) as folder_fd:
+        fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if hasattr(os, "fchmod"):  # POSIX: the permissions of the file it replaces (mkstemp's are 0600)
+                    os.fchmod(f.fileno(), mode)
+                picture.save(f, format=image_format)
+                f.flush()
+                os.fsync(f.fileno())
+            _check_target(path, target, keep)
+            if folder_fd is not None and os.path.samestat(os.fstat(folder_fd), os.stat(folder)):
+                # names inside the folder checked: a folder swapped in since is not written into
+                # (the temporary file, made by name, is then not found there), and a link now at
+                # `name` is replaced, not followed
+                where = {"src_dir_fd": folder_fd, "dst_dir_fd": folder_fd}
+                temp_name = os.path.basename(temp)
+            elif folder_fd is not None:
+                raise PathChangedError(f"is in a folder {folder} that was replaced by another")
+            else:
+                where, temp_name, name = {}, temp, target
+            if overwrite:
+                os.replace(temp_name, name, **where)
+            else:
+                _place_new(temp_name, name, path=path, where=where)
+        except BaseException:
+            with contextlib.suppress(OSError):  # in the folder held open, wherever it is now
+                os.unlink(temp if folder_fd is None else os.path.basename(temp), dir_fd=folder_fd)
+            raise
     _sync_folder(folder)
 
 
-def _place_new(temp: str, target: str, path: str) -> None:
-    """Rename ``temp`` to ``target`` unless ``target`` exists (then ``FileExistsError``): a hard link,
-    which fails if the name is taken, where the file system has them."""
+@contextlib.contextmanager
+def _open_folder(folder: str):
+    """A file descriptor of ``folder`` where renames can be made relative to one (POSIX), else ``None``."""
+    if os.rename not in os.supports_dir_fd or not hasattr(os, "O_DIRECTORY"):
+        yield None
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.link(temp, target)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _place_new(temp: str, target: str, *, path: str, where: dict) -> None:
+    """Rename ``temp`` to ``target`` unless ``target`` exists (then ``FileExistsError``): a hard link,
+    which fails if the name is taken, where the file system has them. ``where``: the folder
+    descriptors both names are relative to (``src_dir_fd``, ``dst_dir_fd``), or none."""
+    folder_fd = where.get("dst_dir_fd")
+    try:
+        os.link(temp, target, **where)
     except FileExistsError:
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
     except OSError:  # no hard links on this file system: check, then rename
-        if os.path.lexists(target):
+        exists = os.path.lexists(target) if folder_fd is None else _exists_in(folder_fd, target)
+        if exists:
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
-        os.replace(temp, target)
+        os.replace(temp, target, **where)
         return
-    os.unlink(temp)
+    os.unlink(temp, dir_fd=folder_fd)
+
+
+def _exists_in(folder_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True

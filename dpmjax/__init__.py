@@ -12,6 +12,7 @@ from .scheduler import (
     SchedulerOutput,
 )
 from .state import SchedulerState
+from .trajectories.exact_options import ExactInversion
 from .trajectories.guidance import classifier_free_guidance
 from .trajectories.inversion import invert
 from .trajectories.model_fn import ConditionalModelFn, ModelFn, ParametrisedModelFn
@@ -29,6 +30,7 @@ __all__ = [
     "DPMSolverMultistepBase",
     "DPMSolverMultistepInverseScheduler",
     "DPMSolverMultistepScheduler",
+    "ExactInversion",
     "FlaxDPMSolverMultistepScheduler",
     "FlaxDPMSolverMultistepSchedulerOutput",
     "ModelFn",

@@ -23,9 +23,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 
+import dpmjax  # noqa: E402
 from dpmjax.trajectories import scan  # noqa: E402
 from dpmjax.apps.images import write_images  # noqa: E402
 from dpmjax.models.flax_sd import testing  # noqa: E402
+from dpmjax.models.flax_sd import edit as edit_module  # noqa: E402
 from dpmjax.models.flax_sd.edit import decode_latents, edit_images, encode_images  # noqa: E402
 
 STEPS = 15
@@ -43,6 +45,36 @@ def test_images() -> np.ndarray:
 def rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+class _Stopped(Exception):
+    """Raised by the recording invert once it has seen its arguments (nothing is computed)."""
+
+
+def exact_settings_passed(pipeline, params, images, settings) -> dict:
+    """What edit_images hands invert as ``exact=``, for each way of asking (the call stops there)."""
+    seen = []
+
+    def recording_invert(*args, **kwargs):
+        seen.append(kwargs["exact"])
+        raise _Stopped
+
+    real, edit_module.invert = edit_module.invert, recording_invert
+    try:
+        asks = {"default": {}, "given": {"exact": dpmjax.ExactInversion(tolerance=1e-3, max_sweeps=2)}}
+        passed = {}
+        for name, extra in asks.items():
+            try:
+                edit_images(pipeline, params, images, SOURCE, TARGET, method="exact", **extra, **settings)
+            except _Stopped:
+                passed[name] = repr(seen[-1])
+        try:
+            edit_images(pipeline, params, images, SOURCE, TARGET, method="plain", **settings)
+        except _Stopped:
+            passed["plain"] = repr(seen[-1])
+    finally:
+        edit_module.invert = real
+    return passed
 
 
 def main(out: Path) -> dict:
@@ -101,6 +133,8 @@ def main(out: Path) -> dict:
             "losses": None if first.null_text_losses is None else np.asarray(first.null_text_losses).tolist()}
         phase(method)
     report["methods"] = rows
+    report["exact_passed"] = exact_settings_passed(pipeline, params, images, settings)
+    phase("exact settings passed")
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["phase_seconds"] = phases
     return report

@@ -217,12 +217,17 @@ def test_null_text_unrecognised_optimiser_falls_back_to_identity():
 X = jnp.ones((2, 3), jnp.float32)
 
 
-@pytest.mark.parametrize("name", ["exact", "independent_rows", "return_samples", "return_model_outputs", "checkpoint",
-                                  "progress"])
+@pytest.mark.parametrize("name", ["return_samples", "return_model_outputs", "checkpoint", "progress"])
 @pytest.mark.parametrize("value", ["no", None, 1, np.bool_(True)], ids=repr)
 def test_invert_flags_must_be_bools(name, value):
     with pytest.raises(ValueError, match=rf"{name} must be True or False"):
         dpmjax.invert(_linear, X, Forward(), 5, **{name: value})
+
+
+@pytest.mark.parametrize("value", ["no", None, 1, np.bool_(True), {"tolerance": 1e-4}], ids=repr)
+def test_invert_exact_must_be_a_bool_or_exact_settings(value):
+    with pytest.raises(ValueError, match=r"exact must be True, False or a dpmjax.ExactInversion"):
+        dpmjax.invert(_linear, X, Forward(), 5, exact=value)
 
 
 @pytest.mark.parametrize("name", ["return_samples", "return_model_outputs", "checkpoint", "progress", "donate"])
@@ -257,11 +262,12 @@ def test_a_model_that_is_not_a_function_is_named(model):
 
 
 @pytest.mark.parametrize("name, value", [("tolerance", math.nan), ("tolerance", 0.0), ("max_iterations", 2.0),
-                                         ("max_sweeps", -5), ("gmres_restart", "a")])
-def test_plain_inversion_checks_the_exact_settings_too(name, value):
-    """A mistake in an exact-only setting is reported even where the plain path would not use it."""
-    with pytest.raises(ValueError, match=name):
-        dpmjax.invert(_linear, X, Forward(), 5, **{name: value})
+                                         ("max_sweeps", -5), ("gmres_restart", "a"), ("gmres_maxiter", 0),
+                                         ("independent_rows", 1)])
+def test_exact_settings_are_checked_when_built_before_any_inversion(name, value):
+    """A mistake in an exact setting is reported when the settings are built, whatever they are used for."""
+    with pytest.raises(ValueError, match=rf"^{name} must be"):
+        dpmjax.ExactInversion(**{name: value})
 
 
 def test_checkpoint_with_exact_inversion_names_only_what_was_passed():

@@ -125,7 +125,7 @@ for order in (1, 2, 3):
     model = timestep_model(gmm, fwd.config)
     x = gmm.sample(jax.random.PRNGKey(order), (3, 16)).astype(jnp.float64)
     v = jax.random.normal(jax.random.PRNGKey(10 + order), x.shape, jnp.float64)
-    invert = lambda x: dpmjax.invert(model, x, fwd, 10, exact=True, tolerance=1e-12)
+    invert = lambda x: dpmjax.invert(model, x, fwd, 10, exact=dpmjax.ExactInversion(tolerance=1e-12))
     assert bool(jnp.all(invert(x).converged))
     check(f"data, order {order}", lambda x: invert(x).sample, x, v)
 
@@ -133,11 +133,11 @@ fwd = dpmjax.DPMSolverMultistepScheduler(solver_order=2, use_lu_lambdas=True, fi
 x = jax.random.normal(jax.random.PRNGKey(0), (2, 3), jnp.float64)
 def with_cond(c):
     model = lambda x, t, c: c * jnp.tanh(x) + 1e-3 * t
-    return dpmjax.invert(model, x, fwd, 4, exact=True, cond=c, tolerance=1e-12).sample
+    return dpmjax.invert(model, x, fwd, 4, exact=dpmjax.ExactInversion(tolerance=1e-12), cond=c).sample
 check("cond", with_cond, jnp.array([[0.5], [0.3]]), jnp.array([[1.0], [-2.0]]))
 def closed_over(a):
     model = lambda x, t: a * jnp.tanh(x) + 1e-3 * t
-    return dpmjax.invert(model, x, fwd, 4, exact=True, tolerance=1e-12).sample
+    return dpmjax.invert(model, x, fwd, 4, exact=dpmjax.ExactInversion(tolerance=1e-12)).sample
 check("closed-over parameter", closed_over, jnp.asarray(0.5), jnp.asarray(1.0))
 print("ok")
 """

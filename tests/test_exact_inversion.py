@@ -91,7 +91,7 @@ def test_a_model_that_couples_the_batch_converges_as_one_problem():
     base = timestep_model(GMM, fwd.config)
     model = lambda x, t: base(x, t) + 0.05 * jnp.tanh(jnp.mean(x, axis=0, keepdims=True))  # noqa: E731
     x = GMM.sample(jax.random.PRNGKey(4), (8, 16))
-    result = dpmjax.invert(model, x, fwd, 10, exact=True, independent_rows=False)
+    result = dpmjax.invert(model, x, fwd, 10, exact=dpmjax.ExactInversion(independent_rows=False))
     assert result.round_trip.shape == (1,) and bool(result.converged[0])
     assert float(np.max(measured_round_trip(model, result.sample, x, fwd, 10))) <= 1e-5
 
@@ -107,9 +107,9 @@ def test_exact_inversion_refuses_settings_it_does_not_use():
     with pytest.raises(ValueError, match="at least one row"):
         dpmjax.invert(model, x[:0], fwd, 5, exact=True)
     with pytest.raises(ValueError, match="tolerance"):
-        dpmjax.invert(model, x, fwd, 5, exact=True, tolerance=0.0)
+        dpmjax.invert(model, x, fwd, 5, exact=dpmjax.ExactInversion(tolerance=0.0))
     with pytest.raises(ValueError, match="max_sweeps"):
-        dpmjax.invert(model, x, fwd, 5, exact=True, max_sweeps=-1)
+        dpmjax.invert(model, x, fwd, 5, exact=dpmjax.ExactInversion(max_sweeps=-1))
 
 _FLOAT64_SCRIPT = """
 import jax
@@ -120,7 +120,7 @@ gmm = GaussianMixture()
 for order in (1, 2, 3):
     fwd = dpmjax.DPMSolverMultistepScheduler(solver_order=order, final_sigmas_type="sigma_min", use_lu_lambdas=True)
     x = gmm.sample(jax.random.PRNGKey(order), (3, 16)).astype(jnp.float64)
-    result = dpmjax.invert(timestep_model(gmm, fwd.config), x, fwd, 10, exact=True, tolerance=1e-11)
+    result = dpmjax.invert(timestep_model(gmm, fwd.config), x, fwd, 10, exact=dpmjax.ExactInversion(tolerance=1e-11))
     assert result.sample.dtype == jnp.float64, result.sample.dtype
     assert bool(jnp.all(result.converged)) and float(jnp.max(result.round_trip)) <= 1e-11, result.round_trip
 print("ok")

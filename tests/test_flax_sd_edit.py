@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+import dpmjax
+
 from test_edit_hardening import fake_pipeline, png
 from test_flax_compat import OLD_VERSION, old_diffusers  # noqa: F401  (the fixture)
 from test_flax_sd_pipelines import COMPILE_FAST, OLD_TRANSFORMERS, old_transformers  # noqa: F401  (the fixture)
@@ -76,6 +78,15 @@ def test_another_target_prompt_changes_the_image(report):
     row = report["exact"]
     assert row["noise_rel_rows_0_2"] == 0.0, "the same image inverts to the same noise in any row"
     assert row["edit_latent_change_rel"] > 1000 * RELATIVE and row["edit_image_change"] > 0.05, row
+
+
+@pytest.mark.slow
+def test_exact_settings_reach_invert(report):
+    """``exact=`` an ExactInversion is what invert gets; without it, the defaults; plain inverts plainly."""
+    assert report["exact_passed"] == {
+        "default": repr(dpmjax.ExactInversion()),
+        "given": repr(dpmjax.ExactInversion(tolerance=1e-3, max_sweeps=2)),
+        "plain": "False"}
 
 
 @pytest.mark.slow

@@ -104,6 +104,19 @@ def test_exact_invert_compiles_once_per_static_setting():
                                             exact=True).sample.block_until_ready())
 
 
+def test_exact_invert_compiles_once_per_distinct_exact_settings():
+    """Two equal ExactInversion objects (built apart) share a program; another value compiles again."""
+    model = Traced()
+    scheduler = Forward(solver_order=2, final_sigmas_type="sigma_min")
+    run = lambda options: dpmjax.invert(model, X, scheduler, 4, exact=options).sample.block_until_ready()  # noqa: E731
+    _twice_then_other(lambda: run(dpmjax.ExactInversion(tolerance=1e-4, max_sweeps=np.int64(3))), model,
+                      lambda: run(dpmjax.ExactInversion(tolerance=1e-4, max_sweeps=4)))
+    traced = model.traces
+    with compilations() as count:
+        run(dpmjax.ExactInversion(tolerance=np.float64(1e-4), max_sweeps=3))
+    assert count[0] == 0 and model.traces == traced
+
+
 def _null_text(model, optimizer):
     x = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
     result = null_text.null_text_inversion(model, x, Forward(solver_order=2, final_sigmas_type="sigma_min"), 4,

@@ -96,7 +96,7 @@ def test_exact_inversion_of_a_model_that_couples_the_batch():
     base = timestep_model(GMM, fwd.config)
     model = lambda x, t: base(x, t) + 0.05 * jnp.tanh(jnp.mean(x, axis=0, keepdims=True))  # noqa: E731
     x0 = GMM.sample(jax.random.PRNGKey(4), (8, 16))
-    inverted = dpmjax.invert(model, x0, fwd, 10, exact=True, independent_rows=False)
+    inverted = dpmjax.invert(model, x0, fwd, 10, exact=dpmjax.ExactInversion(independent_rows=False))
     recon = dpmjax.sample(model, inverted.sample, fwd, 10).sample
     assert inverted.round_trip.shape == (1,)
     assert float(jnp.max(jnp.abs(recon - x0)) / jnp.max(jnp.abs(x0))) < 1e-4
@@ -271,7 +271,7 @@ def test_bad_trajectory_arguments():
     with pytest.raises(ValueError, match="unroll"):
         dpmjax.sample(model, x, fwd, 5, unroll=0)
     with pytest.raises(ValueError, match="max_sweeps"):
-        dpmjax.invert(model, x, fwd, 5, exact=True, max_sweeps=-1)
+        dpmjax.invert(model, x, fwd, 5, exact=dpmjax.ExactInversion(max_sweeps=-1))
     with pytest.raises(ValueError, match="num_inference_steps"):
         dpmjax.sample(model, x, fwd, 0)
     with pytest.raises(ValueError, match="dpmjax scheduler"):

@@ -5,7 +5,8 @@
   mirrored (:func:`dpmjax.grids.mirrored_grid`). Plain inversion evaluates the model at the known end
   of each step (DDIM inversion generalised to multistep DPM-Solver).
 * ``exact=True`` (sampler only): the start ``z`` with ``sample(z) = x`` to the working precision
-  (:mod:`dpmjax.trajectories.exact`).
+  (:mod:`dpmjax.trajectories.exact`); ``exact=ExactInversion(...)`` with other settings
+  (:class:`~dpmjax.ExactInversion`).
 * A first-order ``sde-dpmsolver++`` sampler is inverted exactly given the per-step noises it used
   (``noises``). Other stochastic samplers are refused: an SDE step shrinks its input
   (``c_x = sigma_t / sigma_s e^{-h}``), so its inverse amplifies every error, and with a multistep
@@ -25,6 +26,7 @@ from ..noise_schedule import training_schedule
 from ..scheduler import DPMSolverMultistepBase, DPMSolverMultistepInverseScheduler
 from ..state import SchedulerState
 from .exact import ExactOptions, exact_inversion_jit
+from .exact_options import ExactInversion, rejects_moved_keywords, resolved
 from .model_fn import ConditionalModelFn, ModelFn
 from .scan import (
     ScanOptions,
@@ -68,6 +70,16 @@ def mirrored_state(scheduler: DPMSolverMultistepBase, forward_state: SchedulerSt
     return inverse, inverse.state_on_grid(inverse.create_state(), grid.timesteps, grid.sigmas, shape=shape, dtype=dtype)
 
 
+def _exact_record(options: ExactInversion, *, rows: int, return_outputs: bool, progress: bool) -> ExactOptions:
+    """The public settings as exact inversion's static record, for a batch of ``rows`` rows (one
+    problem when ``options.independent_rows`` is False)."""
+    return ExactOptions(max_sweeps=options.max_sweeps, max_iterations=options.max_iterations,
+                        tolerance=options.tolerance, gmres_restart=options.gmres_restart,
+                        gmres_maxiter=options.gmres_maxiter, rows=rows if options.independent_rows else 1,
+                        return_outputs=return_outputs, progress=progress)
+
+
+@rejects_moved_keywords
 def invert(
     model_fn: ModelFn | ConditionalModelFn,
     sample: Array,
@@ -75,14 +87,8 @@ def invert(
     num_inference_steps: int,
     *,
     cond: Any = None,
-    exact: bool = False,
+    exact: bool | ExactInversion = False,
     noises: Optional[Array] = None,
-    max_sweeps: int = 10,
-    max_iterations: int = 30,
-    tolerance: float = 1e-5,
-    gmres_restart: int = 5,
-    gmres_maxiter: int = 1,
-    independent_rows: bool = True,
     return_samples: bool = False,
     return_model_outputs: bool = False,
     checkpoint: bool = False,
@@ -100,7 +106,9 @@ def invert(
     the ``noises`` (``[N, *shape]``) they used. It starts from the first-order per-step solves
     (order 1) or plain inversion (orders >= 2), makes up to ``max_sweeps`` defect-correction sweeps
     and then solves the whole sampler for its start with preconditioned Newton-Krylov
-    (:mod:`dpmjax.trajectories.exact`).
+    (:mod:`dpmjax.trajectories.exact`). Its settings are one object,
+    :class:`~dpmjax.ExactInversion`: ``exact=dpmjax.ExactInversion(tolerance=1e-4)``;
+    ``exact=True`` is ``exact=dpmjax.ExactInversion()``.
 
     Args:
         model_fn: The model: ``model_fn(sample, timestep[, cond]) -> model_output``, called as in
@@ -114,21 +122,11 @@ def invert(
         cond: Any pytree passed unchanged as ``model_fn``'s third argument; ``None`` (default)
             calls ``model_fn(sample, timestep)``.
         exact: Find the start ``z`` with ``sample(z) = x`` to the working precision instead of
-            plain inversion (sampler only).
+            plain inversion (sampler only): ``True`` (the default settings), or an
+            :class:`~dpmjax.ExactInversion` with the tolerance, sweeps, iterations, GMRES sizes and
+            row coupling to use; ``False`` (default) is plain inversion.
         noises: ``[N, *shape]``, the per-step noises a stochastic sampler used. Only a first-order
             ``sde-dpmsolver++`` sampler is accepted, with ``exact=True``.
-        max_sweeps: Exact only: defect-correction sweeps at most (an integer >= 0, default 10).
-        max_iterations: Exact only: Newton iterations of every Newton solve at most (an
-            integer >= 1, default 30).
-        tolerance: Exact only: bounds every Newton solve, relative to ``max(1, max|row|)``, and is
-            the round trip ``converged`` tests; a number in ``(0, 1)`` (default ``1e-5``).
-        gmres_restart: Exact only: the Krylov space size of the Newton solves' GMRES (an
-            integer >= 1, default 5).
-        gmres_maxiter: Exact only: GMRES restart cycles per linear solve (an integer >= 1,
-            default 1).
-        independent_rows: Exact only: treat the rows (axis 0) of ``sample`` as independent
-            problems, as they are for any model that does not mix the batch (each row gets its own
-            Krylov space, step length and stopping test); pass False for a model that couples rows.
         return_samples: Also return the sample after each inversion step
             (``Trajectory.samples``, ``[N, *shape]``, the last one the noise).
         return_model_outputs: Also return the raw model output of each step
@@ -141,17 +139,16 @@ def invert(
         A :class:`~dpmjax.Trajectory`: ``sample`` is the noise; ``timesteps`` and ``sigmas`` are
         those visited, in the order of the inversion steps. With ``exact=True`` also
         ``round_trip``, the measured per-row ``max|sample(noise) - sample| / max(1, max|sample|)``,
-        ``converged``, which rows are within ``tolerance``, and the ``sweeps`` and Newton
+        ``converged``, which rows are within the settings' ``tolerance``, and the ``sweeps`` and Newton
         ``iterations`` made. Exact inversion returns the noise in the working precision (float32
         for bfloat16/float16 input, the input's dtype otherwise): a cast back would undo the
         exactness that ``round_trip`` reports.
 
     Raises:
         ValueError: ``scheduler`` is not a dpmjax scheduler; ``model_fn`` is not callable;
-            ``sample`` is not a floating-point array or has size zero; a flag (``exact``, ``independent_rows``,
-            ``return_samples``, ...) is not a bool; ``max_iterations``, ``gmres_restart`` or
-            ``gmres_maxiter`` is not an integer >= 1, ``max_sweeps`` not an integer >= 0 or
-            ``tolerance`` not in ``(0, 1)`` (checked on every path); ``unroll`` is not an integer >= 1;
+            ``sample`` is not a floating-point array or has size zero; ``exact`` is not True, False
+            or an :class:`~dpmjax.ExactInversion`; a flag (``return_samples``, ...) is not a bool;
+            ``unroll`` is not an integer >= 1;
             ``num_inference_steps`` is not an integer in ``[1, num_train_timesteps]`` (or too many
             for ``"leading"`` spacing); ``exact=True`` or ``noises`` is given with an inverse
             scheduler; ``noises`` is given to a deterministic sampler; a stochastic sampler is
@@ -160,26 +157,24 @@ def invert(
             or ``unroll != 1`` is given, or ``sample`` has no batch axis; ``model_fn`` returns
             something other than one floating-point array of the sample's shape (a tuple, a Python
             number, another shape).
+        TypeError: A keyword that moved into :class:`~dpmjax.ExactInversion` (``tolerance``,
+            ``max_sweeps``, ``max_iterations``, ``gmres_restart``, ``gmres_maxiter``,
+            ``independent_rows``) is passed to ``invert``; the message gives the call to write.
     """
     check_scheduler(scheduler)
     check_unroll(unroll)
     checks.function("model_fn", model_fn)
-    for name, value in (("exact", exact), ("independent_rows", independent_rows), ("return_samples", return_samples),
-                        ("return_model_outputs", return_model_outputs), ("checkpoint", checkpoint), ("progress", progress)):
+    settings = resolved("exact", exact)  # None: plain inversion; ExactInversion checked its fields when built
+    for name, value in (("return_samples", return_samples), ("return_model_outputs", return_model_outputs),
+                        ("checkpoint", checkpoint), ("progress", progress)):
         checks.boolean(name, value)
-    # the exact solve's settings are checked whatever the path, so that a mistake never passes unseen
-    max_iterations, gmres_restart, gmres_maxiter, max_sweeps = (
-        checks.integer(name, value, least) for name, value, least in (
-            ("max_iterations", max_iterations, 1), ("gmres_restart", gmres_restart, 1),
-            ("gmres_maxiter", gmres_maxiter, 1), ("max_sweeps", max_sweeps, 0)))
-    tolerance = checks.real("tolerance", tolerance, low=0.0, high=1.0, open_low=True, open_high=True)
     x = as_array(sample)
     checks.floating_array("sample", x)
     checks.non_empty("sample", x)
     scan_options = ScanOptions(return_samples=return_samples, return_outputs=return_model_outputs, checkpoint=checkpoint,
                                unroll=unroll, progress=progress, label="invert")
     if not scheduler.forward:
-        if exact:
+        if settings is not None:
             raise ValueError(
                 "exact=True inverts a sampler: pass the DPMSolverMultistepScheduler whose sampling should reconstruct "
                 "the input (e.g. DPMSolverMultistepScheduler.from_config(inverse_scheduler.config))."
@@ -198,7 +193,7 @@ def invert(
                                             dtype=solver.compute_dtype(x))
     n = forward_state.num_inference_steps
     if scheduler.config.is_sde:
-        if not exact:
+        if settings is None:
             raise ValueError(
                 "a stochastic sampler is inverted exactly or not at all: pass exact=True and the noises it used "
                 "(plain inversion of an SDE step divides by its contraction and amplifies every error)."
@@ -215,7 +210,7 @@ def invert(
             raise ValueError("inverting a stochastic sampler needs the noises it used: pass noises ([N, *shape]).")
     elif noises is not None:
         raise ValueError(f"noises are only used with stochastic samplers, not algorithm_type={scheduler.config.algorithm_type!r}.")
-    if not exact:
+    if settings is None:
         inverse, mirror = mirrored_state(scheduler, forward_state, x.shape, dtype=solver.compute_dtype(x))
         y, path, outputs = scan_steps_jit(inverse, model_fn, scan_options, state=mirror, x=x, cond=cond, keys=None,
                                           noises=None)
@@ -227,10 +222,7 @@ def invert(
             raise ValueError(f"{name} applies to plain inversion's scan; exact=True runs its own solves and takes none.")
     if x.ndim == 0:
         raise ValueError(f"exact inversion needs a batch axis (rows on axis 0), got a sample of shape {tuple(x.shape)}.")
-    options = ExactOptions(max_sweeps=max_sweeps, max_iterations=max_iterations, tolerance=tolerance,
-                           gmres_restart=gmres_restart, gmres_maxiter=gmres_maxiter,
-                           rows=x.shape[0] if independent_rows else 1, return_outputs=return_model_outputs,
-                           progress=progress)
+    options = _exact_record(settings, rows=x.shape[0], return_outputs=return_model_outputs, progress=progress)
     inverse, mirror = mirrored_state(scheduler, forward_state, x.shape, dtype=solver.compute_dtype(x))
     X, outputs, round_trip, sweeps, iterations = exact_inversion_jit(scheduler, inverse, model_fn, options=options,
                                                                      state=forward_state, mirror=mirror, data=x, cond=cond,

@@ -6,13 +6,14 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
 from ... import checks
 from ...scheduler import DPMSolverMultistepScheduler
+from ...trajectories.exact_options import ExactInversion
 from ..messages import first_line
 from .input_stores import CHUNK_COPIES, majority_row_shape, open_store
 from .memory import array_bytes, device_memory, in_words
@@ -136,6 +137,8 @@ class Plan(NamedTuple):
     exact: bool
     save_trajectory: bool
     batch_rows: int
+    # what invert's exact= gets: False (plain), or ExactInversion(tolerance=EXACT_TOLERANCE), built once here
+    inversion: Union[bool, ExactInversion] = False
 
 
 def make_plan(*, input_dir: Path, output: OutputStore, model: str, num_inference_steps: int,
@@ -169,7 +172,7 @@ def make_plan(*, input_dir: Path, output: OutputStore, model: str, num_inference
     return Plan(input=store, output=output, names=store.names, mine=mine, fingerprints=fingerprints,
                  row_shape=row_shape, settings=settings, model_fn=model_fn, scheduler=scheduler,
                  num_inference_steps=num_inference_steps, exact=exact, save_trajectory=save_trajectory,
-                 batch_rows=batch_rows)
+                 batch_rows=batch_rows, inversion=ExactInversion(tolerance=EXACT_TOLERANCE) if exact else False)
 
 
 def _resumed_batch_rows(before: Optional[dict], shapes: dict, row_shape: Optional[tuple]) -> int:

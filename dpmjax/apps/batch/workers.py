@@ -255,8 +255,8 @@ class Workers:
 
         def invert_rows(piece):
             result = invert(model_fn=plan.model_fn, sample=jax.device_put(piece, device), scheduler=plan.scheduler,
-                            num_inference_steps=plan.num_inference_steps, exact=plan.exact,
-                            return_samples=plan.save_trajectory, **({"tolerance": EXACT_TOLERANCE} if plan.exact else {}))
+                            num_inference_steps=plan.num_inference_steps, exact=plan.inversion,
+                            return_samples=plan.save_trajectory)
             return result.sample, result.samples if plan.save_trajectory else None, result.round_trip
         return invert_rows
 

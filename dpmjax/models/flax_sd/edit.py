@@ -16,7 +16,7 @@ its latent distribution times its scaling factor), inverted to noise with the so
 classifier-free guidance, sampled back with the target prompt and decoded:
 
 * ``method="exact"``: exact inversion of the guided sampler (:func:`dpmjax.invert` with
-  ``exact=True``): sampling the noise with the *source* prompt gives back the source latents to
+  ``exact=True``, or ``exact=`` an :class:`~dpmjax.ExactInversion` with other settings): sampling the noise with the *source* prompt gives back the source latents to
   float32 precision (per-row ``round_trip``/``converged`` in the result), so the only change to the
   image comes from the prompt (and the VAE's own encode/decode error);
 * ``method="plain"``: DDIM-style inversion of the same sampler (one UNet call per step);
@@ -44,6 +44,7 @@ import numpy as np
 from ...config import SchedulerConfig
 from ...scheduler import DPMSolverMultistepScheduler
 from ...static_cache import ByIdentity, StaticCache
+from ...trajectories.exact_options import ExactInversion, rejects_moved_keywords
 from ...trajectories.inversion import invert
 from ...trajectories.null_text import null_text_inversion, sample_with_null_embeddings
 from ...trajectories.scan import sample
@@ -93,8 +94,8 @@ class EditResult(NamedTuple):
         round_trip: ``[B]``, exact inversion's measured
             ``max|sample(noise) - source_latents| / max(1, max|source_latents|)`` per row
             (``None`` for the other methods).
-        converged: ``[B]``, whether ``round_trip`` is within ``tolerance`` (``None`` for the other
-            methods).
+        converged: ``[B]``, whether ``round_trip`` is within the exact settings' ``tolerance``
+            (``None`` for the other methods).
         null_text_losses: ``[N]``, the per-step losses of null-text inversion (``None``
             otherwise).
     """
@@ -266,6 +267,7 @@ def _prompts(prompt, batch: int, name: str) -> list:
     return prompts
 
 
+@rejects_moved_keywords
 def edit_images(
     pipeline_or_parts,
     params: Mapping[str, Any],
@@ -281,9 +283,7 @@ def edit_images(
     negative_prompt: str = "",
     inversion_guidance_scale: Optional[float] = None,
     reconstruct: Optional[bool] = None,
-    tolerance: float = 1e-5,
-    max_sweeps: int = 10,
-    max_iterations: int = 30,
+    exact: Optional[ExactInversion] = None,
     null_text_steps: int = 10,
     optimizer=None,
     progress: bool = False,
@@ -317,9 +317,9 @@ def edit_images(
         reconstruct: Also sample the noise with the source prompt (``reconstruction_latents``);
             by default (``None``) where it is cheap next to the inversion (exact: one sampling
             pass against many; null-text: free) and not for plain. ``False`` never returns it.
-        tolerance: Exact inversion's tolerance (:func:`dpmjax.invert`; default ``1e-5``).
-        max_sweeps: Exact inversion's defect-correction sweeps at most (default 10).
-        max_iterations: Exact inversion's Newton iterations at most (default 30).
+        exact: Exact inversion's settings for ``method="exact"``, an :class:`~dpmjax.ExactInversion`
+            (tolerance, sweeps, iterations, ...); ``None`` (default) is ``ExactInversion()``, the
+            defaults of :func:`dpmjax.invert`'s ``exact=True``.
         null_text_steps: Null-text inversion's inner optimiser steps per sampler step
             (default 10).
         optimizer: Null-text inversion's optax optimiser (Adam at 1e-2 by default).
@@ -334,12 +334,20 @@ def edit_images(
         ValueError: ``method`` is not one of the three; ``pipeline_or_parts`` lacks a tokenizer,
             text encoder, VAE or UNet; ``images`` is not NHWC RGB, not floats in [0, 1] or uint8,
             or its height or width is not a multiple of the VAE's factor; a prompt is neither a
-            string nor one string per image; or the scheduler, inversion or sampling refuses
+            string nor one string per image; ``exact`` is neither ``None`` nor an
+            :class:`~dpmjax.ExactInversion`, or is given with another method; or the scheduler, inversion or sampling refuses
             its arguments (see :func:`edit_scheduler`, :func:`dpmjax.invert`,
             :func:`dpmjax.null_text_inversion`).
+        TypeError: ``tolerance``, ``max_sweeps`` or ``max_iterations`` is passed: they are fields
+            of :class:`~dpmjax.ExactInversion` (``exact=``); the message gives the call to write.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
+    if exact is not None and not isinstance(exact, ExactInversion):
+        raise ValueError(f"exact must be None or a dpmjax.ExactInversion (exact inversion's settings), got {exact!r}.")
+    if exact is not None and method != "exact":
+        raise ValueError(f"exact sets exact inversion's settings and method={method!r} does not invert exactly: "
+                         "pass method='exact', or leave exact out.")
     parts = _parts(pipeline_or_parts)
     pixels = _as_unit_images(images)
     batch = pixels.shape[0]
@@ -373,20 +381,20 @@ def edit_images(
             model, noise, scheduler, num_inference_steps=n, cond=target_emb, null_embeddings=inverted.null_embeddings,
             guidance_scale=w, model_params=unet_params, progress=progress)
     else:
-        exact = method == "exact"
+        exactly = method == "exact"
+        settings = (ExactInversion() if exact is None else exact) if exactly else False
         source_inputs = UNetInputs(unet_params, source_emb, uncond)
-        extra = {"tolerance": tolerance, "max_sweeps": max_sweeps, "max_iterations": max_iterations} if exact else {}
         inverted = invert(guided_unet(parts.unet, w_invert), latents, scheduler, num_inference_steps=n,
-                          cond=source_inputs, exact=exact, progress=progress, **extra)
+                          cond=source_inputs, exact=settings, progress=progress)
         noise = inverted.sample
-        if exact:
+        if exactly:
             round_trip, converged = inverted.round_trip, inverted.converged
         model_fn = guided_unet(parts.unet, w)
         edited = sample(model_fn, noise, scheduler, num_inference_steps=n,
                         cond=UNetInputs(unet_params, target_emb, uncond), progress=progress).sample
         if same_prompt and w == w_invert:
             recon = edited
-        elif reconstruct or (reconstruct is None and exact):
+        elif reconstruct or (reconstruct is None and exactly):
             recon = sample(guided_unet(parts.unet, w_invert), noise, scheduler, num_inference_steps=n,
                            cond=source_inputs, progress=progress).sample
     if reconstruct is False:

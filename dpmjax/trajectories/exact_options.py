@@ -1,0 +1,124 @@
+"""ExactInversion: the settings of exact inversion, one frozen, hashable, validated object.
+
+``dpmjax.invert(..., exact=ExactInversion(tolerance=1e-4))`` inverts exactly with those settings;
+``exact=True`` is ``exact=ExactInversion()``, the defaults. Equal objects hash alike, so jit compiles
+one program per distinct value (:mod:`dpmjax.trajectories.exact` takes them as a static argument).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from .. import checks
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactInversion:
+    """Settings of exact inversion: find the start ``z`` of a sampler ``S`` with ``S(z) = x`` to the
+    working precision (:mod:`dpmjax.trajectories.exact`).
+
+    The whole multistep sampler is the equation (Hong et al. 2024, "On Exact Inversion of
+    DPM-Solvers", CVPR, solve its implicit steps one by one). Orders >= 2 start from plain inversion
+    ``I``, make defect-correction sweeps ``z <- z + I(x) - I(S(z))`` (Stetter 1978, "The defect
+    correction principle and discretization methods", Numer. Math. 29) and then solve ``S(z) = x``
+    with damped Newton-Krylov (Knoll and Keyes 2004, J. Comput. Phys. 193), each linear solve a
+    restarted GMRES (Saad and Schultz 1986, SIAM J. Sci. Stat. Comput. 7) right-preconditioned by
+    ``I``'s Jacobian. Order 1, and rows the fast path leaves, take the robust path: each step solved
+    alone, then history sweeps, then the whole-sampler solve.
+
+    Every field is checked here, at construction: a bad value is a ``ValueError`` naming the field
+    and what is allowed.
+
+    Attributes:
+        tolerance: The round trip a row must reach, ``max|S(z) - x| / max(1, max|x|)`` per row: it
+            is what ``Trajectory.converged`` tests, and it bounds every Newton solve (which stops at a
+            tenth of it). A number in ``(0, 1)`` (default ``1e-5``, about 80 float32 roundings).
+        max_sweeps: Defect-correction sweeps at most, and history sweeps of the robust path at most
+            (an integer >= 0, default 10; 0 goes straight to Newton).
+        max_iterations: Newton iterations of every Newton solve at most (an integer >= 1,
+            default 30).
+        gmres_restart: The Krylov space size of each GMRES cycle in the Newton solves, i.e. the
+            model Jacobian-vector products per cycle (an integer >= 1, default 5).
+        gmres_maxiter: GMRES restart cycles per linear solve (an integer >= 1, default 1).
+        independent_rows: Treat the rows (axis 0) of the sample as independent problems, as they
+            are for any model that does not mix the batch: each row gets its own Krylov space, step
+            length and stopping test, and a row's result does not depend on the others (default
+            True). Pass False for a model that couples rows (batch statistics, attention across
+            the batch): the batch is then one problem.
+
+    Example:
+        >>> import dpmjax
+        >>> options = dpmjax.ExactInversion(tolerance=1e-4, max_sweeps=4)
+        >>> options == dpmjax.ExactInversion(tolerance=1e-4, max_sweeps=4)
+        True
+    """
+
+    tolerance: float = 1e-5
+    max_sweeps: int = 10
+    max_iterations: int = 30
+    gmres_restart: int = 5
+    gmres_maxiter: int = 1
+    independent_rows: bool = True
+
+    def __post_init__(self):
+        # normalised to Python numbers, so that equal settings hash alike whatever type was passed
+        normalised = {
+            "tolerance": checks.real("tolerance", self.tolerance, low=0.0, high=1.0, open_low=True, open_high=True,
+                                     note=" (the round trip a row must reach, relative to max(1, max|row|))"),
+            "max_sweeps": checks.integer("max_sweeps", self.max_sweeps, 0, note=" (defect-correction sweeps at most)"),
+            "max_iterations": checks.integer("max_iterations", self.max_iterations, 1,
+                                             note=" (Newton iterations of every Newton solve at most)"),
+            "gmres_restart": checks.integer("gmres_restart", self.gmres_restart, 1,
+                                            note=" (the Krylov space size of each GMRES cycle)"),
+            "gmres_maxiter": checks.integer("gmres_maxiter", self.gmres_maxiter, 1,
+                                            note=" (GMRES restart cycles per linear solve)"),
+        }
+        checks.boolean("independent_rows", self.independent_rows)
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
+
+    def replace(self, **changes) -> "ExactInversion":
+        """A copy with ``changes`` (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+
+#: The keywords ``invert`` took before the settings became :class:`ExactInversion` fields.
+MOVED_KEYWORDS = tuple(field.name for field in dataclasses.fields(ExactInversion))
+
+
+def moved_keywords_message(function: str, given: dict) -> str:
+    """What to write instead of ``function(..., tolerance=..., ...)``: the keywords in ``given``
+    (old name -> value) are fields of :class:`ExactInversion` now."""
+    fields = ", ".join(f"{name}={value!r}" for name, value in given.items())
+    names = ", ".join(given)
+    return (f"{function}() no longer takes {names}: exact inversion's settings are one object now. "
+            f"Pass exact=dpmjax.ExactInversion({fields}) instead (exact=True is ExactInversion() with its defaults); "
+            f"see the migration guide.")
+
+
+def rejects_moved_keywords(function):
+    """``function`` refusing the keywords that moved into :class:`ExactInversion` with a message that
+    names the new call (rather than Python's bare "unexpected keyword argument"); its signature and
+    docstring are ``function``'s."""
+
+    @functools.wraps(function)
+    def checked(*args, **kwargs):
+        given = {name: kwargs[name] for name in MOVED_KEYWORDS if name in kwargs}
+        if given:
+            raise TypeError(moved_keywords_message(function.__name__, given))
+        return function(*args, **kwargs)
+
+    return checked
+
+
+def resolved(name: str, value) -> "ExactInversion | None":
+    """``exact=`` as given -> the settings (``True`` -> ``ExactInversion()``), or ``None`` for plain
+    inversion (``False``); anything else is a ``ValueError`` naming ``name``."""
+    if isinstance(value, ExactInversion):
+        return value
+    if value is True:
+        return ExactInversion()
+    if value is False:
+        return None
+    raise ValueError(f"{name} must be True, False or a dpmjax.ExactInversion (exact inversion's settings), got {value!r}.")

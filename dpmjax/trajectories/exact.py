@@ -18,6 +18,14 @@ Each row keeps the best of plain inversion and the two paths, and reports its me
 Rows are independent bit for bit: every solver freezes a row once it meets its stop rule, and the
 robust path changes only rows not yet within the tolerance.
 
+The solve is built from module-level stages, as blackjax builds a kernel: each is a function of one
+problem record (:class:`_Problem`: the sampler, the bound model, the grid and its mirror, the data and
+its per-row scale, the settings) and of its own arguments, returning a named result (:class:`_Result`)
+or loop carry. :func:`_plain`, :func:`_sampled` and :func:`_round_trip` are ``I``, ``S`` and the
+error; :func:`_step_solves`, :func:`_first_order_path` and :func:`_history_sweeps` the per-step
+solves; :func:`_defect_correction` and :func:`_shooting` the whole-sampler stages; :func:`_fast`,
+:func:`_robust` and :func:`_better_of` the paths; :func:`_solved` only assembles them.
+
 Differentiable (``jax.jvp``, ``jax.grad``) by implicit differentiation of ``S(z) = x``, never through
 the solver's iterations: ``dz`` solves ``J dz = dx - (dS/dtheta) dtheta`` with ``J = dS/dz`` at the
 ``z`` found and ``theta`` the condition, the values the model closes over and an SDE sampler's noises
@@ -57,6 +65,8 @@ _SHOOTING_ITERATIONS = 10
 # accurate; 100 products at most per tangent otherwise)
 _TANGENT_RESTART = 20
 _TANGENT_CYCLES = 5
+# Past sweeps the history sweeps' Anderson acceleration mixes (its window holds one more, the newest)
+_HISTORY_WINDOW = 3
 
 
 class ExactOptions(NamedTuple):
@@ -190,229 +200,345 @@ class _Model(NamedTuple):
         return lambda x, t: self.hoisted(x, t, None, *params)
 
 
+class _Problem(NamedTuple):
+    """One exact inversion as every stage reads it: the stages below are functions of this record
+    and of their own arguments, nothing else (built by :func:`_problem_of`).
+
+    Attributes:
+        scheduler: The sampler ``S`` (static).
+        inverse: The inverse scheduler of plain inversion ``I`` (static).
+        model_fn: The model bound to its closed-over values, called as in :func:`dpmjax.sample`.
+        options: :class:`ExactOptions`.
+        state: The sampler's state: its grid.
+        mirror: The inverse scheduler's state: the sampler's grid mirrored.
+        cond: The condition passed to the model, or ``None``.
+        noises: An SDE sampler's per-step noises (``[N, *shape]``), or ``None``.
+        target: ``x``, the data to invert, in the compute dtype.
+        scale: Per row ``max(1, max|x|)``: round trips and Newton residuals are relative to it.
+        steps: ``arange(N)``, the sampler's step indices.
+        step_noises: The per-step noises in the compute dtype (zeros for an ODE sampler).
+    """
+
+    scheduler: object
+    inverse: object
+    model_fn: object
+    options: ExactOptions
+    state: object
+    mirror: object
+    cond: object
+    noises: object
+    target: Array
+    scale: Array
+    steps: Array
+    step_noises: Array
+
+    @property
+    def order(self) -> int:
+        return self.scheduler.config.solver_order
+
+    @property
+    def n(self) -> int:
+        return self.state.timesteps.shape[0]
+
+    @property
+    def newton(self) -> dict:
+        """The settings of every Newton-Krylov solve (a stage overrides some)."""
+        # a row far from its solution halves its step at most 8 times (1/256) before the Newton solver's
+        # non-monotone full step: longer line searches cost a whole batched evaluation each and, measured
+        # on the digits at guidance 3, bought no row
+        options = self.options
+        return dict(max_iterations=options.max_iterations, tolerance=options.tolerance / 10, max_backtracks=8,
+                    gmres_restart=options.gmres_restart, gmres_maxiter=options.gmres_maxiter, rows=options.rows)
+
+    def per_row(self, values: Array) -> Array:
+        """``values`` (``[rows]``) shaped to broadcast over the rows of the data."""
+        return rows_of.per_row(values, self.target)
+
+
+def _problem_of(scheduler, inverse, model: _Model, *, options: ExactOptions, inputs: _Inputs) -> _Problem:
+    """The :class:`_Problem` of :func:`_solved`'s arguments, its derived constants computed once."""
+    state, data, noises = inputs.state, inputs.data, inputs.noises
+    n = state.timesteps.shape[0]
+    steps = jnp.arange(n)
+    cdt = solver.compute_dtype(data)
+    target = data.astype(cdt)
+    scale = jnp.maximum(1.0, row_max_abs(target, options.rows))
+    step_noises = jnp.zeros((n,) + data.shape, cdt) if noises is None else noises.astype(cdt)
+    return _Problem(scheduler=scheduler, inverse=inverse, model_fn=model.bound(inputs.params), options=options,
+                    state=state, mirror=inputs.mirror, cond=inputs.cond, noises=noises, target=target, scale=scale,
+                    steps=steps, step_noises=step_noises)
+
+
+# ----------------------------------------------------------------------------- the sampler, its inverse, the error
+
+
+def _sampled(problem: _Problem, noise: Array) -> Array:
+    """``S(z)``: the sampler run from ``noise`` (as :func:`dpmjax.sample`)."""
+    return scan_steps(problem.scheduler, problem.model_fn, ScanOptions(return_samples=False), state=problem.state,
+                      x=noise, cond=problem.cond, keys=None, noises=problem.noises)[0]
+
+
+def _plain(problem: _Problem, x: Array) -> Array:
+    """``I(x)``, plain inversion (``inverse`` on ``mirror``): the sampler's noise levels mirrored."""
+    return scan_steps(problem.inverse, problem.model_fn, ScanOptions(), state=problem.mirror, x=x, cond=problem.cond,
+                      keys=None, noises=None)[0]
+
+
+def _round_trip(problem: _Problem, x_sampled: Array) -> Array:
+    """Per row: ``max|x_sampled - x| / max(1, max|x|)`` (the scale of the Newton residuals)."""
+    return row_max_abs(x_sampled - problem.target, problem.options.rows) / problem.scale
+
+
+def _converted(problem: _Problem, k, y: Array) -> Array:
+    """The model's output at step ``k`` and sample ``y``, in the sampler's parametrisation."""
+    out = call_model(problem.model_fn, y, problem.state.timesteps[k], cond=problem.cond)
+    return solver.converted_output(problem.scheduler.config, problem.state, k, model_output=out, sample=y)
+
+
+def _unfinished(problem: _Problem, carry) -> Array:
+    """A sweep loop's condition (:class:`_Sweeps`, :class:`_HistorySweeps`): sweeps left and a row active."""
+    return (carry.count < problem.options.max_sweeps) & jnp.any(carry.active)
+
+
+# ----------------------------------------------------------------------------- per-step solves (robust path)
+
+
+def _step_solve(problem: _Problem, x_next: Array, inputs, *, update_rows: Array, from_predictor, iterations: int):
+    """One sampler step ``x_{k+1} = F_k(x_k)`` solved for ``x_k`` (a reverse ``lax.scan`` body over
+    ``inputs = (k, y_previous, z_k, *history)``): Anderson-accelerated fixed point, then Newton-Krylov for
+    the rows it leaves. Returns ``(x_k, (x_k, converted model output at x_k))``."""
+    k, y_previous, z_k, *history = inputs
+    options = problem.options
+    row = update_rows[k].astype(problem.target.dtype)
+    noise = z_k if problem.scheduler.config.is_sde else None
+    equation = solver.step_equation(row, history, noise=noise, like=x_next)
+    F = lambda y: equation.forward(y, _converted(problem, k, y))  # noqa: E731
+    c_x, invertible = row[0], equation.invertible
+    # F(y) = x_next as a fixed point y = g(y); g(x_next) is the explicit (DDIM-like) predictor
+    g = lambda y: equation.fixed_point_map(x_next, _converted(problem, k, y))  # noqa: E731
+    y0 = jnp.where(from_predictor & invertible, g(x_next), jnp.where(from_predictor, x_next, y_previous))
+    # each step a hundredth of the tolerance: the round trip adds up every step's residual
+    tolerance = options.tolerance / 100
+    step_scale = jnp.maximum(1.0, row_max_abs(x_next, options.rows))
+    # Anderson-accelerated fixed point first (one model call per iteration; F(y) - x_next =
+    # c_x (y - g(y))), then Newton-Krylov for the rows it leaves
+    accelerated = anderson_fixed_point(
+        g, y0, residual_of=lambda f: jnp.where(invertible, jnp.abs(c_x), 0.0) * row_max_abs(f, options.rows) / step_scale,
+        threshold=tolerance, rows=options.rows, iterations=_FIXED_POINT_ITERATIONS)
+    y0 = jnp.where(invertible, accelerated.solution, y0)
+    # rows the fixed point brought within 10x of the tolerance are at float32's floor already
+    unsolved = ~invertible | (accelerated.residual > 10 * tolerance)
+    result = newton_krylov(F, x_next, y0, solve_rows=unsolved,
+                           **dict(problem.newton, tolerance=tolerance, max_iterations=iterations))
+    return result.solution, (result.solution, _converted(problem, k, result.solution))
+
+
+def _step_solves(problem: _Problem, X: Array, M: Array, *, update_rows: Array, from_predictor, iterations: int):
+    """Each sampler step ``x_{k+1} = F_k(x_k)`` solved for ``x_k`` by Newton-Krylov, from the data end,
+    with the older model outputs (history) taken from ``M`` (sampler order, noise first); started
+    from the explicit (DDIM-like) predictor or from ``X``. With first-order update rows there is no
+    history and one pass is the exact inversion of the first-order sampler. Returns ``(X, M)``."""
+    zero = jnp.zeros_like(M[:1])
+    history = [jnp.concatenate([zero, M[:-1]]), jnp.concatenate([zero, zero, M[:-2]])][: problem.order - 1]
+    solve = partial(_step_solve, problem, update_rows=update_rows, from_predictor=from_predictor, iterations=iterations)
+    return lax.scan(solve, problem.target, (problem.steps, X, problem.step_noises, *history), reverse=True)[1]
+
+
+def _first_order_path(problem: _Problem):
+    """``(X, M)``: the exact inversion of the first-order sampler on the same grid, path and converted
+    model outputs (exact for order 1, and for a first-order SDE sampler given its noises)."""
+    X = jnp.broadcast_to(problem.target, (problem.n,) + problem.target.shape)
+    return _step_solves(problem, X, jnp.zeros_like(X), update_rows=problem.state.update_coefficients[problem.steps, 0],
+                        from_predictor=True, iterations=problem.options.max_iterations)
+
+
+def _by_row(problem: _Problem, A: Array) -> Array:
+    """``[N, rows, ...]`` -> ``[rows, N * ...]`` in the working dtype (a history sweep's Anderson vectors)."""
+    working = jnp.promote_types(problem.target.dtype, jnp.float32)
+    return jnp.moveaxis(A, 1, 0).reshape(problem.options.rows, -1).astype(working)
+
+
+def _from_rows(v: Array, like: Array) -> Array:
+    """The inverse of :func:`_by_row`, shaped like ``like`` (``[N, rows, ...]``)."""
+    return jnp.moveaxis(v.reshape((like.shape[1],) + like.shape[:1] + like.shape[2:]), 0, 1)
+
+
+def _history_sweep(problem: _Problem, carry: _HistorySweeps, *, trajectory_rows: Array) -> _HistorySweeps:
+    """One history sweep (a ``lax.while_loop`` body of :func:`_history_sweeps`)."""
+    X_last, M_last, G_hist, F_hist, best_noise, best, active, count = carry
+    options = problem.options
+    # a few Newton iterations per step and sweep: the sweeps, not one step's solve, carry the
+    # iteration (measured on the digits at guidance 3: a quarter of the cost, no row lost)
+    X, G = _step_solves(problem, X_last, M_last, update_rows=trajectory_rows, from_predictor=count == 0,
+                        iterations=min(_SWEEP_ITERATIONS, options.max_iterations))
+    g, f = _by_row(problem, G), _by_row(problem, G) - _by_row(problem, M_last)
+    # a row that has stopped is frozen: its path, history, windows and best never change again
+    # (an active row has been active at every sweep, so its window holds ``count`` real entries)
+    G_hist = jnp.where(active[None, :, None], jnp.roll(G_hist, -1, axis=0).at[-1].set(g), G_hist)
+    F_hist = jnp.where(active[None, :, None], jnp.roll(F_hist, -1, axis=0).at[-1].set(f), F_hist)
+    valid = jnp.arange(_HISTORY_WINDOW + 1) >= _HISTORY_WINDOW - count  # entries of sweeps actually made
+    M_next = _from_rows(mix(G_hist, F_hist, valid).astype(G.dtype), G)
+    error = _round_trip(problem, _sampled(problem, X[0]))
+    better = active & (error < best)
+    on_path = problem.per_row(active)[None]
+    X, M_next = jnp.where(on_path, X, X_last), jnp.where(on_path, M_next, M_last)
+    return _HistorySweeps(X=X, M=M_next, G_window=G_hist, F_window=F_hist,
+                          best_noise=jnp.where(problem.per_row(better), X[0], best_noise),
+                          best_error=jnp.where(better, error, best),
+                          active=active & (jnp.minimum(error, best) > options.tolerance), count=count + 1)
+
+
+def _history_sweeps(problem: _Problem, X: Array, M: Array):
+    """Orders >= 2: the per-step solves with the history from the previous sweep, a fixed-point
+    iteration ``M = G(M)`` that converges where the defect correction cannot (plain inversion
+    crossing between modes of the data), Anderson-accelerated per row over the last 3 sweeps
+    (Walker & Ni 2011, SIAM J. Numer. Anal. 49); each row keeps its best sweep. Starts from the path
+    ``X`` and converted outputs ``M``; returns per row the best start, its round trip, and the sweeps made."""
+    trajectory_rows = solver.trajectory_rows(problem.state)
+    error = _round_trip(problem, _sampled(problem, X[0]))
+    window_zeros = jnp.zeros((_HISTORY_WINDOW + 1,) + _by_row(problem, M).shape, _by_row(problem, M).dtype)
+    done = lax.while_loop(partial(_unfinished, problem), partial(_history_sweep, problem, trajectory_rows=trajectory_rows),
+                          _HistorySweeps(X=X, M=M, G_window=window_zeros, F_window=window_zeros, best_noise=X[0],
+                                         best_error=error, active=error > problem.options.tolerance, count=jnp.asarray(0)))
+    return done.best_noise, done.best_error, done.count
+
+
+# ----------------------------------------------------------------------------- whole-sampler stages
+
+
+def _correction(problem: _Problem, carry: _Sweeps, *, plain_noise: Array) -> _Sweeps:
+    """One defect-correction sweep ``z <- z + I(x) - I(S(z))`` (``plain_noise = I(x)``), taken by the
+    rows it improves (a ``lax.while_loop`` body of :func:`_defect_correction`)."""
+    options = problem.options
+    trial = carry.noise + plain_noise - _plain(problem, carry.sampled)
+    trial_sampled = _sampled(problem, trial)
+    trial_error = _round_trip(problem, trial_sampled)
+    better = carry.active & (trial_error < carry.error)
+    return _Sweeps(
+        noise=jnp.where(problem.per_row(better), trial, carry.noise),
+        sampled=jnp.where(problem.per_row(better), trial_sampled, carry.sampled),
+        error=jnp.where(better, trial_error, carry.error),
+        active=better & (trial_error < 0.5 * carry.error) & (trial_error > options.tolerance / 10),
+        count=carry.count + 1,
+    )
+
+
+def _defect_correction(problem: _Problem, start: Array, *, start_sampled: Array, start_error: Array, plain_noise: Array):
+    """Defect correction: z <- z + I(x) - I(S(z)) with I the plain inversion, an approximate inverse
+    of the sampler S (Stetter 1978, "The defect correction principle"); it converges fast where I is
+    accurate. ``start`` is the first ``z``, ``start_sampled`` its sample and ``start_error`` its round
+    trip; ``plain_noise`` is ``I(x)``. A row takes a sweep only where it lowers its round trip, and
+    stops when a sweep gains less than a factor of 2 (stalled at float32 cancellation, or diverging).
+    Returns per row the start found, its round trip, and the sweeps made."""
+    done = lax.while_loop(partial(_unfinished, problem), partial(_correction, problem, plain_noise=plain_noise),
+                          _Sweeps(noise=start, sampled=start_sampled, error=start_error,
+                                  active=start_error > problem.options.tolerance / 10, count=jnp.asarray(0)))
+    return done.noise, done.error, done.count
+
+
+def _shooting(problem: _Problem, start: Array, start_error: Array, *, preconditioned: bool):
+    """Newton-Krylov on the whole sampler, S(z) = x (a multistep sampler is a function of its start
+    alone), for the rows not yet within the tolerance; right-preconditioned by the plain inversion's
+    Jacobian at S(z), close to S's inverse Jacobian where plain inversion is accurate, so GMRES needs
+    a few products where it needs dozens unpreconditioned (without it: GMRES(20), 2 cycles). A row
+    keeps its start where the solve did not improve it. Returns per row the start, its round trip,
+    and the Newton iterations made."""
+    options = problem.options
+    if preconditioned:
+        settings = dict(problem.newton,
+                        preconditioner=lambda y, value, v: jax.jvp(partial(_plain, problem), (value,), (v,))[1])
+    else:
+        settings = dict(problem.newton, gmres_restart=max(20, options.gmres_restart),
+                        gmres_maxiter=max(2, options.gmres_maxiter))
+        # each iteration evaluates the whole sampler dozens of times: a cap bounds the cost where
+        # the sampler is not invertible (measured at N = 10, guidance 3: half the cost, no row lost)
+        settings["max_iterations"] = min(options.max_iterations, _SHOOTING_ITERATIONS)
+    result = newton_krylov(partial(_sampled, problem), problem.target, start, solve_rows=start_error > options.tolerance,
+                           **settings)
+    improved = result.residual < start_error
+    return (jnp.where(problem.per_row(improved), result.solution, start),
+            jnp.where(improved, result.residual, start_error), result.iterations)
+
+
+# ----------------------------------------------------------------------------- the paths and their assembly
+
+
+def _plain_inversion(problem: _Problem):
+    """``(result, sampled)``: plain inversion ``I(x)`` as a :class:`_Result` (no sweeps, no
+    iterations) and its sample ``S(I(x))``."""
+    plain_noise = _plain(problem, problem.target)
+    plain_sampled = _sampled(problem, plain_noise)
+    plain_error = _round_trip(problem, plain_sampled)
+    return _Result(noise=plain_noise, error=plain_error, sweeps=jnp.asarray(0), iterations=jnp.asarray(0)), plain_sampled
+
+
+def _fast(problem: _Problem, plain: _Result, *, plain_sampled: Array) -> _Result:
+    """Orders >= 2 from plain inversion (``plain``, its sample ``plain_sampled``): defect-correction
+    sweeps, then the preconditioned whole-sampler solve."""
+    start, start_error, count = _defect_correction(problem, plain.noise, start_sampled=plain_sampled,
+                                                   start_error=plain.error, plain_noise=plain.noise)
+    noise, error, iterations = _shooting(problem, start, start_error, preconditioned=True)
+    return _Result(noise=noise, error=error, sweeps=count, iterations=iterations)
+
+
+def _robust(problem: _Problem, result: _Result) -> _Result:
+    """The exact first-order path (exact for order 1), history sweeps (orders >= 2) and the
+    whole-sampler solve, for rows ``result`` leaves unconverged (order 1: all rows)."""
+    K = problem.order
+    X, M = _first_order_path(problem)
+    if K == 1:
+        start, start_error, count = X[0], _round_trip(problem, _sampled(problem, X[0])), jnp.asarray(0)
+    else:
+        start, start_error, count = _history_sweeps(problem, X, M)
+    noise, error, iterations = _shooting(problem, start, start_error, preconditioned=K == 1)
+    # orders >= 2 run this path for every row when any row needs it: the rows that were within the
+    # tolerance already keep their result, so that a row's answer never depends on its neighbours
+    result = _better_of(result, _Result(noise=noise, error=error, sweeps=count, iterations=iterations),
+                        rows_open=True if K == 1 else result.error > problem.options.tolerance)
+    _status(problem, "per-step solves and the whole-sampler solve", result)
+    return result
+
+
+def _better_of(a: _Result, b: _Result, *, rows_open=True) -> _Result:
+    """Per row, the result with the smaller round trip among the rows ``rows_open`` (``[rows]`` or
+    True: all); the other rows keep ``a``. Counts add up."""
+    take_b = rows_open & (b.error < a.error)
+    take_b_rows = rows_of.per_row(take_b, a.noise)
+    return _Result(noise=jnp.where(take_b_rows, b.noise, a.noise), error=jnp.where(take_b, b.error, a.error),
+                   sweeps=a.sweeps + b.sweeps, iterations=a.iterations + b.iterations)
+
+
+def _status(problem: _Problem, stage: str, result: _Result) -> None:
+    """One progress line per stage (``options.progress``): the rows within the tolerance after it."""
+    options = problem.options
+    message = f"{stage}: {{}}/{problem.target.shape[0] if options.rows > 1 else 1} rows within {options.tolerance:g}"
+    progress_line.status(options.progress, "invert (exact)", message, values=(jnp.sum(result.error <= options.tolerance),))
+
+
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
 def _solved(scheduler, inverse, model: _Model, options: ExactOptions, inputs: _Inputs) -> _Result:
     """Per row the start ``z`` found, its round trip and the work made (the arguments as in
-    :func:`exact_inversion`); see the module docstring.
+    :func:`exact_inversion`); see the module docstring. Assembles the stages over one
+    :class:`_Problem`: a first-order SDE sampler given its noises takes the exact per-step solves;
+    otherwise plain inversion, then order 1 the robust path, orders >= 2 the fast path and the robust
+    path where a row is left. Each row keeps the best it met: never worse than plain inversion.
 
     Its derivative is implicit (a ``custom_jvp``, :func:`_solved_jvp`): ``S(z) = x`` gives
     ``J dz = dx - dS/dtheta dtheta`` with ``J = dS/dz`` at the ``z`` found, for the tangents of the
     data ``x`` and of ``theta`` = the sampler's state, ``cond``, ``noises`` and the model's
     closed-over values (the mirrored grid only steers the solve and has no effect on its answer)."""
-    state, mirror, data, cond, noises = inputs.state, inputs.mirror, inputs.data, inputs.cond, inputs.noises
-    model_fn = model.bound(inputs.params)
-    progress = options.progress
-    config = scheduler.config
-    n = state.timesteps.shape[0]
-    K = config.solver_order
-    rows = options.rows
-    steps = jnp.arange(n)
-    cdt = solver.compute_dtype(data)
-    target = data.astype(cdt)
-    scale = jnp.maximum(1.0, row_max_abs(target, rows))
-    per_row = lambda v: rows_of.per_row(v, data)  # noqa: E731
-    z = jnp.zeros((n,) + data.shape, cdt) if noises is None else noises.astype(cdt)
-    # a row far from its solution halves its step at most 8 times (1/256) before the Newton solver's
-    # non-monotone full step: longer line searches cost a whole batched evaluation each and, measured
-    # on the digits at guidance 3, bought no row
-    newton = dict(max_iterations=options.max_iterations, tolerance=options.tolerance / 10, max_backtracks=8,
-                  gmres_restart=options.gmres_restart, gmres_maxiter=options.gmres_maxiter, rows=rows)
-
-    def converted(k, y):
-        out = call_model(model_fn, y, state.timesteps[k], cond=cond)
-        return solver.converted_output(config, state, k, model_output=out, sample=y), out
-
-    def sampled(x_noise, return_samples=False):
-        return scan_steps(scheduler, model_fn, ScanOptions(return_samples=return_samples), state=state, x=x_noise, cond=cond,
-                          keys=None, noises=noises)
-
-    def error_of(x_sampled):
-        """Per row: max|x_sampled - data| / max(1, max|data|) (the scale of the Newton residuals)."""
-        return row_max_abs(x_sampled - target, rows) / scale
-
-    def plain(x):  # plain inversion (``inverse`` on ``mirror``): the sampler's noise levels mirrored
-        return scan_steps(inverse, model_fn, ScanOptions(), state=mirror, x=x, cond=cond, keys=None, noises=None)[0]
-
-    def step_solves(X, M, update_rows, from_predictor, iterations=options.max_iterations):
-        """Each sampler step ``x_{k+1} = F_k(x_k)`` solved for ``x_k`` by Newton-Krylov, from the data end,
-        with the older model outputs (history) taken from ``M`` (sampler order, noise first); started
-        from the explicit (DDIM-like) predictor or from ``X``. With first-order update rows there is no
-        history and one pass is the exact inversion of the first-order sampler. Returns ``(X, M)``."""
-
-        def solve(x_next, inputs):
-            k, y_previous, z_k, *history = inputs
-            row = update_rows[k].astype(cdt)
-            noise = z_k if config.is_sde else None
-            equation = solver.step_equation(row, history, noise=noise, like=x_next)
-            F = lambda y: equation.forward(y, converted(k, y)[0])  # noqa: E731
-            c_x, invertible = row[0], equation.invertible
-            # F(y) = x_next as a fixed point y = g(y); g(x_next) is the explicit (DDIM-like) predictor
-            g = lambda y: equation.fixed_point_map(x_next, converted(k, y)[0])  # noqa: E731
-            y0 = jnp.where(from_predictor & invertible, g(x_next), jnp.where(from_predictor, x_next, y_previous))
-            # each step a hundredth of the tolerance: the round trip adds up every step's residual
-            tolerance = options.tolerance / 100
-            step_scale = jnp.maximum(1.0, row_max_abs(x_next, rows))
-            # Anderson-accelerated fixed point first (one model call per iteration; F(y) - x_next =
-            # c_x (y - g(y))), then Newton-Krylov for the rows it leaves
-            accelerated = anderson_fixed_point(
-                g, y0, residual_of=lambda f: jnp.where(invertible, jnp.abs(c_x), 0.0) * row_max_abs(f, rows) / step_scale,
-                threshold=tolerance, rows=rows, iterations=_FIXED_POINT_ITERATIONS)
-            y0 = jnp.where(invertible, accelerated.solution, y0)
-            # rows the fixed point brought within 10x of the tolerance are at float32's floor already
-            unsolved = ~invertible | (accelerated.residual > 10 * tolerance)
-            result = newton_krylov(F, x_next, y0, solve_rows=unsolved,
-                                   **dict(newton, tolerance=tolerance, max_iterations=iterations))
-            return result.solution, (result.solution, converted(k, result.solution)[0])
-
-        zero = jnp.zeros_like(M[:1])
-        history = [jnp.concatenate([zero, M[:-1]]), jnp.concatenate([zero, zero, M[:-2]])][: K - 1]
-        return lax.scan(solve, target, (steps, X, z, *history), reverse=True)[1]
-
-    def first_order_path():
-        X = jnp.broadcast_to(target, (n,) + target.shape)
-        return step_solves(X=X, M=jnp.zeros_like(X), update_rows=state.update_coefficients[steps, 0], from_predictor=True)
-
-    def history_sweeps(X, M):
-        """Orders >= 2: the per-step solves with the history from the previous sweep, a fixed-point
-        iteration ``M = G(M)`` that converges where the defect correction cannot (plain inversion
-        crossing between modes of the data), Anderson-accelerated per row over the last 3 sweeps
-        (Walker & Ni 2011, SIAM J. Numer. Anal. 49); each row keeps its best sweep."""
-        window = 3
-        trajectory_rows = solver.trajectory_rows(state)
-        by_row = lambda A: jnp.moveaxis(A, 1, 0).reshape(rows, -1).astype(jnp.promote_types(cdt, jnp.float32))  # noqa: E731
-        from_rows = lambda v, like: jnp.moveaxis(v.reshape((like.shape[1],) + like.shape[:1] + like.shape[2:]), 0, 1)  # noqa: E731
-
-        def unfinished(carry: _HistorySweeps):
-            return (carry.count < options.max_sweeps) & jnp.any(carry.active)
-
-        def sweep(carry: _HistorySweeps) -> _HistorySweeps:
-            X_last, M_last, G_hist, F_hist, best_noise, best, active, count = carry
-            # a few Newton iterations per step and sweep: the sweeps, not one step's solve, carry the
-            # iteration (measured on the digits at guidance 3: a quarter of the cost, no row lost)
-            X, G = step_solves(X=X_last, M=M_last, update_rows=trajectory_rows, from_predictor=count == 0,
-                               iterations=min(_SWEEP_ITERATIONS, options.max_iterations))
-            g, f = by_row(G), by_row(G) - by_row(M_last)
-            # a row that has stopped is frozen: its path, history, windows and best never change again
-            # (an active row has been active at every sweep, so its window holds ``count`` real entries)
-            G_hist = jnp.where(active[None, :, None], jnp.roll(G_hist, -1, axis=0).at[-1].set(g), G_hist)
-            F_hist = jnp.where(active[None, :, None], jnp.roll(F_hist, -1, axis=0).at[-1].set(f), F_hist)
-            valid = jnp.arange(window + 1) >= window - count  # entries of sweeps actually made
-            M_next = from_rows(mix(G_hist, F_hist, valid).astype(G.dtype), G)
-            error = error_of(sampled(X[0])[0])
-            better = active & (error < best)
-            on_path = per_row(active)[None]
-            X, M_next = jnp.where(on_path, X, X_last), jnp.where(on_path, M_next, M_last)
-            return _HistorySweeps(X=X, M=M_next, G_window=G_hist, F_window=F_hist,
-                                  best_noise=jnp.where(per_row(better), X[0], best_noise),
-                                  best_error=jnp.where(better, error, best),
-                                  active=active & (jnp.minimum(error, best) > options.tolerance), count=count + 1)
-
-        error = error_of(sampled(X[0])[0])
-        window_zeros = jnp.zeros((window + 1,) + by_row(M).shape, by_row(M).dtype)
-        done = lax.while_loop(unfinished, sweep, _HistorySweeps(
-            X=X, M=M, G_window=window_zeros, F_window=window_zeros, best_noise=X[0], best_error=error,
-            active=error > options.tolerance, count=jnp.asarray(0)))
-        return done.best_noise, done.best_error, done.count
-
-    def sweeps(start, start_sampled, start_error):
-        """Defect correction: z <- z + I(x) - I(S(z)) with I the plain inversion, an approximate inverse
-        of the sampler S (Stetter 1978, "The defect correction principle"); it converges fast where I is
-        accurate. A row takes a sweep only where it lowers its round trip, and stops when a sweep gains
-        less than a factor of 2 (stalled at float32 cancellation, or diverging)."""
-
-        def unfinished(carry: _Sweeps):
-            return (carry.count < options.max_sweeps) & jnp.any(carry.active)
-
-        def correct(carry: _Sweeps) -> _Sweeps:
-            trial = carry.noise + plain_noise - plain(carry.sampled)
-            trial_sampled = sampled(trial)[0]
-            trial_error = error_of(trial_sampled)
-            better = carry.active & (trial_error < carry.error)
-            return _Sweeps(
-                noise=jnp.where(per_row(better), trial, carry.noise),
-                sampled=jnp.where(per_row(better), trial_sampled, carry.sampled),
-                error=jnp.where(better, trial_error, carry.error),
-                active=better & (trial_error < 0.5 * carry.error) & (trial_error > options.tolerance / 10),
-                count=carry.count + 1,
-            )
-
-        done = lax.while_loop(unfinished, correct, _Sweeps(noise=start, sampled=start_sampled, error=start_error,
-                                                           active=start_error > options.tolerance / 10,
-                                                           count=jnp.asarray(0)))
-        return done.noise, done.error, done.count
-
-    def shooting(start, start_error, preconditioned=True):
-        """Newton-Krylov on the whole sampler, S(z) = x (a multistep sampler is a function of its start
-        alone), for the rows not yet within the tolerance; right-preconditioned by the plain inversion's
-        Jacobian at S(z), close to S's inverse Jacobian where plain inversion is accurate, so GMRES needs
-        a few products where it needs dozens unpreconditioned (without it: GMRES(20), 2 cycles). A row
-        keeps its start where the solve did not improve it."""
-        if preconditioned:
-            settings = dict(newton, preconditioner=lambda y, value, v: jax.jvp(plain, (value,), (v,))[1])
-        else:
-            settings = dict(newton, gmres_restart=max(20, options.gmres_restart), gmres_maxiter=max(2, options.gmres_maxiter))
-            # each iteration evaluates the whole sampler dozens of times: a cap bounds the cost where
-            # the sampler is not invertible (measured at N = 10, guidance 3: half the cost, no row lost)
-            settings["max_iterations"] = min(options.max_iterations, _SHOOTING_ITERATIONS)
-        result = newton_krylov(lambda x_noise: sampled(x_noise)[0], target, start, solve_rows=start_error > options.tolerance,
-                               **settings)
-        improved = result.residual < start_error
-        return (jnp.where(per_row(improved), result.solution, start), jnp.where(improved, result.residual, start_error),
-                result.iterations)
-
-    def fast(start, start_sampled, start_error) -> _Result:
-        """Orders >= 2 from plain inversion: defect-correction sweeps, then the preconditioned solve."""
-        start, start_error, count = sweeps(start, start_sampled, start_error)
-        noise, error, iterations = shooting(start, start_error)
-        return _Result(noise=noise, error=error, sweeps=count, iterations=iterations)
-
-    def status(stage: str, result: _Result) -> None:
-        """One progress line per stage: the rows within the tolerance after it."""
-        message = f"{stage}: {{}}/{data.shape[0] if rows > 1 else 1} rows within {options.tolerance:g}"
-        progress_line.status(progress, "invert (exact)", message, values=(jnp.sum(result.error <= options.tolerance),))
-
-    def better_of(a: _Result, b: _Result, rows_open=True) -> _Result:
-        """Per row, the result with the smaller round trip among the rows ``rows_open`` (``[rows]`` or
-        True: all); the other rows keep ``a``. Counts add up."""
-        take_b = rows_open & (b.error < a.error)
-        return _Result(noise=jnp.where(per_row(take_b), b.noise, a.noise), error=jnp.where(take_b, b.error, a.error),
-                       sweeps=a.sweeps + b.sweeps, iterations=a.iterations + b.iterations)
-
-    if noises is not None:  # a first-order SDE sampler given its noises: the per-step solves are exact
-        noise = first_order_path()[0][0]
-        errors, sweep_count, iterations = error_of(sampled(noise)[0]), jnp.asarray(0), jnp.asarray(0)
-    else:
-        plain_noise = plain(target)
-        plain_sampled = sampled(plain_noise)[0]
-        plain_error = error_of(plain_sampled)
-        plain_result = _Result(noise=plain_noise, error=plain_error, sweeps=jnp.asarray(0), iterations=jnp.asarray(0))
-        status("plain inversion", plain_result)
-
-        def robust(result: _Result) -> _Result:
-            """The exact first-order path (exact for order 1), history sweeps (orders >= 2) and the
-            whole-sampler solve, for rows the fast path left unconverged (order 1: all rows)."""
-            X, M = first_order_path()
-            if K == 1:
-                start, start_error, count = X[0], error_of(sampled(X[0])[0]), jnp.asarray(0)
-            else:
-                start, start_error, count = history_sweeps(X, M)
-            noise, error, iterations = shooting(start, start_error, preconditioned=K == 1)
-            # orders >= 2 run this path for every row when any row needs it: the rows that were within the
-            # tolerance already keep their result, so that a row's answer never depends on its neighbours
-            result = better_of(result, _Result(noise=noise, error=error, sweeps=count, iterations=iterations),
-                               rows_open=True if K == 1 else result.error > options.tolerance)
-            status("per-step solves and the whole-sampler solve", result)
-            return result
-
-        if K == 1:
-            result = robust(plain_result)
-        else:
-            result = better_of(plain_result, fast(plain_noise, plain_sampled, plain_error))
-            status("defect-correction sweeps and the preconditioned solve", result)
-            result = lax.cond(jnp.any(result.error > options.tolerance), robust, lambda r: r, result)
-        # never worse than plain inversion on any row: better_of keeps it where nothing beat it
-        noise, errors, sweep_count, iterations = result
-    return _Result(noise=noise, error=errors, sweeps=sweep_count, iterations=iterations)
+    problem = _problem_of(scheduler, inverse, model, options=options, inputs=inputs)
+    if problem.noises is not None:  # a first-order SDE sampler given its noises: the per-step solves are exact
+        noise = _first_order_path(problem)[0][0]
+        return _Result(noise=noise, error=_round_trip(problem, _sampled(problem, noise)), sweeps=jnp.asarray(0),
+                       iterations=jnp.asarray(0))
+    plain, plain_sampled = _plain_inversion(problem)
+    _status(problem, "plain inversion", plain)
+    if problem.order == 1:
+        return _robust(problem, plain)
+    result = _better_of(plain, _fast(problem, plain, plain_sampled=plain_sampled))
+    _status(problem, "defect-correction sweeps and the preconditioned solve", result)
+    return lax.cond(jnp.any(result.error > options.tolerance), partial(_robust, problem), lambda r: r, result)
 
 
 def _zeros_for(tangent):

@@ -262,6 +262,14 @@ def test_a_folder_name_too_long_for_the_file_system_is_quarantined_not_a_stopped
 
 
 # ----------------------------------------------------------------------------- exit statuses mean something
+def _run_with_model(tmp_path: Path, *, out: Path, model: str) -> subprocess.CompletedProcess:
+    """``dpmjax invert-batch tmp_path/input OUT --model MODEL`` with ``tmp_path/models`` importable."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "models"), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "dpmjax", "invert-batch", str(tmp_path / "input"), str(out),
+               "--model", model, "--steps", str(STEPS)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
 def test_a_model_that_exits_is_a_failure_never_a_success(tmp_path):
     """``--model builtins:exit`` (SystemExit from the factory) is refused, exit 2, nothing written; a
     model that raises SystemExit while the job runs stops it with exit 1, naming the chunk."""
@@ -280,10 +288,7 @@ def test_a_model_that_exits_is_a_failure_never_a_success(tmp_path):
         "            sys.exit(0)\n"
         "        return x\n"
         "    return model_fn\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "models"), os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "dpmjax", "invert-batch", str(tmp_path / "input"), str(tmp_path / "out2"),
-               "--model", "exiting:model", "--steps", str(STEPS)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    done = _run_with_model(tmp_path, out=tmp_path / "out2", model="exiting:model")
     assert done.returncode == batch.EXIT_FAILED, (done.returncode, done.stderr[-3000:])
     assert "chunk part-00000.npy: SystemExit" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "out2" / "chunks" / "part-00000.npy").exists()
@@ -387,10 +392,7 @@ def test_a_model_that_exits_inside_a_compiled_callback_is_named_in_the_last_line
         "    def leave(x):\n"
         "        sys.exit(0)\n"
         "    return lambda x, t: jax.pure_callback(leave, jax.ShapeDtypeStruct(x.shape, x.dtype), x)\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "models"), os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "dpmjax", "invert-batch", str(tmp_path / "input"), str(tmp_path / "out"),
-               "--model", "callback_exit:model", "--steps", str(STEPS)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    done = _run_with_model(tmp_path, out=tmp_path / "out", model="callback_exit:model")
     assert done.returncode == batch.EXIT_FAILED, (done.returncode, done.stderr[-3000:])
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("dpmjax invert-batch: the job stopped while inverting chunk part-00000.npy: SystemExit"), last

@@ -124,7 +124,11 @@ def invert(
         exact: Find the start ``z`` with ``sample(z) = x`` to the working precision instead of
             plain inversion (sampler only): ``True`` (the default settings), or an
             :class:`~dpmjax.ExactInversion` with the tolerance, sweeps, iterations, GMRES sizes and
-            row coupling to use; ``False`` (default) is plain inversion.
+            row coupling to use; ``False`` (default) is plain inversion. Exact inversion is
+            differentiable (``jax.jvp``, ``jax.grad``) by implicit differentiation of
+            ``sample(z) = x``, with respect to ``sample``, ``cond`` and values the model closes
+            over, never through the solver's iterations (the exact-inversion guide, "Differentiating
+            exact inversion").
         noises: ``[N, *shape]``, the per-step noises a stochastic sampler used. Only a first-order
             ``sde-dpmsolver++`` sampler is accepted, with ``exact=True``.
         return_samples: Also return the sample after each inversion step

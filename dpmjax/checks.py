@@ -1,9 +1,12 @@
 """Argument checks shared by every public entry point: each raises a ``ValueError`` that names the
-parameter and says what is allowed, before anything is traced or written."""
+parameter and says what is allowed, before anything is traced or written. :func:`rejects_keywords`
+refuses keywords a call no longer takes with a ``TypeError`` that gives the call to write instead."""
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, Tuple
 
 import jax
@@ -102,3 +105,33 @@ def function(name: str, value: Any) -> None:
     """``value`` must be callable."""
     if not callable(value):
         raise ValueError(f"{name} must be a function, got {type(value).__name__}.")
+
+
+def rejects_keywords(removed: Sequence[str], message: Callable[[str, dict[str, Any]], str]):
+    """A decorator: the function refuses the keywords ``removed`` (ones it no longer takes) with a
+    ``TypeError`` whose text is ``message(function name, {keyword: value given})``, the new call to
+    write, rather than Python's bare "unexpected keyword argument". All the removed keywords of a
+    call are named together, in the order of ``removed``, before the function runs; the wrapper
+    keeps the function's signature and docstring.
+
+    Example:
+        >>> @rejects_keywords(("tol",), lambda name, given: f"{name}() takes settings=S(tolerance={given['tol']!r})")
+        ... def solve(x, *, settings=None):
+        ...     return x
+        >>> solve(1, tol=1e-3)
+        Traceback (most recent call last):
+        TypeError: solve() takes settings=S(tolerance=0.001)
+    """
+    removed = tuple(removed)
+
+    def decorate(function):
+        @functools.wraps(function)
+        def checked(*args, **kwargs):
+            given = {name: kwargs[name] for name in removed if name in kwargs}
+            if given:
+                raise TypeError(message(function.__name__, given))
+            return function(*args, **kwargs)
+
+        return checked
+
+    return decorate

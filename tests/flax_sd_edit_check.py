@@ -29,6 +29,7 @@ from dpmjax.apps.images import write_images  # noqa: E402
 from dpmjax.models.flax_sd import testing  # noqa: E402
 from dpmjax.models.flax_sd import edit as edit_module  # noqa: E402
 from dpmjax.models.flax_sd.edit import decode_latents, edit_images, encode_images  # noqa: E402
+from dpmjax.models.flax_sd.edit_methods import ExactEdit, NullTextEdit  # noqa: E402
 
 STEPS = 15
 GUIDANCE = 3.0
@@ -52,7 +53,8 @@ class _Stopped(Exception):
 
 
 def exact_settings_passed(pipeline, params, images, settings) -> dict:
-    """What edit_images hands invert as ``exact=``, for each way of asking (the call stops there)."""
+    """What edit_images hands invert as ``exact=``, for each way of asking (the call stops there):
+    ``method="exact"``, ``method=ExactEdit(inversion=...)`` and ``method="plain"``."""
     seen = []
 
     def recording_invert(*args, **kwargs):
@@ -61,17 +63,14 @@ def exact_settings_passed(pipeline, params, images, settings) -> dict:
 
     real, edit_module.invert = edit_module.invert, recording_invert
     try:
-        asks = {"default": {}, "given": {"exact": dpmjax.ExactInversion(tolerance=1e-3, max_sweeps=2)}}
+        asks = {"default": "exact", "given": ExactEdit(inversion=dpmjax.ExactInversion(tolerance=1e-3, max_sweeps=2)),
+                "plain": "plain"}
         passed = {}
-        for name, extra in asks.items():
+        for name, method in asks.items():
             try:
-                edit_images(pipeline, params, images, SOURCE, TARGET, method="exact", **extra, **settings)
+                edit_images(pipeline, params, images, SOURCE, TARGET, method=method, **settings)
             except _Stopped:
                 passed[name] = repr(seen[-1])
-        try:
-            edit_images(pipeline, params, images, SOURCE, TARGET, method="plain", **settings)
-        except _Stopped:
-            passed["plain"] = repr(seen[-1])
     finally:
         edit_module.invert = real
     return passed
@@ -99,7 +98,7 @@ def main(out: Path) -> dict:
     report["vae"] = {"image_error": [float(np.max(np.abs(vae_round_trip[i] - images[i]))) for i in range(2)],
                      "latent_std": float(jnp.std(latents))}
 
-    settings = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, solver_order=ORDER)
+    settings = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, scheduler_config={"solver_order": ORDER})
     # rows 0, 1: the source prompt as target (a reconstruction); row 2: image 0 with another target prompt
     batch = np.concatenate([images, images[:1]])
     result = edit_images(pipeline, params, batch, SOURCE, [SOURCE, SOURCE, TARGET], method="exact", **settings)
@@ -117,12 +116,12 @@ def main(out: Path) -> dict:
     phase("exact")
 
     rows = {}
-    for method in ("plain", "null-text"):
-        first = edit_images(pipeline, params, images, SOURCE, TARGET, method=method, reconstruct=True, null_text_steps=3,
+    for method, settings_object in (("plain", "plain"), ("null-text", NullTextEdit(inner_steps=3))):
+        first = edit_images(pipeline, params, images, SOURCE, TARGET, method=settings_object, reconstruct=True,
                             **settings)
         sizes = (scan.scan_steps_jit._cache_size(),)
-        again = edit_images(pipeline, params, images[::-1], ["the dog", "a cat"], SOURCE, method=method,
-                            reconstruct=True, null_text_steps=3, **settings)
+        again = edit_images(pipeline, params, images[::-1], ["the dog", "a cat"], SOURCE, method=settings_object,
+                            reconstruct=True, **settings)
         rows[method] = {
             "finite": bool(np.all(np.isfinite(first.images)) and np.all(np.isfinite(again.images))),
             "shape": list(first.images.shape),

@@ -116,6 +116,35 @@ def _read_png(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+# ----------------------------------------------------------------------------- the call it makes
+@pytest.mark.parametrize("flags, method, order", [
+    ([], "exact", 2), (["--method", "plain", "--order", "1"], "plain", 1),
+    (["--method", "null-text", "--order", "3"], "null-text", 3)])
+def test_the_command_builds_the_method_object_and_passes_the_order_as_a_scheduler_parameter(
+        setup, monkeypatch, capsys, flags, method, order):
+    """``--method`` becomes the method's settings object (its defaults), ``--order`` the scheduler's
+    ``solver_order``; the call binds to edit_images' own signature (no removed keyword)."""
+    import inspect
+
+    from dpmjax.apps import edit
+    from dpmjax.models.flax_sd import edit_images as real
+    from dpmjax.models.flax_sd import edit_method
+
+    calls = []
+
+    def recording(pipeline, params, images, **kwargs):
+        inspect.signature(real).bind(pipeline, params, images, **kwargs)
+        calls.append(kwargs)
+        return SimpleNamespace(images=1.0 - images, round_trip=None, converged=None)
+
+    monkeypatch.setattr(edit, "edit_images", recording)
+    status, err, _ = setup.run("--out", setup.folder / "o.png", *flags, capsys=capsys)
+    assert status == 0, err
+    (kwargs,) = calls
+    assert kwargs["method"] == edit_method(method) and type(kwargs["method"]) is type(edit_method(method))
+    assert kwargs["scheduler_config"] == {"solver_order": order}
+
+
 # ----------------------------------------------------------------------------- --out and the inputs
 @pytest.mark.parametrize("spelling, overwrite", [
     ("the same path", False), ("the same path", True), ("another spelling", True),

@@ -14,6 +14,7 @@ import pytest
 
 import dpmjax
 from dpmjax.models.analytic import GaussianMixture, timestep_model
+from dpmjax.models.flax_sd import ExactEdit
 from dpmjax.trajectories.exact_options import MOVED_KEYWORDS
 
 GMM = GaussianMixture()
@@ -119,25 +120,29 @@ def test_several_moved_keywords_are_named_together_even_on_the_plain_path():
 
 
 def test_edit_images_takes_the_settings_object_and_refuses_its_old_keywords():
-    """Checked before anything is loaded or traced (no pipeline needed)."""
+    """Checked before anything is loaded or traced (no pipeline needed). The settings reach edit_images
+    inside its exact method's object, ``method=ExactEdit(inversion=...)`` (tests/test_edit_methods.py)."""
     from dpmjax.models.flax_sd.edit import edit_images
 
     with pytest.raises(TypeError, match=r"^edit_images\(\) no longer takes max_iterations: .*"
-                                        r"exact=dpmjax\.ExactInversion\(max_iterations=5\)"):
+                                        r"method=ExactEdit\(inversion=dpmjax\.ExactInversion\(max_iterations=5\)\)"):
         edit_images(None, {}, None, "a", "b", max_iterations=5)
-    with pytest.raises(ValueError, match=r"^exact sets exact inversion's settings and method='plain'"):
-        edit_images(None, {}, None, "a", "b", method="plain", exact=dpmjax.ExactInversion())
-    with pytest.raises(ValueError, match=r"^exact must be None or a dpmjax.ExactInversion"):
-        edit_images(None, {}, None, "a", "b", exact={"tolerance": 1e-3})
+    with pytest.raises(TypeError, match=r"^edit_images\(\) no longer takes exact: .*"
+                                        r"method=ExactEdit\(inversion=dpmjax\.ExactInversion\(tolerance=0\.001\)\)"):
+        edit_images(None, {}, None, "a", "b", method="plain", exact=dpmjax.ExactInversion(tolerance=1e-3))
+    with pytest.raises(ValueError, match=r"^inversion must be a dpmjax.ExactInversion"):
+        edit_images(None, {}, None, "a", "b", method=ExactEdit(inversion={"tolerance": 1e-3}))
 
 
-@pytest.mark.parametrize("function", ["invert", "sample", "null_text_inversion", "check_step_inversion", "batch.run"])
+@pytest.mark.parametrize("function", ["invert", "sample", "null_text_inversion", "check_step_inversion", "batch.run",
+                                      "flax_sd.edit_images"])
 def test_public_calls_take_at_most_fourteen_parameters(function):
     import inspect
 
     from dpmjax.apps import batch
+    from dpmjax.models import flax_sd
 
-    call = batch.run if function == "batch.run" else getattr(dpmjax, function)
+    call = {"batch.run": batch.run, "flax_sd.edit_images": flax_sd.edit_images}.get(function) or getattr(dpmjax, function)
     assert len(inspect.signature(call).parameters) <= 14
 
 

@@ -82,7 +82,8 @@ def test_another_target_prompt_changes_the_image(report):
 
 @pytest.mark.slow
 def test_exact_settings_reach_invert(report):
-    """``exact=`` an ExactInversion is what invert gets; without it, the defaults; plain inverts plainly."""
+    """``method=ExactEdit(inversion=...)``: that ExactInversion is what invert gets; ``method="exact"``:
+    the defaults; plain inverts plainly."""
     assert report["exact_passed"] == {
         "default": repr(dpmjax.ExactInversion()),
         "given": repr(dpmjax.ExactInversion(tolerance=1e-3, max_sweeps=2)),

@@ -18,7 +18,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import jax.numpy as jnp
 import numpy as np
 
-from ..models.flax_sd.edit import METHODS, edit_images
+from ..models.flax_sd.edit import edit_images
+from ..models.flax_sd.edit_methods import METHODS, edit_method
 from ..models.flax_sd.requirements import old_diffusers
 from ..models.flax_sd.unet import cast_floating
 from .images import PathChangedError, check_image, read_image, same_file, write_images
@@ -421,8 +422,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if dtype != jnp.float32:
         params = {k: cast_floating(v, dtype) if k in ("unet", "vae", "text_encoder") else v for k, v in params.items()}
     result = edit_images(pipeline, params, images, source_prompt=args.prompt, target_prompt=args.target_prompt,
-                         method=args.method, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                         solver_order=args.order, progress=True)
+                         method=edit_method(args.method), num_inference_steps=args.steps, guidance_scale=args.guidance,
+                         scheduler_config={"solver_order": args.order}, progress=True)
     rows = [[edited] if args.edited_only else [original, edited] for original, edited in zip(images, result.images)]
     existed = os.path.exists(args.out)
     try:

@@ -14,14 +14,17 @@ the pipelines' text encoders; ``pip install "dpmjax[flax-sd]"``).
     noise = dpmjax.invert(model_fn, latents, scheduler, 50,
                           cond=flax_sd.UNetInputs(params, text_embeddings, uncond_embeddings)).sample
     result = flax_sd.edit_images(pipeline, params, images, source_prompt="a cat", target_prompt="a dog")
+    result = flax_sd.edit_images(pipeline, params, images, source_prompt="a cat", target_prompt="a dog",
+                                 method=flax_sd.NullTextEdit(inner_steps=5))   # a method's own settings
 """
 
-from .edit import EDIT_SCHEDULER, METHODS, SD_SCHEDULE, EditParts, EditResult, edit_images, edit_scheduler
+from .edit import EDIT_SCHEDULER, SD_SCHEDULE, EditParts, EditResult, edit_images, edit_scheduler
+from .edit_methods import METHODS, EditMethod, ExactEdit, NullTextEdit, PlainEdit, edit_method
 from .unet import UNetInputs, cast_floating, guided_unet, load_unet, unet_eps, unet_with_embedding
 
 __all__ = ["UNetInputs", "guided_unet", "unet_with_embedding", "unet_eps", "load_unet", "cast_floating",
            "for_diffusers_pipelines", "edit_images", "edit_scheduler", "EditParts", "EditResult", "METHODS",
-           "EDIT_SCHEDULER", "SD_SCHEDULE"]
+           "EditMethod", "ExactEdit", "PlainEdit", "NullTextEdit", "edit_method", "EDIT_SCHEDULER", "SD_SCHEDULE"]
 
 
 def for_diffusers_pipelines():

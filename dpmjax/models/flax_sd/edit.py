@@ -16,13 +16,19 @@ its latent distribution times its scaling factor), inverted to noise with the so
 classifier-free guidance, sampled back with the target prompt and decoded:
 
 * ``method="exact"``: exact inversion of the guided sampler (:func:`dpmjax.invert` with
-  ``exact=True``, or ``exact=`` an :class:`~dpmjax.ExactInversion` with other settings): sampling the noise with the *source* prompt gives back the source latents to
-  float32 precision (per-row ``round_trip``/``converged`` in the result), so the only change to the
-  image comes from the prompt (and the VAE's own encode/decode error);
-* ``method="plain"``: DDIM-style inversion of the same sampler (one UNet call per step);
+  ``exact=True``; ``method=ExactEdit(inversion=dpmjax.ExactInversion(...))`` for other settings):
+  sampling the noise with the *source* prompt gives back the source latents to float32 precision
+  (per-row ``round_trip``/``converged`` in the result), so the only change to the image comes from
+  the prompt (and the VAE's own encode/decode error);
+* ``method="plain"`` (``PlainEdit()``): DDIM-style inversion of the same sampler (one UNet call per
+  step);
 * ``method="null-text"``: null-text inversion (:mod:`dpmjax.trajectories.null_text`): the unconditional
   embedding is tuned per step so that guided sampling with the source prompt retraces the
-  ``w = 1`` inversion; the edit samples the target prompt with those per-step embeddings.
+  ``w = 1`` inversion; the edit samples the target prompt with those per-step embeddings
+  (``method=NullTextEdit(inner_steps=..., optimizer=...)`` for other settings).
+
+A method's name stands for its settings object with the defaults
+(:mod:`dpmjax.models.flax_sd.edit_methods`: frozen, hashable, checked when built).
 
 The sampler is dpmjax's DPM-Solver++ on the pipeline's noise schedule (its ``scheduler.config``),
 on noise levels uniform in log-SNR (``use_lu_lambdas=True``, where every step inverts) ending at
@@ -44,14 +50,19 @@ import numpy as np
 from ...config import SchedulerConfig
 from ...scheduler import DPMSolverMultistepScheduler
 from ...static_cache import ByIdentity, StaticCache
-from ...trajectories.exact_options import ExactInversion, rejects_moved_keywords
 from ...trajectories.inversion import invert
 from ...trajectories.null_text import null_text_inversion, sample_with_null_embeddings
 from ...trajectories.scan import sample
+from .edit_methods import (
+    EditMethod,
+    ExactEdit,
+    NullTextEdit,
+    edit_method,
+    rejects_removed_keywords,
+)
 from .unet import UNetInputs, guided_unet, unet_with_embedding
 
 Array = jax.Array
-METHODS = ("exact", "plain", "null-text")
 # The sampler the edit runs on the pipeline's noise schedule: DPM-Solver++ on noise levels uniform in
 # log-SNR (where every step of the sampler inverts), ending at the smallest training noise level.
 EDIT_SCHEDULER = {"algorithm_type": "dpmsolver++", "use_lu_lambdas": True, "final_sigmas_type": "sigma_min",
@@ -267,7 +278,7 @@ def _prompts(prompt, batch: int, name: str) -> list:
     return prompts
 
 
-@rejects_moved_keywords
+@rejects_removed_keywords
 def edit_images(
     pipeline_or_parts,
     params: Mapping[str, Any],
@@ -275,17 +286,13 @@ def edit_images(
     source_prompt: Union[str, Sequence[str]],
     target_prompt: Union[str, Sequence[str]],
     *,
-    method: str = "exact",
+    method: str | EditMethod = "exact",
     num_inference_steps: int = 50,
     guidance_scale: float = 3.0,
-    solver_order: int = 2,
     scheduler_config: Union[Mapping[str, Any], SchedulerConfig, None] = None,
     negative_prompt: str = "",
     inversion_guidance_scale: Optional[float] = None,
     reconstruct: Optional[bool] = None,
-    exact: Optional[ExactInversion] = None,
-    null_text_steps: int = 10,
-    optimizer=None,
     progress: bool = False,
 ) -> EditResult:
     """Edit ``images`` from ``source_prompt`` (what they show) to ``target_prompt``.
@@ -304,25 +311,24 @@ def edit_images(
             accepted), H and W multiples of the VAE's factor (8 for Stable Diffusion).
         source_prompt: What the images show: one string, or one per image.
         target_prompt: What they should show: one string, or one per image.
-        method: ``"exact"`` (default), ``"plain"`` or ``"null-text"`` (see the module docstring).
+        method: ``"exact"`` (default), ``"plain"`` or ``"null-text"`` (see the module docstring)
+            with their defaults, or a method's settings object:
+            :class:`~dpmjax.models.flax_sd.edit_methods.ExactEdit` (``inversion=`` an
+            :class:`~dpmjax.ExactInversion`), :class:`~dpmjax.models.flax_sd.edit_methods.PlainEdit`
+            or :class:`~dpmjax.models.flax_sd.edit_methods.NullTextEdit` (``inner_steps``,
+            ``optimizer``).
         num_inference_steps: Sampler steps (default 50).
         guidance_scale: Classifier-free guidance of the edit (and of the inversion, unless
             ``inversion_guidance_scale`` is given; default 3.0).
-        solver_order: The DPM-Solver++ order, 1, 2 or 3 (default 2).
-        scheduler_config: Scheduler parameters overriding the edit's sampler (a dict, or a full
-            :class:`~dpmjax.SchedulerConfig` used as it is; see :func:`edit_scheduler`).
+        scheduler_config: Scheduler parameters overriding the edit's sampler, a dict (e.g.
+            ``{"solver_order": 3}``: DPM-Solver++ of order 2 by default), or a full
+            :class:`~dpmjax.SchedulerConfig` used as it is (see :func:`edit_scheduler`).
         negative_prompt: The prompt whose embedding is the unconditional input (default ``""``).
         inversion_guidance_scale: Another guidance scale for plain and exact inversion; ``None``
             (default) uses ``guidance_scale``.
         reconstruct: Also sample the noise with the source prompt (``reconstruction_latents``);
             by default (``None``) where it is cheap next to the inversion (exact: one sampling
             pass against many; null-text: free) and not for plain. ``False`` never returns it.
-        exact: Exact inversion's settings for ``method="exact"``, an :class:`~dpmjax.ExactInversion`
-            (tolerance, sweeps, iterations, ...); ``None`` (default) is ``ExactInversion()``, the
-            defaults of :func:`dpmjax.invert`'s ``exact=True``.
-        null_text_steps: Null-text inversion's inner optimiser steps per sampler step
-            (default 10).
-        optimizer: Null-text inversion's optax optimiser (Adam at 1e-2 by default).
         progress: Progress bars on stderr.
 
     Returns:
@@ -331,23 +337,18 @@ def edit_images(
         losses.
 
     Raises:
-        ValueError: ``method`` is not one of the three; ``pipeline_or_parts`` lacks a tokenizer,
-            text encoder, VAE or UNet; ``images`` is not NHWC RGB, not floats in [0, 1] or uint8,
-            or its height or width is not a multiple of the VAE's factor; a prompt is neither a
-            string nor one string per image; ``exact`` is neither ``None`` nor an
-            :class:`~dpmjax.ExactInversion`, or is given with another method; or the scheduler, inversion or sampling refuses
-            its arguments (see :func:`edit_scheduler`, :func:`dpmjax.invert`,
-            :func:`dpmjax.null_text_inversion`).
-        TypeError: ``tolerance``, ``max_sweeps`` or ``max_iterations`` is passed: they are fields
-            of :class:`~dpmjax.ExactInversion` (``exact=``); the message gives the call to write.
+        ValueError: ``method`` is neither a method's name nor its settings object;
+            ``pipeline_or_parts`` lacks a tokenizer, text encoder, VAE or UNet; ``images`` is not
+            NHWC RGB, not floats in [0, 1] or uint8, or its height or width is not a multiple of
+            the VAE's factor; a prompt is neither a string nor one string per image; or the
+            scheduler, inversion or sampling refuses its arguments (see :func:`edit_scheduler`,
+            :func:`dpmjax.invert`, :func:`dpmjax.null_text_inversion`).
+        TypeError: A removed keyword is passed (``exact``, exact inversion's fields such as
+            ``tolerance``, ``null_text_steps``, ``optimizer``, ``solver_order``: see
+            :data:`~dpmjax.models.flax_sd.edit_methods.REMOVED_KEYWORDS`); the message gives the
+            call to write.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
-    if exact is not None and not isinstance(exact, ExactInversion):
-        raise ValueError(f"exact must be None or a dpmjax.ExactInversion (exact inversion's settings), got {exact!r}.")
-    if exact is not None and method != "exact":
-        raise ValueError(f"exact sets exact inversion's settings and method={method!r} does not invert exactly: "
-                         "pass method='exact', or leave exact out.")
+    settings = edit_method(method)
     parts = _parts(pipeline_or_parts)
     pixels = _as_unit_images(images)
     batch = pixels.shape[0]
@@ -355,7 +356,7 @@ def edit_images(
     if pixels.shape[1] % factor or pixels.shape[2] % factor:
         raise ValueError(f"image height and width must be multiples of the VAE's factor {factor}, got {pixels.shape[1:3]}.")
     source, target = _prompts(source_prompt, batch, "source_prompt"), _prompts(target_prompt, batch, "target_prompt")
-    scheduler = edit_scheduler(parts.scheduler_config, solver_order, scheduler_config)
+    scheduler = edit_scheduler(parts.scheduler_config, overrides=scheduler_config)
     w = float(guidance_scale)
     w_invert = w if inversion_guidance_scale is None else float(inversion_guidance_scale)
 
@@ -369,23 +370,21 @@ def edit_images(
     n = num_inference_steps
     round_trip = converged = losses = recon = None
 
-    if method == "null-text":
+    if isinstance(settings, NullTextEdit):
         model = unet_with_embedding(parts.unet)
         nulls = jnp.broadcast_to(uncond, source_emb.shape)
-        kwargs = {} if optimizer is None else {"optimizer": optimizer}
         inverted = null_text_inversion(model, latents, scheduler, num_inference_steps=n, cond=source_emb, uncond=nulls,
-                                       guidance_scale=w, inner_steps=null_text_steps, model_params=unet_params,
-                                       progress=progress, **kwargs)
+                                       guidance_scale=w, optimizer=settings.optimizer,
+                                       inner_steps=settings.inner_steps, model_params=unet_params, progress=progress)
         noise, recon, losses = inverted.noise, inverted.reconstruction, inverted.losses
         edited = recon if same_prompt else sample_with_null_embeddings(
             model, noise, scheduler, num_inference_steps=n, cond=target_emb, null_embeddings=inverted.null_embeddings,
             guidance_scale=w, model_params=unet_params, progress=progress)
-    else:
-        exactly = method == "exact"
-        settings = (ExactInversion() if exact is None else exact) if exactly else False
+    else:  # ExactEdit or PlainEdit
+        exactly = isinstance(settings, ExactEdit)
         source_inputs = UNetInputs(unet_params, source_emb, uncond)
         inverted = invert(guided_unet(parts.unet, w_invert), latents, scheduler, num_inference_steps=n,
-                          cond=source_inputs, exact=settings, progress=progress)
+                          cond=source_inputs, exact=settings.inversion if exactly else False, progress=progress)
         noise = inverted.sample
         if exactly:
             round_trip, converged = inverted.round_trip, inverted.converged

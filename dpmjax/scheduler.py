@@ -30,18 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import solver
-from .coefficients import step_tables
 from .config import (
     SchedulerConfig,
     check_num_inference_steps,
     read_config_file,
     write_config_file,
 )
-from .grids import forward_grid, inverse_grid
-from .noise_schedule import alpha_sigma_from_sigma, training_schedule
+from .grid_sigmas import check_grid_sigmas
+from .grid_state import cached_grid, host_grid_fields, initial_state, traced_grid_fields
+from .noise_schedule import alpha_sigma_from_sigma
 from .numerics.rows import per_row
 from .state import SchedulerState
-from .static_cache import StaticCache, memoized
 from .version import __version__
 
 Array = jax.Array
@@ -66,61 +65,6 @@ class SchedulerOutput:
 
     def __iter__(self):
         return iter(self.to_tuple())
-
-
-_GRIDS = StaticCache("inference grids")
-
-
-def _cached_grid(config, forward, num_inference_steps, *, timesteps, shift):
-    """Grids depend only on hashable host values: compute each once (set_timesteps is then cheap)."""
-    return _GRIDS.get((config, forward, num_inference_steps, timesteps, shift),
-                      lambda: _compute_grid(config, forward, num_inference_steps, timesteps=timesteps, shift=shift))
-
-
-def _compute_grid(config, forward, num_inference_steps, *, timesteps, shift):
-    train = training_schedule(config)
-    if forward:
-        return forward_grid(config, train, num_inference_steps, timesteps=timesteps, flow_shift=shift)
-    return inverse_grid(config, train, num_inference_steps)
-
-
-@memoized
-def _state_fields(config, timestep_bytes: bytes, sigma_bytes: bytes, *, num_steps: int, forward: bool, shape, dtype: str):
-    """The arrays ``state_on_grid`` sets, built once per grid and shape. They are immutable device
-    arrays, made concrete even when called under a trace, so sharing them between states is safe."""
-    sigmas = np.frombuffer(sigma_bytes, dtype=np.float32)
-    tables = step_tables(config, sigmas.astype(np.float64), num_steps, forward=forward)
-    with jax.ensure_compile_time_eval():
-        return dict(
-            timesteps=jnp.asarray(np.frombuffer(timestep_bytes, dtype=np.int64), jnp.int32),
-            sigmas=jnp.asarray(sigmas),
-            step_alpha=jnp.asarray(tables.alpha),
-            step_sigma=jnp.asarray(tables.sigma),
-            convert_coefficients=jnp.asarray(tables.convert),
-            update_coefficients=jnp.asarray(tables.update),
-            order_cap=jnp.asarray(tables.order_cap, jnp.int32),
-            model_outputs=jnp.zeros((solver.history_length(config.solver_order),) + shape, dtype),
-            lower_order_nums=jnp.asarray(0, jnp.int32),
-            step_index=jnp.asarray(-1, jnp.int32),
-            steps_past_end=jnp.asarray(0, jnp.int32),
-        )
-
-
-@memoized
-def _initial_state(config: SchedulerConfig, forward: bool) -> SchedulerState:
-    train = training_schedule(config)
-    T = config.num_train_timesteps
-    timesteps = np.arange(T)[::-1] if forward else np.arange(T)
-    with jax.ensure_compile_time_eval():
-        return SchedulerState(
-            alphas_cumprod=jnp.asarray(train.alphas_cumprod),
-            alpha_t=jnp.asarray(train.alpha_t),
-            sigma_t=jnp.asarray(train.sigma_t),
-            lambda_t=jnp.asarray(train.lambda_t),
-            init_noise_sigma=jnp.asarray(1.0, jnp.float32),
-            timesteps=jnp.asarray(timesteps.copy(), jnp.int32),
-            sigmas=jnp.asarray(train.sigmas),
-        )
 
 
 class DPMSolverMultistepBase:
@@ -257,7 +201,7 @@ class DPMSolverMultistepBase:
         Returns:
             A :class:`~dpmjax.state.SchedulerState` whose inference fields are ``None``.
         """
-        return _initial_state(self._config, self.forward)
+        return initial_state(self._config, self.forward)
 
     def _check_channel_axis(self, ndim: int) -> None:
         """Refuse a ``channel_axis`` outside samples of ``ndim`` axes (negative indices count from the
@@ -280,12 +224,12 @@ class DPMSolverMultistepBase:
                 shift = float(math.exp(mu))
             if timesteps is not None:
                 timesteps = tuple(np.asarray(timesteps).tolist()) if np.ndim(timesteps) == 1 else timesteps
-            return _cached_grid(self._config, True, num_inference_steps, timesteps=timesteps, shift=shift)
+            return cached_grid(self._config, True, num_inference_steps, timesteps=timesteps, shift=shift)
         if timesteps is not None or mu is not None:
             raise ValueError("the inverse scheduler takes neither custom timesteps nor mu; pass num_inference_steps.")
         if num_inference_steps is None:
             raise ValueError("num_inference_steps is required.")
-        return _cached_grid(self._config, False, num_inference_steps, timesteps=None, shift=None)
+        return cached_grid(self._config, False, num_inference_steps, timesteps=None, shift=None)
 
     def set_timesteps(
         self,
@@ -296,6 +240,7 @@ class DPMSolverMultistepBase:
         *,
         timesteps: Optional[Sequence[int]] = None,
         mu: Optional[float] = None,
+        sigmas: Optional[Array] = None,
     ) -> SchedulerState:
         """A state ready to step ``num_inference_steps`` steps over samples of ``shape``.
 
@@ -303,6 +248,14 @@ class DPMSolverMultistepBase:
         coefficient of every step; ``dtype`` is that of the model-output history.
         ``timesteps`` (custom descending timesteps) and ``mu`` (dynamic flow shift, ``flow_shift =
         e^mu``) are for the forward scheduler, as in diffusers.
+
+        ``sigmas`` gives the grid itself as an array of ``N + 1`` noise levels, which may be traced:
+        the tables are then built with ``jax.numpy`` on the device (:mod:`dpmjax.traced_tables`;
+        the same equations, stable for tiny steps), so ``jax.grad`` and ``jax.vmap`` reach them,
+        and the model is evaluated at fractional timesteps (the training schedule's inverse,
+        interpolated in log-sigma as diffusers' ``_sigma_to_t``). They are in the sampler's order,
+        for both schedulers: the inverse scheduler walks them backwards (a final zero becomes the
+        smallest training noise level).
 
         Args:
             state: The state to extend, e.g. from :meth:`create_state`.
@@ -315,6 +268,12 @@ class DPMSolverMultistepBase:
                 ``[0, num_train_timesteps - 1]``, instead of ``num_inference_steps``.
             mu: Forward scheduler only, with ``use_dynamic_shifting=True``: the dynamic flow
                 shift, ``flow_shift = e^mu``.
+            sigmas: ``[N + 1]`` noise levels (diffusers' sigma), the sampler's order: decreasing,
+                positive, within the training schedule's range, the last one possibly zero
+                (data-prediction algorithms only); a JAX array (also a tracer) or array-like,
+                instead of ``num_inference_steps`` and ``timesteps``. Checked when concrete; a
+                traced grid is the caller's to keep ordered (e.g. :func:`dpmjax.learn_grid`'s
+                parameterisation).
 
         Returns:
             A new :class:`~dpmjax.state.SchedulerState` on the grid, at step 0.
@@ -345,6 +304,13 @@ class DPMSolverMultistepBase:
             raise ValueError(f"shape must not have negative sizes, got {shape}.")
         if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype!r}.")
+        if sigmas is not None:
+            if num_inference_steps is not None or timesteps is not None or mu is not None:
+                raise ValueError("pass sigmas alone: they replace num_inference_steps, timesteps and mu.")
+            self._check_channel_axis(len(shape))
+            levels = check_grid_sigmas(self._config, sigmas)
+            return state.replace(**traced_grid_fields(self._config, levels, forward=self.forward, shape=shape,
+                                                      dtype=dtype))
         grid = self._grid(num_inference_steps, timesteps, mu)
         return self.state_on_grid(state, grid.timesteps, grid.sigmas, shape=shape, dtype=dtype)
 
@@ -381,7 +347,7 @@ class DPMSolverMultistepBase:
             raise ValueError(f"a grid needs N >= 1 timesteps and at least N + 1 sigmas, got {n} and {sigmas.shape}.")
         self._check_channel_axis(len(tuple(shape)))
         direction = self.forward if forward is None else forward
-        fields = _state_fields(self._config, timesteps.astype(np.int64).tobytes(), sigmas.tobytes(), num_steps=n,
+        fields = host_grid_fields(self._config, timesteps.astype(np.int64).tobytes(), sigmas.tobytes(), num_steps=n,
                                forward=direction, shape=tuple(shape), dtype=jnp.dtype(dtype).name)
         return state.replace(**fields)
 

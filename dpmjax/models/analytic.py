@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -175,8 +176,12 @@ class GaussianMixture(NamedTuple):
 
 
 def timestep_model(data, config, prediction_type: Optional[str] = None):
-    """``model_fn(x, t)``: the exact model of ``data`` conditioned on an integer training timestep,
-    as a trained network is (noise level from the training table ``alphas_cumprod[t]``).
+    """``model_fn(x, t)``: the exact model of ``data`` conditioned on a training timestep, as a
+    trained network is (noise level from the training table ``alphas_cumprod[t]``).
+
+    An integer ``t`` reads the table; a fractional one (a grid given as noise levels,
+    ``set_timesteps(sigmas=...)``) the noise level the scheduler meant, log-sigma interpolated
+    between the neighbouring training timesteps (the inverse of diffusers' ``_sigma_to_t``).
 
     Args:
         data: The data distribution, e.g. :class:`Gaussian` or :class:`GaussianMixture` (anything
@@ -187,16 +192,25 @@ def timestep_model(data, config, prediction_type: Optional[str] = None):
             ``config.prediction_type``.
 
     Returns:
-        ``model_fn(x, t)``, the exact model output at integer timestep ``t``.
+        ``model_fn(x, t)``, the exact model output at timestep ``t``.
     """
     from ..noise_schedule import training_schedule
 
-    alphas_cumprod = jnp.asarray(training_schedule(config).alphas_cumprod)
+    table = training_schedule(config)
+    alphas_cumprod = jnp.asarray(table.alphas_cumprod)
+    log_sigmas = np.log(table.sigmas.astype(np.float64))
     prediction_type = prediction_type or config.prediction_type
 
     def model_fn(x, t):
-        abar = alphas_cumprod[jnp.asarray(t, jnp.int32)].astype(x.dtype)
-        alpha, sigma = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+        t = jnp.asarray(t)
+        if jnp.issubdtype(t.dtype, jnp.floating):
+            ratio = jnp.exp(jnp.interp(t.astype(x.dtype), jnp.arange(len(log_sigmas), dtype=x.dtype),
+                                       jnp.asarray(log_sigmas, x.dtype)))
+            alpha = 1.0 / jnp.sqrt(1.0 + ratio**2)
+            sigma = ratio * alpha
+        else:
+            abar = alphas_cumprod[t.astype(jnp.int32)].astype(x.dtype)
+            alpha, sigma = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
         return model_output_from_denoised(prediction_type, x, data.denoise(x, alpha, sigma), alpha=alpha, sigma=sigma)
 
     return model_fn

@@ -8,7 +8,6 @@ one program per distinct value (:mod:`dpmjax.trajectories.exact` takes them as a
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 from .. import checks
 
@@ -97,19 +96,9 @@ def moved_keywords_message(function: str, given: dict) -> str:
             f"see the migration guide.")
 
 
-def rejects_moved_keywords(function):
-    """``function`` refusing the keywords that moved into :class:`ExactInversion` with a message that
-    names the new call (rather than Python's bare "unexpected keyword argument"); its signature and
-    docstring are ``function``'s."""
-
-    @functools.wraps(function)
-    def checked(*args, **kwargs):
-        given = {name: kwargs[name] for name in MOVED_KEYWORDS if name in kwargs}
-        if given:
-            raise TypeError(moved_keywords_message(function.__name__, given))
-        return function(*args, **kwargs)
-
-    return checked
+# ``function`` refusing the keywords that moved into ExactInversion with a message that names the
+# new call (rather than Python's bare "unexpected keyword argument"); signature and docstring kept
+rejects_moved_keywords = checks.rejects_keywords(MOVED_KEYWORDS, moved_keywords_message)
 
 
 def resolved(name: str, value) -> "ExactInversion | None":

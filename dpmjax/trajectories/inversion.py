@@ -27,6 +27,7 @@ from ..scheduler import DPMSolverMultistepBase, DPMSolverMultistepInverseSchedul
 from ..state import SchedulerState
 from .exact import ExactOptions, exact_inversion_jit
 from .exact_options import ExactInversion, rejects_moved_keywords, resolved
+from .grid_entry import grid_state, on_traced_grid
 from .model_fn import ConditionalModelFn, ModelFn
 from .scan import (
     ScanOptions,
@@ -63,10 +64,13 @@ def mirrored_state(scheduler: DPMSolverMultistepBase, forward_state: SchedulerSt
             ``variance_type`` only).
     """
     n = forward_state.num_inference_steps
-    forward = Grid(timesteps=forward_state.timesteps, sigmas=forward_state.sigmas)
-    grid = mirrored_grid(forward, n, training_schedule(scheduler.config))
     ode = {"sde-dpmsolver++": "dpmsolver++", "sde-dpmsolver": "dpmsolver"}.get(scheduler.config.algorithm_type)
     inverse = DPMSolverMultistepInverseScheduler(scheduler.config.replace(algorithm_type=ode) if ode else scheduler.config)
+    if on_traced_grid(forward_state):  # a grid of noise levels: mirrored on the device, differentiably
+        return inverse, inverse.set_timesteps(inverse.create_state(), shape=shape, dtype=dtype,
+                                              sigmas=forward_state.sigmas[: n + 1])
+    forward = Grid(timesteps=forward_state.timesteps, sigmas=forward_state.sigmas)
+    grid = mirrored_grid(forward, n, training_schedule(scheduler.config))
     return inverse, inverse.state_on_grid(inverse.create_state(), grid.timesteps, grid.sigmas, shape=shape, dtype=dtype)
 
 
@@ -84,8 +88,9 @@ def invert(
     model_fn: ModelFn | ConditionalModelFn,
     sample: Array,
     scheduler: DPMSolverMultistepBase,
-    num_inference_steps: int,
+    num_inference_steps: Optional[int] = None,
     *,
+    sigmas: Optional[Array] = None,
     cond: Any = None,
     exact: bool | ExactInversion = False,
     noises: Optional[Array] = None,
@@ -118,7 +123,10 @@ def invert(
         scheduler: A ``DPMSolverMultistepInverseScheduler`` (its own grid) or a
             ``DPMSolverMultistepScheduler`` (that sampler is inverted on its grid mirrored).
         num_inference_steps: ``N``, the number of steps (an integer in
-            ``[1, num_train_timesteps]``).
+            ``[1, num_train_timesteps]``) on the scheduler's grid; or pass ``sigmas``.
+        sigmas: The grid itself instead: ``[N + 1]`` noise levels in the *sampler's* order
+            (decreasing; the inversion walks them backwards), possibly traced, so ``jax.grad``
+            reaches them; the model then receives fractional timesteps (see ``set_timesteps``).
         cond: Any pytree passed unchanged as ``model_fn``'s third argument; ``None`` (default)
             calls ``model_fn(sample, timestep)``.
         exact: Find the start ``z`` with ``sample(z) = x`` to the working precision instead of
@@ -185,16 +193,16 @@ def invert(
             )
         if noises is not None:
             raise ValueError("noises belong to a stochastic sampler; the inverse scheduler is deterministic.")
-        state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, x.shape,
-                                        dtype=solver.compute_dtype(x))
+        state = grid_state(scheduler, x.shape, num_inference_steps=num_inference_steps, sigmas=sigmas,
+                           dtype=solver.compute_dtype(x), caller="invert")
         n = state.num_inference_steps
         y, samples, outputs = scan_steps_jit(scheduler, model_fn, scan_options, state=state, x=x, cond=cond, keys=None,
                                              noises=None)
         return Trajectory(sample=y, samples=samples, model_outputs=outputs, timesteps=state.timesteps,
                           sigmas=visited_sigmas(state, n))
 
-    forward_state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, x.shape,
-                                            dtype=solver.compute_dtype(x))
+    forward_state = grid_state(scheduler, x.shape, num_inference_steps=num_inference_steps, sigmas=sigmas,
+                               dtype=solver.compute_dtype(x), caller="invert")
     n = forward_state.num_inference_steps
     if scheduler.config.is_sde:
         if settings is None:

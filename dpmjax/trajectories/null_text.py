@@ -41,6 +41,7 @@ from ..scheduler import DPMSolverMultistepScheduler
 from ..static_cache import ByIdentity, StaticCache, static_key, value_key
 from . import guidance
 from . import progress as progress_line
+from .grid_entry import empty_history, grid_state, grid_steps
 from .inversion import invert
 from .model_fn import ConditionalModelFn, ParametrisedModelFn
 from .scan import Trajectory, check_model_output, check_scheduler
@@ -131,14 +132,13 @@ def _guided_scan(scheduler, model, settings: _ScanSettings, *, state, noise, con
     optimize, progress, optimizer = settings.optimize, settings.progress, settings.optimizer.value
     config = scheduler.config
     n = state.timesteps.shape[0]
-    cdt = solver.compute_dtype(noise)
     rows = noise.shape[0]
     if model_params is not None:
         model = (lambda f: lambda x, t, c: f(x, t, c, model_params))(model)
 
     def body(carry, inputs):
         x, history, null = carry.sample, carry.history, carry.null
-        i, t, row, null_given, target = inputs
+        (i, t, row), null_given, target = inputs
         null = null if optimize else null_given
         out_cond = model(x, t, cond)
         check_model_output(out_cond, x, name="model", config=config)
@@ -181,9 +181,9 @@ def _guided_scan(scheduler, model, settings: _ScanSettings, *, state, noise, con
         return _Carry(sample=x_next, history=history, null=null), (null, errors, taken)
 
     first_null = jax.tree_util.tree_map(lambda a: a[0], nulls)
-    history = jnp.zeros((solver.history_length(config.solver_order),) + noise.shape, cdt)
-    per_step = (jnp.arange(n), state.timesteps, solver.trajectory_rows(state), nulls, targets)
-    done, (used, errors, taken) = lax.scan(body, _Carry(sample=noise, history=history, null=first_null), per_step)
+    per_step = (grid_steps(state), nulls, targets)
+    start = _Carry(sample=noise, history=empty_history(config, noise), null=first_null)
+    done, (used, errors, taken) = lax.scan(body, start, per_step)
     x = done.sample
     return x, used, errors, taken
 
@@ -322,8 +322,8 @@ def null_text_inversion(
                    exact=exact_pivot, return_samples=True, progress=progress)
     path = pivot.samples  # inversion order: path[j] is the sampler's point N - 1 - j; path[-1] the noise
     targets = jnp.concatenate([path[:-1][::-1], x[None].astype(path.dtype)])
-    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, x.shape,
-                                    dtype=solver.compute_dtype(x))
+    state = grid_state(scheduler, x.shape, num_inference_steps=num_inference_steps, sigmas=None,
+                       dtype=solver.compute_dtype(x), caller="null_text_inversion")
     n = state.num_inference_steps
     settings = _ScanSettings(guidance_scale=float(guidance_scale), optimizer=optimizer, inner_steps=int(inner_steps),
                              tolerance=float(tolerance), optimize=True, progress=progress)
@@ -381,8 +381,8 @@ def sample_with_null_embeddings(
     noise = jnp.asarray(noise)
     checks.floating_array("noise", noise)
     checks.non_empty("noise", noise)
-    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape,
-                                    dtype=solver.compute_dtype(noise))
+    state = grid_state(scheduler, noise.shape, num_inference_steps=num_inference_steps, sigmas=None,
+                       dtype=solver.compute_dtype(noise), caller="sample_with_null_embeddings")
     n = state.num_inference_steps
     leading = {jnp.shape(a)[0] if jnp.ndim(a) else None for a in jax.tree_util.tree_leaves(null_embeddings)}
     if leading != {n}:

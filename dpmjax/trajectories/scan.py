@@ -21,6 +21,7 @@ from .. import checks, solver
 from ..scheduler import DPMSolverMultistepBase, DPMSolverMultistepScheduler
 from ..state import SchedulerState
 from . import progress as progress_line
+from .grid_entry import empty_history, grid_state, grid_steps
 from .model_fn import ConditionalModelFn, ModelFn
 
 Array = jax.Array
@@ -150,18 +151,17 @@ def scan_steps(scheduler, model_fn, options: ScanOptions, *, state, x, cond, key
 
     def body(carry, inputs):
         x, history = carry
-        i, t, row, key, noise = inputs
-        out = call_model(model_fn, x, t, cond=cond, config=config)
-        x_new, history = solver.step_from_output(config, state, index=i, row=row, sample=x, model_output=out,
-                                                 history=history, key=key, noise=noise)
-        progress_line.report(options.progress, i, n, label=options.label)
+        step, key, noise = inputs
+        out = call_model(model_fn, x, step.timestep, cond=cond, config=config)
+        x_new, history = solver.step_from_output(config, state, index=step.index, row=step.row, sample=x,
+                                                 model_output=out, history=history, key=key, noise=noise)
+        progress_line.report(options.progress, step.index, n, label=options.label)
         return (x_new, history), (x_new if options.return_samples else None, out if options.return_outputs else None)
 
     if options.checkpoint:
         body = jax.checkpoint(body)
-    per_step = (jnp.arange(n), state.timesteps, solver.trajectory_rows(state), keys, noises)
-    history = jnp.zeros((solver.history_length(config.solver_order),) + x.shape, solver.compute_dtype(x))
-    (x, _), (samples, outputs) = lax.scan(body, (x, history), per_step, unroll=options.unroll)
+    per_step = (grid_steps(state), keys, noises)
+    (x, _), (samples, outputs) = lax.scan(body, (x, empty_history(config, x)), per_step, unroll=options.unroll)
     return x, samples, outputs
 
 
@@ -207,8 +207,9 @@ def sample(
     model_fn: ModelFn | ConditionalModelFn,
     noise: Array,
     scheduler: DPMSolverMultistepScheduler,
-    num_inference_steps: int,
+    num_inference_steps: Optional[int] = None,
     *,
+    sigmas: Optional[Array] = None,
     cond: Any = None,
     key: Optional[Array] = None,
     noises: Optional[Array] = None,
@@ -240,7 +241,11 @@ def sample(
         scheduler: A :class:`~dpmjax.DPMSolverMultistepScheduler` (forward); its config fixes the
             grid, the order and the algorithm.
         num_inference_steps: ``N``, the number of steps (an integer in
-            ``[1, num_train_timesteps]``).
+            ``[1, num_train_timesteps]``) on diffusers' grid; or pass ``sigmas``.
+        sigmas: The grid itself instead: ``[N + 1]`` noise levels (diffusers' sigma, decreasing),
+            possibly traced, so ``jax.grad`` reaches them (e.g. a grid from
+            :func:`dpmjax.learn_grid`); the model then receives fractional timesteps (see
+            ``set_timesteps``).
         cond: Any pytree passed unchanged as ``model_fn``'s third argument; ``None`` (default)
             calls ``model_fn(sample, timestep)``. Large arrays (embeddings, weights) passed here
             are arguments of the compiled program: a new value does not recompile it.
@@ -263,7 +268,9 @@ def sample(
         ValueError: ``scheduler`` is not a dpmjax scheduler, or is an inverse scheduler (use
             :func:`dpmjax.invert`); ``unroll`` is not an integer >= 1; ``num_inference_steps`` is
             not an integer in ``[1, num_train_timesteps]`` (or too many for ``"leading"``
-            spacing); ``key`` or ``noises`` is given to a deterministic sampler; an SDE sampler
+            spacing); both or neither of ``num_inference_steps`` and ``sigmas``, or ``sigmas``
+            that are not a sampler's grid (see ``set_timesteps``); ``key`` or ``noises`` is given
+            to a deterministic sampler; an SDE sampler
             gets neither; ``noises`` does not have shape ``[N, *noise.shape]``; ``noise`` is not
             floating point or has size zero; ``model_fn`` returns something other than one
             floating-point array of the sample's shape (a tuple, a Python number, another shape).
@@ -284,8 +291,8 @@ def sample(
     noise = as_array(noise)
     checks.floating_array("noise", noise)
     checks.non_empty("noise", noise)
-    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape,
-                                    dtype=solver.compute_dtype(noise))
+    state = grid_state(scheduler, noise.shape, num_inference_steps=num_inference_steps, sigmas=sigmas,
+                       dtype=solver.compute_dtype(noise), caller="sample")
     n = state.num_inference_steps
     keys, noises = stochastic_inputs(scheduler, n, noise.shape, key=key, noises=noises)
     run = scan_steps_donating if donate else scan_steps_jit

@@ -27,6 +27,7 @@ from .. import checks, solver
 from ..numerics.newton import newton_krylov
 from ..numerics.rows import row_max_abs
 from ..scheduler import DPMSolverMultistepScheduler
+from .grid_entry import grid_state
 from .scan import ModelFn, sample
 
 
@@ -122,8 +123,8 @@ def check_step_inversion(
     if noise.ndim < 1 or noise.shape[0] < 1:
         raise ValueError(f"noise must have a batch axis with at least one row, got shape {tuple(noise.shape)}.")
     path = sample(model_fn, noise, scheduler, num_inference_steps=num_inference_steps, cond=cond, return_samples=True)
-    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, noise.shape,
-                                    dtype=solver.compute_dtype(noise))
+    state = grid_state(scheduler, noise.shape, num_inference_steps=num_inference_steps, sigmas=None,
+                       dtype=solver.compute_dtype(noise), caller="check_step_inversion")
     inputs = jnp.concatenate([noise[None], path.samples[:-1]])  # the true input of each step
     found, residual = _solve_steps(scheduler=scheduler, model_fn=model_fn, tolerance=tolerance,
                                    max_iterations=max_iterations, state=state, inputs=inputs,

@@ -1,0 +1,78 @@
+"""Checks of a grid given as noise levels (``set_timesteps(sigmas=...)``), before anything is built.
+
+A concrete grid is checked value by value; a traced one (inside ``jit`` or ``grad``) only for its
+shape and dtype, the values being unknown until it runs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import SchedulerConfig
+from .noise_schedule import training_schedule
+
+Array = jax.Array
+
+
+def check_grid_sigmas(config: SchedulerConfig, sigmas) -> Array:
+    """``sigmas`` as a floating-point JAX array, refused unless it is a sampler's grid.
+
+    Args:
+        config: The scheduler's config (the training schedule bounds the noise levels).
+        sigmas: ``[N + 1]`` noise levels in the sampler's order.
+
+    Returns:
+        The levels as a JAX array (float32 unless given in another floating dtype).
+
+    Raises:
+        ValueError: Not 1-D with at least 2 levels, or of a non-floating dtype (integers are
+            converted); when concrete: a level is not finite, the levels increase somewhere or do not
+            decrease at all,
+            a level lies outside the training schedule's range (flow grids: outside ``(0, 1)``), a
+            zero is not the last level, or a final zero with a noise-prediction
+            ``algorithm_type`` (its update has no value at zero noise).
+    """
+    if isinstance(sigmas, jax.core.Tracer):
+        levels = sigmas
+    else:
+        levels = jnp.asarray(sigmas)
+    if jnp.issubdtype(levels.dtype, jnp.integer) or levels.dtype == jnp.bool_:
+        levels = levels.astype(jnp.float32)
+    if not jnp.issubdtype(levels.dtype, jnp.floating):
+        raise ValueError(f"sigmas must be real noise levels, got dtype {levels.dtype}.")
+    if levels.ndim != 1 or levels.shape[0] < 2:
+        raise ValueError(f"sigmas must be 1-D with N + 1 >= 2 noise levels (N steps), got shape {tuple(levels.shape)}.")
+    if not isinstance(levels, jax.core.Tracer):
+        _check_values(config, np.asarray(levels, np.float64))
+    return levels
+
+
+def _check_values(config: SchedulerConfig, s: np.ndarray) -> None:
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"sigmas must be finite, got {s.tolist()}.")
+    if np.any(np.diff(s) > 0) or s[0] == s[-1]:
+        raise ValueError(
+            f"sigmas must decrease (the sampler's order, noisiest first; equal neighbours are a zero-length step), "
+            f"got {s.tolist()}."
+        )
+    last_zero = s[-1] == 0
+    body = s[:-1] if last_zero else s
+    if last_zero and not config.predicts_data:
+        raise ValueError(
+            f"sigmas may end at zero only for data prediction (algorithm_type 'dpmsolver++' or 'sde-dpmsolver++'), "
+            f"not {config.algorithm_type!r}: its update has no value at zero noise."
+        )
+    if config.use_flow_sigmas:
+        low, high = 0.0, 1.0
+        inside = np.all((body > low) & (body < high))
+    else:
+        train = training_schedule(config).sigmas.astype(np.float64)
+        low, high = train[0] * (1 - 1e-6), train[-1] * (1 + 1e-6)
+        inside = np.all((body >= low) & (body <= high))
+    if not inside:
+        raise ValueError(
+            f"sigmas must lie in the training schedule's range [{low:.6g}, {high:.6g}] (the last one may be 0), "
+            f"got {s.tolist()}."
+        )

@@ -15,6 +15,7 @@ from .state import SchedulerState
 from .trajectories.exact_options import ExactInversion
 from .trajectories.guidance import classifier_free_guidance
 from .trajectories.inversion import invert
+from .trajectories.learn_grid import LearnedGrid, learn_grid
 from .trajectories.model_fn import ConditionalModelFn, ModelFn, ParametrisedModelFn
 from .trajectories.null_text import (
     NullTextInversion,
@@ -33,6 +34,7 @@ __all__ = [
     "ExactInversion",
     "FlaxDPMSolverMultistepScheduler",
     "FlaxDPMSolverMultistepSchedulerOutput",
+    "LearnedGrid",
     "ModelFn",
     "NullTextInversion",
     "ParametrisedModelFn",
@@ -44,6 +46,7 @@ __all__ = [
     "check_step_inversion",
     "classifier_free_guidance",
     "invert",
+    "learn_grid",
     "null_text_inversion",
     "sample",
     "sample_with_null_embeddings",

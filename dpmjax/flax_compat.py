@@ -141,7 +141,8 @@ class FlaxDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
         """
         return super().create_state()
 
-    def set_timesteps(self, state: SchedulerState, num_inference_steps: int, shape, dtype=None, **kwargs) -> SchedulerState:
+    def set_timesteps(self, state: SchedulerState, num_inference_steps: Optional[int] = None, shape=None, dtype=None,
+                      **kwargs) -> SchedulerState:
         """A state ready to step ``num_inference_steps`` steps over samples of ``shape``.
 
         As :meth:`dpmjax.DPMSolverMultistepScheduler.set_timesteps`, with the scheduler's
@@ -149,10 +150,11 @@ class FlaxDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
 
         Args:
             state: The state to extend, e.g. from :meth:`create_state`.
-            num_inference_steps: ``N``, the number of steps.
-            shape: The sample's shape; the model-output history is allocated for it.
+            num_inference_steps: ``N``, the number of steps (or pass ``timesteps`` or ``sigmas``).
+            shape: The sample's shape (required); the model-output history is allocated for it.
             dtype: The model-output history's dtype; ``None`` (default) uses the scheduler's.
-            **kwargs: ``timesteps`` or ``mu``, as for the dpmjax scheduler.
+            **kwargs: ``timesteps``, ``mu`` or ``sigmas`` (a grid of noise levels, e.g. from
+                :func:`dpmjax.learn_grid`), as for the dpmjax scheduler.
 
         Returns:
             A new state on the grid, at step 0.

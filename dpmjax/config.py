@@ -151,6 +151,12 @@ class SchedulerConfig:
         channel_axis: dpmjax's own field: the channel axis of samples and model outputs (1 for
             diffusers' NCHW, the default; -1 for NHWC Flax models). Only the learned-variance
             split depends on it.
+        sigmas: dpmjax's own field: a grid of its own, ``N + 1`` noise levels in the sampler's
+            order (e.g. :attr:`dpmjax.LearnedGrid.sigmas`), stored as a tuple of floats and
+            written to ``scheduler_config.json`` (diffusers ignores the key). ``set_timesteps``
+            uses it when called without ``num_inference_steps`` or with ``N`` (so diffusers'
+            pipelines, which pass ``N``, run it); any other step count gets the configured grid.
+            Default ``None``.
 
     Raises:
         ValueError: A field has a value outside the ones listed (wrong type, unknown name, out of
@@ -187,6 +193,7 @@ class SchedulerConfig:
     use_dynamic_shifting: bool = False
     time_shift_type: str = "exponential"
     channel_axis: int = 1
+    sigmas: Optional[Tuple[float, ...]] = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -257,7 +264,10 @@ class SchedulerConfig:
             )
         if self.use_dynamic_shifting and not self.use_flow_sigmas:
             raise ValueError("use_dynamic_shifting=True needs use_flow_sigmas=True.")
-        set_("lambda_min_clipped", _lambda_min_clipped(self))  # last: it needs the training schedule
+        set_("lambda_min_clipped", _lambda_min_clipped(self))  # it needs the training schedule
+        if self.sigmas is not None:  # last: checked against everything above
+            set_("sigmas", _grid_sigmas(self.sigmas))
+            check_grid_values(self, np.asarray(self.sigmas, np.float64))
 
     # The flags that replace the spaced timesteps by another noise-level grid, mutually exclusive. The one
     # list: the type check, the exclusivity check and the grids' refusals (custom timesteps, the
@@ -313,10 +323,12 @@ class SchedulerConfig:
         return cls(**merged)
 
     def to_dict(self) -> dict:
-        """The fields as a plain dict (``trained_betas`` as a list), as diffusers' config holds them."""
+        """The fields as a plain dict (``trained_betas`` and ``sigmas`` as lists), as diffusers' config
+        holds them."""
         d = dataclasses.asdict(self)
-        if d["trained_betas"] is not None:
-            d["trained_betas"] = list(d["trained_betas"])
+        for name in ("trained_betas", "sigmas"):
+            if d[name] is not None:
+                d[name] = list(d[name])
         return d
 
     def replace(self, **changes: Any) -> "SchedulerConfig":
@@ -332,6 +344,18 @@ class SchedulerConfig:
             ValueError: A change names no field, or the new values are invalid.
         """
         return self.from_dict(self.to_dict(), **changes)
+
+
+def _grid_sigmas(value: Any) -> Tuple[float, ...]:
+    """``sigmas`` as a tuple of float32-rounded floats: a 1-D sequence of at least 2 numbers."""
+    message = f"sigmas must be a 1-D sequence of N + 1 >= 2 noise levels, got {_short(value)}."
+    try:
+        values = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    if values.ndim != 1 or values.shape[0] < 2:
+        raise ValueError(message)
+    return tuple(float(v) for v in values)
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -414,3 +438,35 @@ def write_config_file(directory: str, values: Mapping[str, Any]) -> str:
         json.dump(dict(values), f, indent=2, sort_keys=True, allow_nan=True)
         f.write("\n")
     return path
+
+
+def check_grid_values(config: "SchedulerConfig", s: np.ndarray) -> None:
+    """Refuse noise levels ``s`` (the sampler's order) that are not a grid ``config`` can step:
+    not finite, increasing somewhere or not decreasing at all, outside the training range (flow:
+    ``(0, 1)``), a zero before the end, or a final zero with noise prediction."""
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"sigmas must be finite, got {s.tolist()}.")
+    if np.any(np.diff(s) > 0) or s[0] == s[-1]:
+        raise ValueError(
+            f"sigmas must decrease (the sampler's order, noisiest first; equal neighbours are a zero-length step), "
+            f"got {s.tolist()}."
+        )
+    last_zero = s[-1] == 0
+    body = s[:-1] if last_zero else s
+    if last_zero and not config.predicts_data:
+        raise ValueError(
+            f"sigmas may end at zero only for data prediction (algorithm_type 'dpmsolver++' or 'sde-dpmsolver++'), "
+            f"not {config.algorithm_type!r}: its update has no value at zero noise."
+        )
+    if config.use_flow_sigmas:
+        low, high = 0.0, 1.0
+        inside = np.all((body > low) & (body < high))
+    else:
+        train = training_schedule(config).sigmas.astype(np.float64)
+        low, high = train[0] * (1 - 1e-6), train[-1] * (1 + 1e-6)
+        inside = np.all((body >= low) & (body <= high))
+    if not inside:
+        raise ValueError(
+            f"sigmas must lie in the training schedule's range [{low:.6g}, {high:.6g}] (the last one may be 0), "
+            f"got {s.tolist()}."
+        )

@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import SchedulerConfig
-from .noise_schedule import training_schedule
+from .config import SchedulerConfig, check_grid_values
 
 Array = jax.Array
 
@@ -45,34 +44,5 @@ def check_grid_sigmas(config: SchedulerConfig, sigmas) -> Array:
     if levels.ndim != 1 or levels.shape[0] < 2:
         raise ValueError(f"sigmas must be 1-D with N + 1 >= 2 noise levels (N steps), got shape {tuple(levels.shape)}.")
     if not isinstance(levels, jax.core.Tracer):
-        _check_values(config, np.asarray(levels, np.float64))
+        check_grid_values(config, np.asarray(levels, np.float64))
     return levels
-
-
-def _check_values(config: SchedulerConfig, s: np.ndarray) -> None:
-    if not np.all(np.isfinite(s)):
-        raise ValueError(f"sigmas must be finite, got {s.tolist()}.")
-    if np.any(np.diff(s) > 0) or s[0] == s[-1]:
-        raise ValueError(
-            f"sigmas must decrease (the sampler's order, noisiest first; equal neighbours are a zero-length step), "
-            f"got {s.tolist()}."
-        )
-    last_zero = s[-1] == 0
-    body = s[:-1] if last_zero else s
-    if last_zero and not config.predicts_data:
-        raise ValueError(
-            f"sigmas may end at zero only for data prediction (algorithm_type 'dpmsolver++' or 'sde-dpmsolver++'), "
-            f"not {config.algorithm_type!r}: its update has no value at zero noise."
-        )
-    if config.use_flow_sigmas:
-        low, high = 0.0, 1.0
-        inside = np.all((body > low) & (body < high))
-    else:
-        train = training_schedule(config).sigmas.astype(np.float64)
-        low, high = train[0] * (1 - 1e-6), train[-1] * (1 + 1e-6)
-        inside = np.all((body >= low) & (body <= high))
-    if not inside:
-        raise ValueError(
-            f"sigmas must lie in the training schedule's range [{low:.6g}, {high:.6g}] (the last one may be 0), "
-            f"got {s.tolist()}."
-        )

@@ -262,7 +262,8 @@ class DPMSolverMultistepBase(SolverBuildingBlocks):
             state: The state to extend, e.g. from :meth:`create_state`.
             num_inference_steps: ``N``, the number of steps: an integer in
                 ``[1, num_train_timesteps]`` (NumPy integers accepted). Required by the inverse
-                scheduler; the forward scheduler takes it or ``timesteps``.
+                scheduler; the forward scheduler takes it or ``timesteps``. With a config that
+                holds its own grid (``config.sigmas``), ``None`` or that grid's ``N`` runs it.
             shape: The sample's shape (required): the model-output history is allocated for it.
             dtype: A floating-point dtype, that of the model-output history (default float32).
             timesteps: Forward scheduler only: custom timesteps, strictly decreasing integers in
@@ -305,6 +306,8 @@ class DPMSolverMultistepBase(SolverBuildingBlocks):
             raise ValueError(f"shape must not have negative sizes, got {shape}.")
         if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype!r}.")
+        if sigmas is None and timesteps is None and mu is None and self._uses_configured_grid(num_inference_steps):
+            sigmas, num_inference_steps = np.asarray(self._config.sigmas, np.float32), None
         if sigmas is not None:
             if num_inference_steps is not None or timesteps is not None or mu is not None:
                 raise ValueError("pass sigmas alone: they replace num_inference_steps, timesteps and mu.")
@@ -314,6 +317,16 @@ class DPMSolverMultistepBase(SolverBuildingBlocks):
                                                       dtype=dtype))
         grid = self._grid(num_inference_steps, timesteps, mu)
         return self.state_on_grid(state, grid.timesteps, grid.sigmas, shape=shape, dtype=dtype)
+
+    def _uses_configured_grid(self, num_inference_steps) -> bool:
+        """Whether ``set_timesteps`` runs the config's own grid (``config.sigmas``): called without a
+        step count, or with the grid's own ``N``."""
+        own = self._config.sigmas
+        if own is None:
+            return False
+        if num_inference_steps is None:
+            return True
+        return check_num_inference_steps(num_inference_steps) == len(own) - 1
 
     def state_on_grid(self, state: SchedulerState, timesteps, sigmas, shape: Sequence[int], dtype=jnp.float32,
                       forward: Optional[bool] = None) -> SchedulerState:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,3 +140,35 @@ def test_on_the_shipped_mlp_a_learned_six_step_grid_beats_every_hand_made_one():
         hand_made[name] = rmse(other.set_timesteps(other.create_state(), 6, (1,)).sigmas[:7])
     learned = rmse(jnp.asarray(result.sigmas))
     assert learned < 0.85 * min(hand_made.values()), (learned, hand_made)
+
+
+def test_a_learned_grid_is_saved_and_loaded_with_the_scheduler_config(tmp_path, mixture):
+    """``config.sigmas`` travels in ``scheduler_config.json``; ``set_timesteps`` (and ``sample``,
+    ``invert``) run it without a step count or with its own ``N``; another ``N`` gets the
+    configured grid; diffusers reads the file and ignores the key."""
+    _, sched, model = mixture
+    train = jax.random.normal(jax.random.PRNGKey(4), (16, 16))
+    result = dpmjax.learn_grid(model, sched, 5, train, iterations=5, teacher_steps=20, progress=False)
+    tuned = dpmjax.DPMSolverMultistepScheduler.from_config(sched.config, sigmas=result.sigmas)
+    tuned.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    np.testing.assert_array_equal(np.asarray(saved["sigmas"], np.float32), result.sigmas)
+    loaded = dpmjax.DPMSolverMultistepScheduler.from_pretrained(tmp_path)
+    assert loaded == tuned
+    on_grid = dpmjax.sample(model, train, sched, sigmas=result.sigmas).sample
+    np.testing.assert_array_equal(np.asarray(dpmjax.sample(model, train, loaded).sample), np.asarray(on_grid))
+    np.testing.assert_array_equal(np.asarray(dpmjax.sample(model, train, loaded, 5).sample), np.asarray(on_grid))
+    other = loaded.set_timesteps(loaded.create_state(), 8, (1,))
+    np.testing.assert_array_equal(np.asarray(other.sigmas), np.asarray(sched.set_timesteps(sched.create_state(), 8, (1,)).sigmas))
+    inverse = dpmjax.DPMSolverMultistepInverseScheduler.from_pretrained(tmp_path)
+    np.testing.assert_allclose(np.asarray(dpmjax.invert(model, on_grid, inverse).sample),
+                               np.asarray(dpmjax.invert(model, on_grid, sched, sigmas=result.sigmas).sample))
+    theirs = pytest.importorskip("diffusers").DPMSolverMultistepScheduler.from_pretrained(tmp_path)
+    assert theirs.config.solver_order == sched.config.solver_order
+
+
+@pytest.mark.parametrize("sigmas, message", [([1.0], "N \\+ 1 >= 2"), ("abc", "noise levels"),
+                                             ([1.0, 2.0], "decrease"), ([1e9, 1.0], "range")])
+def test_a_config_grid_is_checked_when_the_config_is_built(sigmas, message):
+    with pytest.raises(ValueError, match=message):
+        dpmjax.DPMSolverMultistepScheduler(sigmas=sigmas)

@@ -24,15 +24,18 @@ def grid_state(scheduler, shape, *, num_inference_steps: Optional[int], sigmas: 
                caller: str) -> SchedulerState:
     """``scheduler``'s state on its grid for samples of ``shape``: diffusers' grid of
     ``num_inference_steps`` steps, or the grid of noise levels ``sigmas`` (``[N + 1]``, the
-    sampler's order; see ``set_timesteps``).
+    sampler's order; see ``set_timesteps``), or, given neither, the config's own grid
+    (``config.sigmas``).
 
     Raises:
         ValueError: Both or neither of ``num_inference_steps`` and ``sigmas`` (the message names
             ``caller``); or ``set_timesteps`` refuses them.
     """
-    if (num_inference_steps is None) == (sigmas is None):
-        raise ValueError(f"{caller} takes num_inference_steps or sigmas (the grid's N + 1 noise levels), exactly one.")
-    if sigmas is None:
+    configured = num_inference_steps is None and sigmas is None and scheduler.config.sigmas is not None
+    if (num_inference_steps is None) == (sigmas is None) and not configured:
+        raise ValueError(f"{caller} takes num_inference_steps or sigmas (the grid's N + 1 noise levels), exactly one "
+                         "(or neither, with a scheduler whose config holds its own grid: config.sigmas).")
+    if sigmas is None:  # a step count, or the config's own grid
         return scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, shape, dtype=dtype)
     return scheduler.set_timesteps(scheduler.create_state(), shape=shape, dtype=dtype, sigmas=sigmas)
 

@@ -115,16 +115,18 @@ def _project(delta: Array, noise: Array, radius: float) -> Array:
     return delta * jnp.minimum(1.0, limit / size)
 
 
-def _training_step(model_fn, scheduler, grid: GridParameterisation, optimizer, radius: float):
-    def loss(params, noise, target, cond):
+def _training_step(model_fn, scheduler, *, grid: GridParameterisation, optimizer, radius: float):
+    """One optimiser step on a mini-batch ``index`` of the training pairs, jitted."""
+
+    def loss(params, *, noise, target, cond):
         start = noise + _project(params["delta"], noise, radius) if radius > 0 else noise
         out = sample(model_fn, start, scheduler, sigmas=grid.sigmas(params["logits"]), cond=cond).sample
         return jnp.mean((out - target) ** 2)
 
-    def step(params, opt_state, noise, target, cond, index):
+    def step(params, opt_state, *, noise, target, cond, index):
         def on_batch(p):
             batch = dict(logits=p["logits"], delta=p["delta"][index])
-            return loss(batch, noise[index], target[index], _rows(cond, index))
+            return loss(batch, noise=noise[index], target=target[index], cond=_rows(cond, index))
 
         value, grads = jax.value_and_grad(on_batch)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -211,18 +213,18 @@ def learn_grid(
     key = jax.random.PRNGKey(0) if key is None else key
 
     began = time.perf_counter()
-    teacher = sample(model_fn, noise, scheduler, teacher_steps, cond=cond, progress=progress)
+    teacher = sample(model_fn, noise, scheduler, num_inference_steps=teacher_steps, cond=cond, progress=progress)
     first = float(teacher.sigmas[0])
     grid = parameterisation(scheduler, n, first)
     start = _starting_grid(scheduler, n, init=init, grid=grid)
     params = dict(logits=grid.logits(start), delta=jnp.zeros_like(noise))
-    step = _training_step(model_fn, scheduler, grid, optimizer, radius)
+    step = _training_step(model_fn, scheduler, grid=grid, optimizer=optimizer, radius=radius)
     opt_state = optimizer.init(params)
     losses = np.empty(iterations, np.float64)
     for k in range(iterations):
         key, pick = jax.random.split(key)
         index = jax.random.choice(pick, rows, (batch_size,), replace=False)
-        params, opt_state, value = step(params, opt_state, noise, teacher.sample, cond, index)
+        params, opt_state, value = step(params, opt_state, noise=noise, target=teacher.sample, cond=cond, index=index)
         losses[k] = float(value)
         if progress:
             progress_line.show("learn_grid", k + 1, iterations, unit="iterations", suffix=f" loss {losses[k]:.3g}")

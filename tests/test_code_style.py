@@ -377,3 +377,43 @@ def test_each_public_name_is_defined_in_one_module():
     assert definitions({"a.py": ast.parse("ModelFn = 1"), "b.py": ast.parse("from a import ModelFn\nclass ModelFn: ..."),
                         "c.py": ast.parse("import a\nclass ModelFn(a.ModelFn, object): ...")},
                        {"ModelFn"}) == {"ModelFn": ["a.py", "b.py"]}
+
+
+# ----------------------------------------------------------------------------- sizes
+MAX_FUNCTION_LINES, MAX_PUBLIC_PARAMETERS, MAX_FILE_LINES = 100, 14, 600
+# Files allowed past MAX_FILE_LINES, each with the reason.
+LONG_FILES = {
+    "trajectories/exact.py": "one algorithm: its stages over one problem record, and the implicit derivative "
+                             "registered on the function that assembles them (a custom_jvp lives beside its primal)",
+}
+
+
+def _code_lines(function: ast.FunctionDef) -> int:
+    body = function.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
+            isinstance(body[0].value.value, str):
+        body = body[1:]  # the docstring does not count
+    return 0 if not body else body[-1].end_lineno - body[0].lineno + 1
+
+
+def _parameter_count(function: ast.FunctionDef) -> int:
+    a = function.args
+    return len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + (a.vararg is not None) + (a.kwarg is not None)
+
+
+def test_functions_are_short_public_calls_take_few_parameters_and_files_stay_small():
+    """Every function's code (docstring excluded) <= 100 lines; every public function <= 14
+    parameters; every file <= 600 lines unless ``LONG_FILES`` says why."""
+    offences = []
+    for name, tree in _sources().items():
+        lines = (PACKAGE / name).read_text().count("\n")
+        if lines > MAX_FILE_LINES and name not in LONG_FILES:
+            offences.append(f"{name}: {lines} lines")
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if _code_lines(node) > MAX_FUNCTION_LINES:
+                offences.append(f"{name}:{node.lineno} {node.name}: {_code_lines(node)} lines of code")
+            if not node.name.startswith("_") and _parameter_count(node) > MAX_PUBLIC_PARAMETERS:
+                offences.append(f"{name}:{node.lineno} {node.name}: {_parameter_count(node)} parameters")
+    assert not offences, "\n".join(offences)

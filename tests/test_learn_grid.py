@@ -46,7 +46,7 @@ def test_a_learned_grid_beats_the_default_grid_on_held_out_noise(mixture):
 def test_the_learned_levels_decrease_between_the_fixed_ends(mixture):
     _, sched, model = mixture
     train = jax.random.normal(jax.random.PRNGKey(2), (16, 16))
-    result = dpmjax.learn_grid(model, sched, 5, train, iterations=5, teacher_steps=20, progress=False)
+    result = dpmjax.learn_grid(model, sched, 5, train, iterations=5, teacher_steps=20, init="default", progress=False)
     default = np.asarray(sched.set_timesteps(sched.create_state(), 5, (1,)).sigmas[:6])
     assert result.sigmas.shape == (6,) and np.all(np.diff(result.sigmas) < 0)
     np.testing.assert_allclose(result.sigmas[[0, -1]], default[[0, -1]], rtol=1e-5)
@@ -94,7 +94,7 @@ def test_a_conditional_model_with_per_row_conditions_and_any_optax_optimiser(mix
     (dict(iterations=0), "iterations"),
     (dict(batch_size=0), "batch_size"),
     (dict(teacher_forcing_radius=-1.0), "teacher_forcing_radius"),
-    (dict(init="karras"), "init"),
+    (dict(init="edm"), "init"),
     (dict(init=np.ones(3)), "init"),
     (dict(optimizer="adam"), "optimizer"),
     (dict(noise=np.ones(3, np.int32)), "noise"),

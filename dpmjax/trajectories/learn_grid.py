@@ -147,7 +147,7 @@ def learn_grid(
     batch_size: int = 32,
     optimizer: Optional[optax.GradientTransformation] = None,
     teacher_forcing_radius: float = 0.1,
-    init: Any = "default",
+    init: Any = "best",
     key: Optional[Array] = None,
     progress: bool = True,
 ) -> LearnedGrid:
@@ -176,13 +176,17 @@ def learn_grid(
         optimizer: Any optax transformation; default ``optax.adam(5e-2)``.
         teacher_forcing_radius: LD3's slack ``r`` (default 0.1): each training noise may move by
             up to ``r`` times its norm (0: the student starts at the teacher's noise).
-        init: The starting grid: ``"default"`` (the scheduler's own grid of ``N`` steps, the
-            default), ``"lu"`` (uniform in log-SNR) or ``[N + 1]`` noise levels.
+        init: The starting grid: ``"best"`` (default: whichever of the scheduler's own grid of
+            ``N`` steps, uniform log-SNR steps and the Karras grid is closest to the teacher on
+            the first mini-batch), ``"default"`` (the scheduler's own grid), ``"lu"`` (uniform in
+            log-SNR) or ``[N + 1]`` noise levels.
         key: A ``jax.random`` key for the mini-batches (default ``PRNGKey(0)``).
         progress: Print a progress line on stderr.
 
     Returns:
-        A :class:`LearnedGrid`: ``sigmas`` and the training record.
+        A :class:`LearnedGrid`: ``sigmas`` and the training record. The grid returned is never
+        worse than the starting grid on the first mini-batch of training noises (the starting
+        grid is returned otherwise).
 
     Raises:
         ValueError: ``scheduler`` is not a deterministic forward dpmjax scheduler; an integer
@@ -216,6 +220,10 @@ def learn_grid(
     teacher = sample(model_fn, noise, scheduler, num_inference_steps=teacher_steps, cond=cond, progress=progress)
     first = float(teacher.sigmas[0])
     grid = parameterisation(scheduler, n, first)
+    if isinstance(init, str) and init == "best":
+        probe = slice(0, batch_size)
+        init = _closest_to_teacher(model_fn, scheduler, n, grid=grid, noise=noise[probe], target=teacher.sample[probe],
+                                   cond=_rows(cond, probe))
     start = _starting_grid(scheduler, n, init=init, grid=grid)
     params = dict(logits=grid.logits(start), delta=jnp.zeros_like(noise))
     step = _training_step(model_fn, scheduler, grid=grid, optimizer=optimizer, radius=radius)
@@ -229,19 +237,48 @@ def learn_grid(
         if progress:
             progress_line.show("learn_grid", k + 1, iterations, unit="iterations", suffix=f" loss {losses[k]:.3g}")
     learned = np.asarray(grid.sigmas(params["logits"]), np.float32)
+    # never worse than where it started, on the training noises (as many as a mini-batch, fixed)
+    probe = slice(0, batch_size)
+
+    def error(levels):
+        out = sample(model_fn, noise[probe], scheduler, sigmas=jnp.asarray(levels, jnp.float32), cond=_rows(cond, probe))
+        return float(jnp.mean((out.sample - teacher.sample[probe]) ** 2))
+
+    if error(start) < error(learned):
+        learned = np.asarray(start, np.float32)
     return LearnedGrid(sigmas=learned, initial_sigmas=np.asarray(start, np.float32), losses=losses,
                        teacher_steps=teacher_steps, seconds=time.perf_counter() - began)
 
 
+_INITS = ("best", "default", "lu", "karras")
+
+
 def _starting_grid(scheduler, n: int, *, init, grid: GridParameterisation) -> np.ndarray:
+    """The grid named by ``init`` (or given by it), in the parameterisation's range."""
     if isinstance(init, str):
         if init == "lu":
             return np.asarray(grid.sigmas(jnp.zeros(n)), np.float64)
-        if init == "default":
-            state = scheduler.set_timesteps(scheduler.create_state(), n, (1,))
-            return np.asarray(state.sigmas[: n + 1], np.float64)
-        raise ValueError(f"init must be 'lu', 'default' or N + 1 = {n + 1} noise levels, got {init!r}.")
+        if init in ("default", "karras"):
+            config = scheduler.config
+            if init == "karras":
+                config = config.replace(**{option: option == "use_karras_sigmas" for option in config.SIGMA_GRID_OPTIONS})
+            other = type(scheduler)(config)
+            levels = np.asarray(other.set_timesteps(other.create_state(), n, (1,)).sigmas[: n + 1], np.float64)
+            return np.asarray(grid.sigmas(grid.logits(levels)), np.float64)  # its shape, between the fixed ends
+        raise ValueError(f"init must be one of {_INITS} or N + 1 = {n + 1} noise levels, got {init!r}.")
     levels = np.asarray(init, np.float64)
     if levels.shape != (n + 1,):
-        raise ValueError(f"init must be 'lu', 'default' or N + 1 = {n + 1} noise levels, got shape {levels.shape}.")
+        raise ValueError(f"init must be one of {_INITS} or N + 1 = {n + 1} noise levels, got shape {levels.shape}.")
     return levels
+
+
+def _closest_to_teacher(model_fn, scheduler, n: int, *, grid: GridParameterisation, noise, target, cond) -> np.ndarray:
+    """Of the named starting grids, the one whose samples of ``noise`` are closest to ``target``."""
+    best, best_error = None, np.inf
+    for name in _INITS[1:]:
+        levels = _starting_grid(scheduler, n, init=name, grid=grid)
+        out = sample(model_fn, noise, scheduler, sigmas=jnp.asarray(levels, jnp.float32), cond=cond).sample
+        error = float(jnp.mean((out - target) ** 2))
+        if error < best_error:
+            best, best_error = levels, error
+    return best

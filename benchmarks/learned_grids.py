@@ -64,7 +64,7 @@ def measure(name: str, w: float, n: int, *, iterations: int, real_logits: np.nda
     test_labels = jnp.arange(TEST_ROWS) % 10
     teacher = dpmjax.sample(conditional, test_noise, sched, TEACHER_STEPS, cond=test_labels).sample
     grids = {"learned": jnp.asarray(learned.sigmas)} | {k: hand_made_sigmas(k, n) for k in HAND_MADE}
-    row = dict(model=name, guidance=w, steps=n, train_seconds=round(learned.seconds, 1),
+    row = dict(model=name, guidance=w, steps=n, train_seconds=round(learned.seconds, 1), improved=learned.improved,
                learned_sigmas=[float(s) for s in learned.sigmas])
     for grid, sigmas in grids.items():
         out = dpmjax.sample(conditional, test_noise, sched, sigmas=sigmas, cond=test_labels).sample

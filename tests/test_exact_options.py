@@ -28,7 +28,7 @@ def sampler(order=2):
 
 # ----------------------------------------------------------------------------- the object
 def test_the_defaults_are_invert_s_former_defaults_and_the_fields_are_these():
-    assert dataclasses.asdict(dpmjax.ExactInversion()) == DEFAULTS
+    assert dataclasses.asdict(dpmjax.ExactInversion()) == {**DEFAULTS, "finish_apart": None}
     assert tuple(DEFAULTS) == MOVED_KEYWORDS
 
 
@@ -41,6 +41,7 @@ def test_the_defaults_are_invert_s_former_defaults_and_the_fields_are_these():
     ("gmres_restart", 0, "an integer >= 1"), ("gmres_restart", True, "an integer >= 1"),
     ("gmres_maxiter", 0, "an integer >= 1"), ("gmres_maxiter", "1", "an integer >= 1"),
     ("independent_rows", 1, "True or False"), ("independent_rows", np.bool_(False), "True or False"),
+    ("finish_apart", 1, "True or False"), ("finish_apart", "auto", "True or False"),
 ])
 def test_each_bad_field_is_named_with_what_is_allowed(name, value, allowed):
     with pytest.raises(ValueError, match=rf"^{name} must be {allowed}"):

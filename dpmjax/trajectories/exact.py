@@ -82,6 +82,8 @@ class ExactOptions(NamedTuple):
             rows).
         return_outputs: Also return the raw model outputs along the path.
         progress: Print progress lines on stderr.
+        robust: Run the robust path where the fast path leaves rows (orders >= 2); False stops
+            after the fast path (the caller finishes those rows apart).
     """
 
     max_sweeps: int
@@ -92,6 +94,7 @@ class ExactOptions(NamedTuple):
     rows: int
     return_outputs: bool = False
     progress: bool = False
+    robust: bool = True
 
 
 class _Result(NamedTuple):
@@ -538,6 +541,8 @@ def _solved(scheduler, inverse, model: _Model, options: ExactOptions, inputs: _I
         return _robust(problem, plain)
     result = _better_of(plain, _fast(problem, plain, plain_sampled=plain_sampled))
     _status(problem, "defect-correction sweeps and the preconditioned solve", result)
+    if not options.robust:
+        return result
     return lax.cond(jnp.any(result.error > options.tolerance), partial(_robust, problem), lambda r: r, result)
 
 

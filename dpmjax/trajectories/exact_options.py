@@ -45,6 +45,14 @@ class ExactInversion:
             length and stopping test, and a row's result does not depend on the others (default
             True). Pass False for a model that couples rows (batch statistics, attention across
             the batch): the batch is then one problem.
+        finish_apart: Where the fast path (orders >= 2) leaves rows unconverged, finish them apart:
+            gathered with their rows of ``cond`` into a sub-batch of a fixed size (a power of two),
+            so that the robust path's model calls are paid for those rows only, not the whole
+            batch. ``None`` (default): when ``cond`` is given (a model that closes over per-row
+            conditioning cannot be run on other rows) and the call is not being traced (under
+            ``jit``, ``grad`` or ``vmap`` the rows to finish are not known when the program is
+            built: the batch is then finished whole, masked). ``True`` asks for it with ``cond=None``
+            too (the model must then treat each row alone); ``False`` never.
 
     Example:
         >>> import dpmjax
@@ -59,6 +67,7 @@ class ExactInversion:
     gmres_restart: int = 5
     gmres_maxiter: int = 1
     independent_rows: bool = True
+    finish_apart: bool | None = None
 
     def __post_init__(self):
         # normalised to Python numbers, so that equal settings hash alike whatever type was passed
@@ -74,6 +83,8 @@ class ExactInversion:
                                             note=" (GMRES restart cycles per linear solve)"),
         }
         checks.boolean("independent_rows", self.independent_rows)
+        if self.finish_apart is not None:
+            checks.boolean("finish_apart", self.finish_apart)
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
 
@@ -83,7 +94,7 @@ class ExactInversion:
 
 
 #: The keywords ``invert`` took before the settings became :class:`ExactInversion` fields.
-MOVED_KEYWORDS = tuple(field.name for field in dataclasses.fields(ExactInversion))
+MOVED_KEYWORDS = ("tolerance", "max_sweeps", "max_iterations", "gmres_restart", "gmres_maxiter", "independent_rows")
 
 
 def moved_keywords_message(function: str, given: dict) -> str:

@@ -27,6 +27,7 @@ from ..scheduler import DPMSolverMultistepBase, DPMSolverMultistepInverseSchedul
 from ..state import SchedulerState
 from .exact import ExactOptions, exact_inversion_jit
 from .exact_options import ExactInversion, rejects_moved_keywords, resolved
+from .finish_apart import FIRST_PASS_ITERATIONS, FIRST_PASS_SWEEPS, finish_apart, finishes_apart
 from .grid_entry import grid_state, on_traced_grid
 from .model_fn import ConditionalModelFn, ModelFn
 from .scan import (
@@ -235,10 +236,26 @@ def invert(
     if x.ndim == 0:
         raise ValueError(f"exact inversion needs a batch axis (rows on axis 0), got a sample of shape {tuple(x.shape)}.")
     options = _exact_record(settings, rows=x.shape[0], return_outputs=return_model_outputs, progress=progress)
-    inverse, mirror = mirrored_state(scheduler, forward_state, x.shape, dtype=solver.compute_dtype(x))
-    X, outputs, round_trip, sweeps, iterations = exact_inversion_jit(scheduler, inverse, model_fn, options=options,
-                                                                     state=forward_state, mirror=mirror, data=x, cond=cond,
-                                                                     noises=noises)
+    apart = finishes_apart(settings, order=scheduler.config.solver_order, rows=x.shape[0], cond=cond, noises=noises,
+                           arrays=(x, sigmas))
+
+    def solve(data, condition, *, robust=True, iterations=options.max_iterations, sweeps=options.max_sweeps):
+        state = forward_state if data.shape == x.shape else grid_state(
+            scheduler, data.shape, num_inference_steps=num_inference_steps, sigmas=sigmas, dtype=solver.compute_dtype(x),
+            caller="invert")
+        inverse, mirror = mirrored_state(scheduler, state, data.shape, dtype=solver.compute_dtype(x))
+        record = options._replace(rows=data.shape[0] if settings.independent_rows else 1, robust=robust,
+                                  max_iterations=iterations, max_sweeps=sweeps)
+        return exact_inversion_jit(scheduler, inverse, model_fn, options=record, state=state, mirror=mirror, data=data,
+                                   cond=condition, noises=noises)
+
+    # finishing apart, the whole batch takes a short fast path: the rows it leaves start again alone
+    first_pass = dict(iterations=min(options.max_iterations, FIRST_PASS_ITERATIONS),
+                      sweeps=min(options.max_sweeps, FIRST_PASS_SWEEPS)) if apart else {}
+    result = solve(x, cond, robust=not apart, **first_pass)
+    if apart:  # the rows the fast path left, finished in a sub-batch of their own
+        result = finish_apart(solve, first=result, data=x, cond=cond, tolerance=options.tolerance)
+    X, outputs, round_trip, sweeps, iterations = result
     # the noise keeps the working precision (float32 for bf16/fp16 input): a cast would undo the exactness
     return Trajectory(
         sample=X[0],

@@ -51,6 +51,8 @@ class LearnedGrid:
             element, on each iteration's mini-batch).
         teacher_steps: The teacher's number of steps.
         seconds: Wall time of the training (teacher included).
+        improved: Whether the trained grid beat the starting grid on the training noises (if not,
+            ``sigmas`` is the starting grid).
     """
 
     sigmas: np.ndarray
@@ -58,6 +60,7 @@ class LearnedGrid:
     losses: np.ndarray
     teacher_steps: int
     seconds: float
+    improved: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +149,7 @@ def learn_grid(
     iterations: int = 300,
     batch_size: int = 32,
     optimizer: Optional[optax.GradientTransformation] = None,
-    teacher_forcing_radius: float = 0.1,
+    teacher_forcing_radius: float = 0.0,
     init: Any = "best",
     key: Optional[Array] = None,
     progress: bool = True,
@@ -174,8 +177,10 @@ def learn_grid(
         iterations: Optimiser steps (default 300).
         batch_size: Rows per mini-batch (default 32; at most ``M``).
         optimizer: Any optax transformation; default ``optax.adam(5e-2)``.
-        teacher_forcing_radius: LD3's slack ``r`` (default 0.1): each training noise may move by
-            up to ``r`` times its norm (0: the student starts at the teacher's noise).
+        teacher_forcing_radius: LD3's slack ``r`` (default 0: the student starts at the teacher's
+            noise): each training noise may move by up to ``r`` times its norm. Measured on the
+            digits MLP at guidance 3: ``r = 0.1`` lowers the mean error further but leaves a few
+            noises whose samples the grid ruins, which the final check below then refuses.
         init: The starting grid: ``"best"`` (default: whichever of the scheduler's own grid of
             ``N`` steps, uniform log-SNR steps and the Karras grid is closest to the teacher on
             the first mini-batch), ``"default"`` (the scheduler's own grid), ``"lu"`` (uniform in
@@ -185,8 +190,8 @@ def learn_grid(
 
     Returns:
         A :class:`LearnedGrid`: ``sigmas`` and the training record. The grid returned is never
-        worse than the starting grid on the first mini-batch of training noises (the starting
-        grid is returned otherwise).
+        worse than the starting grid on (up to 256 of) the training noises: the starting grid is
+        returned otherwise, and ``LearnedGrid.improved`` is False.
 
     Raises:
         ValueError: ``scheduler`` is not a deterministic forward dpmjax scheduler; an integer
@@ -237,17 +242,18 @@ def learn_grid(
         if progress:
             progress_line.show("learn_grid", k + 1, iterations, unit="iterations", suffix=f" loss {losses[k]:.3g}")
     learned = np.asarray(grid.sigmas(params["logits"]), np.float32)
-    # never worse than where it started, on the training noises (as many as a mini-batch, fixed)
-    probe = slice(0, batch_size)
+    # never worse than where it started, on (up to 256 of) the training noises
+    probe = slice(0, min(rows, 256))
 
     def error(levels):
         out = sample(model_fn, noise[probe], scheduler, sigmas=jnp.asarray(levels, jnp.float32), cond=_rows(cond, probe))
         return float(jnp.mean((out.sample - teacher.sample[probe]) ** 2))
 
-    if error(start) < error(learned):
+    improved = error(learned) <= error(start)
+    if not improved:
         learned = np.asarray(start, np.float32)
     return LearnedGrid(sigmas=learned, initial_sigmas=np.asarray(start, np.float32), losses=losses,
-                       teacher_steps=teacher_steps, seconds=time.perf_counter() - began)
+                       teacher_steps=teacher_steps, seconds=time.perf_counter() - began, improved=improved)
 
 
 _INITS = ("best", "default", "lu", "karras")

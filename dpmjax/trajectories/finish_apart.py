@@ -1,0 +1,84 @@
+"""Exact inversion's hard rows finished apart, so that one hard row does not make the batch pay.
+
+The fast path (orders >= 2) runs on the whole batch; the rows it leaves above the tolerance are
+gathered, with their rows of ``cond``, into a sub-batch of a fixed size (the next power of two, so a
+few compiled programs serve every count) and inverted again there with the robust path, whose model
+calls are then paid for those rows only. Their results are scattered back. Rows are independent
+problems (:mod:`dpmjax.trajectories.exact`), so a row's answer is the one it gets in the whole batch.
+
+This needs the rows to finish to be known, so it runs between two compiled programs, on concrete
+arrays: a call being traced (``jit``, ``grad``, ``vmap``) keeps the single masked program.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .exact_options import ExactInversion
+
+Array = jax.Array
+
+# Newton iterations of the whole batch's fast path when hard rows are finished apart: easy rows
+# converge within a few; a row that needs more is cheaper alone than dragging the batch along
+FIRST_PASS_ITERATIONS = 3
+FIRST_PASS_SWEEPS = 4
+
+
+def traced(*trees) -> bool:
+    """Whether any leaf of ``trees`` is a tracer (the call is being transformed)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
+
+
+def finishes_apart(settings: ExactInversion, *, order: int, rows: int, cond: Any, noises: Any, arrays) -> bool:
+    """Whether exact inversion finishes its hard rows apart (see ``ExactInversion.finish_apart``)."""
+    if settings.finish_apart is False or not settings.independent_rows or order < 2 or rows < 2 or noises is not None:
+        return False
+    if traced(arrays, cond):
+        return False
+    return settings.finish_apart is True or cond is not None
+
+
+def bucket(count: int, rows: int) -> int:
+    """The sub-batch size for ``count`` rows: the next power of two, at most ``rows``."""
+    return min(rows, 1 << max(0, count - 1).bit_length())
+
+
+def rows_of(tree: Any, index: np.ndarray, rows: int) -> Any:
+    """``tree`` with the leaves that have the batch's leading axis (``rows``) taken at ``index``;
+    other leaves (weights, scalars) unchanged."""
+    return jax.tree_util.tree_map(lambda a: a[index] if jnp.ndim(a) >= 1 and jnp.shape(a)[0] == rows else a, tree)
+
+
+def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: float):
+    """Finish the rows ``first`` leaves open.
+
+    Args:
+        solve: ``solve(data, cond)`` -> ``(X, outputs, round_trip, sweeps, iterations)``: exact
+            inversion with the robust path, for a sub-batch.
+        first: The whole batch's result after the fast path, in the same form.
+        data: The batch inverted (rows on axis 0).
+        cond: Its condition (leaves with the batch's leading axis are gathered with the rows).
+        tolerance: The round trip a row must reach.
+
+    Returns:
+        The whole batch's result, the open rows replaced by their result in the sub-batch; the
+        sweeps and iterations of both runs added.
+    """
+    X, outputs, round_trip, sweeps, iterations = first
+    rows = data.shape[0]
+    open_rows = np.flatnonzero(~(np.asarray(round_trip) <= tolerance))  # NaN rows are open too
+    if open_rows.size == 0:
+        return first
+    size = bucket(open_rows.size, rows)
+    index = np.concatenate([open_rows, np.full(size - open_rows.size, open_rows[0])])  # padding repeats a row
+    sub_X, sub_outputs, sub_round_trip, sub_sweeps, sub_iterations = solve(data[index], rows_of(cond, index, rows))
+    count = open_rows.size
+    X = X.at[:, open_rows].set(sub_X[:, :count])
+    if outputs is not None:
+        outputs = outputs.at[:, open_rows].set(sub_outputs[:, :count])
+    round_trip = round_trip.at[open_rows].set(sub_round_trip[:count])
+    return X, outputs, round_trip, sweeps + sub_sweeps, iterations + sub_iterations

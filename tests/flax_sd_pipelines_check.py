@@ -174,6 +174,20 @@ def main(out: Path) -> dict:
     pipeline.scheduler = diffusers.FlaxDPMSolverMultistepScheduler.from_config(dict(theirs.config), solver_order=1)
     first_order = run(pipeline, dict(loaded, scheduler=pipeline.scheduler.create_state()), {"prompt_ids": prompt}, jit=False)
     report["images"]["txt2img jit=False"]["max_rel_diff_to_first_order"] = max_rel(first_order, images["diffusers", False])
+    # a grid of the config's own (as dpmjax.learn_grid saves one): the pipeline passes num_inference_steps,
+    # and a scheduler whose config holds a grid of that many steps runs it
+    karras = Ours.from_config(ours.config.to_dict(), use_karras_sigmas=True)
+    karras_sched = karras[0] if isinstance(karras, tuple) else karras
+    grid = np.asarray(karras_sched.set_timesteps(karras_sched.create_state(), STEPS, (1,)).sigmas[: STEPS + 1])
+    tuned = Ours.from_config(ours.config.to_dict(), sigmas=[float(v) for v in grid])
+    tuned = tuned[0] if isinstance(tuned, tuple) else tuned
+    pipeline.scheduler = tuned
+    on_grid = run(pipeline, dict(loaded, scheduler=tuned.create_state()), {"prompt_ids": prompt}, jit=False)
+    state = tuned.set_timesteps(tuned.create_state(), STEPS, (2, 4, 8, 8))
+    report["config_grid"] = {"finite": bool(np.all(np.isfinite(on_grid))),
+                             "state_sigmas_equal": bool(np.array_equal(np.asarray(state.sigmas), grid)),
+                             "max_rel_diff_to_default_grid": max_rel(on_grid, images["ours", False])}
+    pipeline.scheduler = ours
     phase("txt2img")
 
     # 2. save with ours inside -> the files plain diffusers writes for its own class

@@ -106,6 +106,16 @@ def test_another_scheduler_lands_far_outside_the_band(report):
 
 
 @pytest.mark.slow
+def test_a_grid_held_in_the_config_runs_in_diffusers_pipeline(report):
+    """A scheduler whose config holds a grid of N steps (``sigmas``, as ``dpmjax.learn_grid`` saves
+    one) runs it inside diffusers 0.39's pipeline, which passes ``num_inference_steps=N``: its
+    images are finite and far from those of the default grid."""
+    grid = report["config_grid"]
+    assert grid["finite"] and grid["state_sigmas_equal"]
+    assert grid["max_rel_diff_to_default_grid"] > 1000 * RELATIVE
+
+
+@pytest.mark.slow
 def test_from_pretrained_takes_our_scheduler(report):
     assert report["from_pretrained_scheduler_is_ours"]
     assert report["from_pretrained_no_scheduler_state"], "as with diffusers' class: params['scheduler'] is set by the user"

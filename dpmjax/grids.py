@@ -182,7 +182,7 @@ def forward_grid(
     T = config.num_train_timesteps
     shift = config.flow_shift if flow_shift is None else flow_shift
     if (num_inference_steps is None) == (timesteps is None):
-        raise ValueError("pass exactly one of num_inference_steps and timesteps.")
+        raise ValueError("pass exactly one of num_inference_steps, timesteps and sigmas.")
     if timesteps is not None:
         for option in config.SIGMA_GRID_OPTIONS:
             if getattr(config, option):

@@ -270,9 +270,10 @@ class DPMSolverMultistepBase(SolverBuildingBlocks):
                 ``[0, num_train_timesteps - 1]``, instead of ``num_inference_steps``.
             mu: Forward scheduler only, with ``use_dynamic_shifting=True``: the dynamic flow
                 shift, ``flow_shift = e^mu``.
-            sigmas: ``[N + 1]`` noise levels (diffusers' sigma), the sampler's order: decreasing,
-                positive, within the training schedule's range, the last one possibly zero
-                (data-prediction algorithms only); a JAX array (also a tracer) or array-like,
+            sigmas: ``[N + 1]`` noise levels (diffusers' sigma), the sampler's order: not
+                increasing (equal neighbours make a zero-length step), positive, within the
+                training schedule's range, the last one possibly zero (data-prediction algorithms
+                only; a zero level is held fixed under ``jax.grad``); a JAX array (also a tracer) or array-like,
                 instead of ``num_inference_steps`` and ``timesteps``. Checked when concrete; a
                 traced grid is the caller's to keep ordered (e.g. :func:`dpmjax.learn_grid`'s
                 parameterisation).
@@ -290,7 +291,9 @@ class DPMSolverMultistepBase(SolverBuildingBlocks):
                 flow) or not strictly decreasing integers in range, or ``mu`` without
                 ``use_dynamic_shifting=True``; the inverse scheduler gets ``timesteps`` or ``mu``,
                 or no ``num_inference_steps``; ``channel_axis`` lies outside samples of ``shape``
-                (learned ``variance_type`` only).
+                (learned ``variance_type`` only); ``sigmas`` comes with ``num_inference_steps``,
+                ``timesteps`` or ``mu``, or is not a sampler's grid
+                (:func:`dpmjax.grid_sigmas.check_grid_sigmas` lists what is refused).
         """
         if not isinstance(state, SchedulerState):
             raise ValueError(

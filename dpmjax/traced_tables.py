@@ -203,8 +203,11 @@ def mirrored_sigmas(config: SchedulerConfig, sigmas: Array) -> Array:
 def grid_fields(config: SchedulerConfig, sigmas: Array, *, forward: bool) -> dict:
     """The grid fields of a :class:`~dpmjax.state.SchedulerState` for ``N + 1`` noise levels
     ``sigmas`` in the direction of travel (traced or not): timesteps (fractional), sigmas, the VP
-    pairs, the conversion and update tables, the order caps."""
+    pairs, the conversion and update tables, the order caps. A level of exactly zero (a final
+    zero) is held fixed: its derivative is zero (only its one-sided derivative upwards exists)."""
     n = sigmas.shape[0] - 1
+    # a level of zero noise is an end that cannot move down: it is held fixed (zero derivative)
+    sigmas = jnp.where(sigmas == 0, jax.lax.stop_gradient(sigmas), sigmas)
     alpha, sigma = alpha_sigma_from_sigma(sigmas, config.use_flow_sigmas, xp=jnp)
     return dict(
         timesteps=continuous_timesteps(config, sigmas[:n]),

@@ -55,3 +55,26 @@ def test_one_hard_row_costs_its_own_work_not_the_batch_s(name):
     assert both_cost <= 1.3 * budget, (both_cost, easy_cost, hard_cost)
     if name == "mlp":
         assert whole_cost > 2 * both_cost, (whole_cost, both_cost)
+
+
+@pytest.mark.slow
+def test_a_condition_leaf_that_merely_has_the_batch_length_cannot_fake_a_converged_row():
+    """A ``cond`` leaf used whole (a 7 x 7 weight matrix for 7 rows) is gathered with the rows it
+    seems to belong to; the finished rows are then measured in the whole batch with the real
+    ``cond``, so every reported round trip is the true one."""
+    model = digits.load("mlp")
+    images, labels = digits.heldout()
+    rows = np.append(EASY, HARD)
+    x = jnp.asarray(images[rows])
+    cond = {"label": jnp.asarray(labels[rows]), "W": jax.random.normal(jax.random.PRNGKey(0), (7, 7))}
+
+    def guided(x, t, c):
+        null = model.conditional(x, t, jnp.full_like(c["label"], digits.NULL_LABEL))
+        return null + 3.0 * (model.conditional(x, t, c["label"]) - null) + 1e-3 * jnp.mean(c["W"])
+
+    sched = dpmjax.DPMSolverMultistepScheduler(solver_order=2, final_sigmas_type="sigma_min", use_lu_lambdas=True)
+    result = dpmjax.invert(guided, x, sched, 25, cond=cond, exact=dpmjax.ExactInversion(finish_apart=True))
+    back = dpmjax.sample(guided, result.sample, sched, 25, cond=cond).sample
+    true = jnp.max(jnp.abs(back - x).reshape(7, -1), axis=1) / jnp.maximum(1.0, jnp.max(jnp.abs(x).reshape(7, -1), axis=1))
+    np.testing.assert_allclose(np.asarray(result.round_trip), np.asarray(true), rtol=1e-3, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(result.converged), np.asarray(true) <= 1e-5)

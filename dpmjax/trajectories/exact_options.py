@@ -52,7 +52,11 @@ class ExactInversion:
             conditioning cannot be run on other rows) and the call is not being traced (under
             ``jit``, ``grad`` or ``vmap`` the rows to finish are not known when the program is
             built: the batch is then finished whole, masked). ``True`` asks for it with ``cond=None``
-            too (the model must then treat each row alone); ``False`` never.
+            too (the model must then treat each row alone); ``False`` never. Leaves of ``cond``
+            whose leading axis has the batch's length are gathered with the rows; a finished row is
+            kept only where its round trip, measured in the whole batch with the real ``cond``,
+            beats the fast path's (so a leaf used whole that merely has that length cannot fake a
+            converged row; pass ``False`` for such a ``cond``).
 
     Example:
         >>> import dpmjax

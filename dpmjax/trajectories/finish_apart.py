@@ -53,7 +53,7 @@ def rows_of(tree: Any, index: np.ndarray, rows: int) -> Any:
     return jax.tree_util.tree_map(lambda a: a[index] if jnp.ndim(a) >= 1 and jnp.shape(a)[0] == rows else a, tree)
 
 
-def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: float):
+def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: float, measure: Callable):
     """Finish the rows ``first`` leaves open.
 
     Args:
@@ -63,10 +63,15 @@ def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: f
         data: The batch inverted (rows on axis 0).
         cond: Its condition (leaves with the batch's leading axis are gathered with the rows).
         tolerance: The round trip a row must reach.
+        measure: ``measure(noise)`` -> the round trip of every row, sampled in the whole batch
+            with its own ``cond``: a finished row's result is checked where it will be used (a
+            ``cond`` leaf gathered by mistake, one that merely has the batch's length, would
+            otherwise go unseen), and kept only where it beats the fast path's.
 
     Returns:
-        The whole batch's result, the open rows replaced by their result in the sub-batch; the
-        sweeps and iterations of both runs added.
+        The whole batch's result, the open rows replaced by their result in the sub-batch where
+        that result, measured in the whole batch, is better; the sweeps and iterations of both
+        runs added.
     """
     X, outputs, round_trip, sweeps, iterations = first
     rows = data.shape[0]
@@ -77,8 +82,12 @@ def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: f
     index = np.concatenate([open_rows, np.full(size - open_rows.size, open_rows[0])])  # padding repeats a row
     sub_X, sub_outputs, sub_round_trip, sub_sweeps, sub_iterations = solve(data[index], rows_of(cond, index, rows))
     count = open_rows.size
-    X = X.at[:, open_rows].set(sub_X[:, :count])
+    measured = np.asarray(measure(X[0].at[open_rows].set(sub_X[0, :count])))
+    before = np.nan_to_num(np.asarray(round_trip)[open_rows], nan=np.inf)
+    keep = measured[open_rows] < before  # per open row: its finished result is better where it is used
+    take, position = open_rows[keep], np.flatnonzero(keep)
+    X = X.at[:, take].set(sub_X[:, position])
     if outputs is not None:
-        outputs = outputs.at[:, open_rows].set(sub_outputs[:, :count])
-    round_trip = round_trip.at[open_rows].set(sub_round_trip[:count])
+        outputs = outputs.at[:, take].set(sub_outputs[:, position])
+    round_trip = round_trip.at[take].set(measured[take])
     return X, outputs, round_trip, sweeps + sub_sweeps, iterations + sub_iterations

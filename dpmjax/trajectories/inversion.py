@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from .. import checks, solver
 from ..grids import Grid, mirrored_grid
 from ..noise_schedule import training_schedule
+from ..numerics.rows import row_max_abs
 from ..scheduler import DPMSolverMultistepBase, DPMSolverMultistepInverseScheduler
 from ..state import SchedulerState
 from .exact import ExactOptions, exact_inversion_jit
@@ -254,7 +255,13 @@ def invert(
                       sweeps=min(options.max_sweeps, FIRST_PASS_SWEEPS)) if apart else {}
     result = solve(x, cond, robust=not apart, **first_pass)
     if apart:  # the rows the fast path left, finished in a sub-batch of their own
-        result = finish_apart(solve, first=result, data=x, cond=cond, tolerance=options.tolerance)
+        def measure(noise):
+            sampled = scan_steps_jit(scheduler, model_fn, ScanOptions(), state=forward_state, x=noise, cond=cond,
+                                     keys=None, noises=None)[0]
+            scale = jnp.maximum(1.0, row_max_abs(x.astype(sampled.dtype), x.shape[0]))
+            return row_max_abs(sampled - x.astype(sampled.dtype), x.shape[0]) / scale
+
+        result = finish_apart(solve, first=result, data=x, cond=cond, tolerance=options.tolerance, measure=measure)
     X, outputs, round_trip, sweeps, iterations = result
     # the noise keeps the working precision (float32 for bf16/fp16 input): a cast would undo the exactness
     return Trajectory(

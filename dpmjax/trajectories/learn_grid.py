@@ -44,7 +44,9 @@ class LearnedGrid:
     """The result of :func:`learn_grid`.
 
     Attributes:
-        sigmas: ``[N + 1]`` float32 noise levels (diffusers' sigma, decreasing): pass them as
+        sigmas: ``[N + 1]`` float32 noise levels (diffusers' sigma, not increasing: a step whose
+            share trains to nothing is left as a zero-length step, as in diffusers' own Karras
+            grid): pass them as
             ``sigmas=`` to :func:`dpmjax.sample`, :func:`dpmjax.invert` or ``set_timesteps``.
         initial_sigmas: The grid training started from.
         losses: ``[iterations]``, the training loss (mean squared error to the teacher per
@@ -175,7 +177,7 @@ def learn_grid(
             sliced into the mini-batches with them.
         teacher_steps: The teacher's steps (an integer > ``N``; default 100).
         iterations: Optimiser steps (default 300).
-        batch_size: Rows per mini-batch (default 32; at most ``M``).
+        batch_size: Rows per mini-batch (default 32; more than ``M`` uses ``M``).
         optimizer: Any optax transformation; default ``optax.adam(5e-2)``.
         teacher_forcing_radius: LD3's slack ``r`` (default 0: the student starts at the teacher's
             noise): each training noise may move by up to ``r`` times its norm. Measured on the
@@ -184,7 +186,8 @@ def learn_grid(
         init: The starting grid: ``"best"`` (default: whichever of the scheduler's own grid of
             ``N`` steps, uniform log-SNR steps and the Karras grid is closest to the teacher on
             the first mini-batch), ``"default"`` (the scheduler's own grid), ``"lu"`` (uniform in
-            log-SNR) or ``[N + 1]`` noise levels.
+            log-SNR), ``"karras"`` or ``[N + 1]`` noise levels (their shape is kept between the
+            fixed ends: the teacher's first level and the schedule's smallest, or zero).
         key: A ``jax.random`` key for the mini-batches (default ``PRNGKey(0)``).
         progress: Print a progress line on stderr.
 
@@ -195,9 +198,10 @@ def learn_grid(
 
     Raises:
         ValueError: ``scheduler`` is not a deterministic forward dpmjax scheduler; an integer
-            argument is out of range; ``noise`` is not a floating-point array with a batch axis;
-            ``init`` is not ``"lu"``, ``"default"`` or ``N + 1`` levels; ``optimizer`` is not an
-            optax transformation.
+            argument is out of range; ``noise`` is not a finite floating-point array with a batch
+            axis; a leaf of ``cond`` does not have ``M`` rows; ``init`` is not ``"best"``,
+            ``"default"``, ``"lu"``, ``"karras"`` or ``N + 1`` levels; ``optimizer`` is not an
+            optax transformation; ``key`` is not a ``jax.random`` key.
     """
     check_scheduler(scheduler)
     if not scheduler.forward or scheduler.config.is_sde:
@@ -218,8 +222,18 @@ def learn_grid(
     if noise.ndim < 1 or noise.shape[0] < 1:
         raise ValueError(f"noise must have a batch axis with at least one row, got shape {tuple(noise.shape)}.")
     rows = noise.shape[0]
+    if not bool(jnp.all(jnp.isfinite(noise))):
+        raise ValueError("noise must be finite (the training noises), got NaN or infinite values.")
     batch_size = min(batch_size, rows)
-    key = jax.random.PRNGKey(0) if key is None else key
+    for leaf in jax.tree_util.tree_leaves(cond):
+        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != rows:
+            raise ValueError(f"cond must be None or a pytree whose every leaf has the noise's {rows} rows on axis 0 "
+                             f"(sliced into the mini-batches with them), got a leaf of shape {jnp.shape(leaf)}.")
+    if key is None:
+        key = jax.random.PRNGKey(0)
+    elif not (isinstance(key, jax.Array) and (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                               or (key.shape == (2,) and key.dtype == jnp.uint32))):
+        raise ValueError(f"key must be a jax.random key (e.g. jax.random.PRNGKey(0)), got {key!r}.")
 
     began = time.perf_counter()
     teacher = sample(model_fn, noise, scheduler, num_inference_steps=teacher_steps, cond=cond, progress=progress)

@@ -14,7 +14,7 @@ import dpmjax
 from dpmjax.models.analytic import Gaussian, timestep_model
 
 SAMPLER = dpmjax.DPMSolverMultistepScheduler(solver_order=2, use_lu_lambdas=True, final_sigmas_type="sigma_min")
-N = 6
+N = 4
 # the exact model of Gaussian data: the sampler is then affine and one-to-one, so every program finds
 # the same exact inversion (a model whose sampler folds has several, and two programs may differ)
 model = timestep_model(Gaussian(), SAMPLER.config)
@@ -34,7 +34,7 @@ def _user_scan(x, sigmas):
 def _null_text(x, sigmas):
     del sigmas  # null-text inversion runs on the scheduler's grid of N steps
     result = dpmjax.null_text_inversion(lambda x, t, c: model(x, t) * c, x, SAMPLER, N, cond=jnp.ones(x.shape[:1] + (1,)),
-                                        uncond=jnp.zeros(x.shape[:1] + (1,)), guidance_scale=2.0, inner_steps=2)
+                                        uncond=jnp.zeros(x.shape[:1] + (1,)), guidance_scale=2.0, inner_steps=1)
     return result.noise
 
 

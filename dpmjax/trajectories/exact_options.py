@@ -48,8 +48,10 @@ class ExactInversion:
         finish_apart: Where the fast path (orders >= 2) leaves rows unconverged, finish them apart:
             gathered with their rows of ``cond`` into a sub-batch of a fixed size (a power of two),
             so that the robust path's model calls are paid for those rows only, not the whole
-            batch. ``None`` (default): when ``cond`` is given (a model that closes over per-row
-            conditioning cannot be run on other rows) and the call is not being traced (under
+            batch. ``None`` (default): when ``cond`` is given and every leaf of it has the batch's
+            rows on axis 0 (per-row labels or embeddings; a model that closes over per-row
+            conditioning cannot be run on other rows, and a ``cond`` that also carries weights is
+            finished whole unless ``True`` is passed) and the call is not being traced (under
             ``jit``, ``grad`` or ``vmap`` the rows to finish are not known when the program is
             built: the batch is then finished whole, masked). ``True`` asks for it with ``cond=None``
             too (the model must then treat each row alone); ``False`` never. Leaves of ``cond``

@@ -39,7 +39,12 @@ def finishes_apart(settings: ExactInversion, *, order: int, rows: int, cond: Any
         return False
     if traced(arrays, cond):
         return False
-    return settings.finish_apart is True or cond is not None
+    if settings.finish_apart is True:
+        return True
+    # by default only a condition made of per-row leaves alone (labels, embeddings): one that also
+    # carries weights could hold a leaf that merely has the batch's length
+    leaves = jax.tree_util.tree_leaves(cond)
+    return bool(leaves) and all(jnp.ndim(leaf) >= 1 and jnp.shape(leaf)[0] == rows for leaf in leaves)
 
 
 def bucket(count: int, rows: int) -> int:

@@ -28,7 +28,7 @@ def sampler(order=2):
 
 # ----------------------------------------------------------------------------- the object
 def test_the_defaults_are_invert_s_former_defaults_and_the_fields_are_these():
-    assert dataclasses.asdict(dpmjax.ExactInversion()) == {**DEFAULTS, "finish_apart": None}
+    assert dataclasses.asdict(dpmjax.ExactInversion()) == {**DEFAULTS, "finish_apart": None, "max_calls_per_step": None}
     assert tuple(DEFAULTS) == MOVED_KEYWORDS
 
 

@@ -40,6 +40,7 @@ class FixedPointResult(NamedTuple):
     solution: Array  # each row's best iterate
     residual: Array  # [rows]: its residual, as ``residual_of`` measures it
     iterations: Array  # [rows]: evaluations of g the row used before it stopped
+    evaluations: Array  # batched evaluations of g made
 
 
 class _Carry(NamedTuple):
@@ -98,4 +99,5 @@ def anderson_fixed_point(
     start = _Carry(y=y0, G=history, F=history, count=jnp.asarray(0), row_count=jnp.zeros((rows,), jnp.int32),
                    best_y=y0, best=jnp.full((rows,), jnp.inf, dtype))
     done = lax.while_loop(unfinished, iterate, start)
-    return FixedPointResult(done.best_y, done.best, done.row_count)
+    return FixedPointResult(solution=done.best_y, residual=done.best, iterations=done.row_count,
+                            evaluations=jnp.asarray(done.count, jnp.int32))

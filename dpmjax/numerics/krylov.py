@@ -33,6 +33,7 @@ class _Cycles(NamedTuple):
     residual: Array
     steps: Array
     count: Array
+    products: Array
 
 
 class _Arnoldi(NamedTuple):
@@ -55,6 +56,7 @@ class GMRESResult(NamedTuple):
     solution: Array
     relative_residual: Array  # [rows]: ||b - J x|| / ||b|| estimated by the last least-squares solve
     iterations: Array  # [rows]: the Arnoldi steps (products with J) the row used
+    products: Array  # the batched products with J made (each cycle's residual and its Arnoldi steps)
 
 
 def gmres(
@@ -143,11 +145,13 @@ def gmres(
         y = jax.vmap(lambda a, c: jax.scipy.linalg.solve_triangular(a, c, lower=False))(R, jnp.where(used, g[:, :m], 0.0))
         x_next = x + jnp.sum(jax.vmap(lambda c, v: scale_rows(c, v))(y.T, done.V[:m]), axis=0)
         return _Cycles(x=by_row(working, x_next, x), residual=jnp.where(working, done.residual, carry.residual),
-                       steps=carry.steps + k, count=count + 1)
+                       steps=carry.steps + k, count=count + 1, products=carry.products + (1 + done.j).astype(jnp.int32))
 
     def unfinished_cycles(carry: _Cycles):
         return (carry.count < cycles) & jnp.any(carry.residual > rtol * b_norm)
 
-    start = _Cycles(x=jnp.zeros_like(b), residual=b_norm, steps=jnp.zeros((rows,), jnp.int32), count=0)
+    start = _Cycles(x=jnp.zeros_like(b), residual=b_norm, steps=jnp.zeros((rows,), jnp.int32), count=0,
+                    products=jnp.asarray(0, jnp.int32))
     done = lax.while_loop(unfinished_cycles, cycle, start)
-    return GMRESResult(done.x, done.residual / jnp.maximum(b_norm, tiny), done.steps)
+    return GMRESResult(solution=done.x, relative_residual=done.residual / jnp.maximum(b_norm, tiny), iterations=done.steps,
+                       products=done.products)

@@ -43,6 +43,8 @@ class _Iterate(NamedTuple):
     best_y: Array
     best_max: Array
     leaps: Array
+    evaluations: Array
+    last: Array
 
 
 class _LineSearch(NamedTuple):
@@ -58,6 +60,7 @@ class NewtonResult(NamedTuple):
     solution: Array
     residual: Array  # [rows]: max|F(y) - target| / max(1, max|target|) per row at the solution
     iterations: Array
+    evaluations: Array  # batched evaluations of F, its Jacobian-vector products and preconditionings
 
 
 # Rows within this factor of their tolerance halve their step at most _NEAR_BACKTRACKS times and stop
@@ -81,13 +84,19 @@ def newton_krylov(
     rows: int = 1,
     preconditioner: Optional[Callable[[Array, Array, Array], Array]] = None,
     solve_rows: Optional[Array] = None,
+    max_evaluations: Optional[Array] = None,
 ) -> NewtonResult:
     """Solve ``F(y) = target`` from ``y0``; see the module docstring.
 
     ``preconditioner(y, F(y), v)``, if given, approximates ``J(y)^{-1} v`` (a linear map of ``v``);
     GMRES then solves the right-preconditioned system ``J P u = -r`` and steps along ``d = P u``,
     which takes few Krylov iterations where ``P`` is close to the inverse Jacobian. ``solve_rows``
-    (``[rows]`` bool), if given, limits the solve to those rows; the others keep ``y0``."""
+    (``[rows]`` bool), if given, limits the solve to those rows; the others keep ``y0``.
+    ``max_evaluations`` (an integer, may be traced), if given, is a budget on the batched evaluations
+    of ``F`` (``F`` itself, its Jacobian-vector products and the preconditioner's applications, each
+    counted once; ``NewtonResult.evaluations``): an iteration starts only where the previous one's
+    cost (the first: a full GMRES solve and one step) still fits, so an iteration passes it only by
+    what it costs more than the one before."""
     scale = jnp.maximum(1.0, row_max_abs(target, rows))
     threshold = tolerance * scale
 
@@ -95,18 +104,21 @@ def newton_krylov(
         return F(y) - target
 
     def unconverged(carry: _Iterate):
-        return (carry.count < max_iterations) & jnp.any(carry.active)
+        within = True if max_evaluations is None else carry.evaluations + carry.last <= max_evaluations
+        return (carry.count < max_iterations) & jnp.any(carry.active) & within
 
     def iterate(carry: _Iterate) -> _Iterate:
         y, r, active = carry.y, carry.r, carry.active
         if preconditioner is None:
             matvec = lambda v: jax.jvp(residual, (y,), (v,))[1]  # noqa: E731
-            d = gmres(matvec, -r, rows=rows, restart=gmres_restart, cycles=gmres_maxiter, rtol=1e-6).solution
+            krylov = gmres(matvec, -r, rows=rows, restart=gmres_restart, cycles=gmres_maxiter, rtol=1e-6)
+            d, evaluations = krylov.solution, krylov.products
         else:
             value = r + target
             precondition = lambda v: preconditioner(y, value, v)  # noqa: E731
             matvec = lambda v: jax.jvp(residual, (y,), (precondition(v),))[1]  # noqa: E731
-            d = precondition(gmres(matvec, -r, rows=rows, restart=gmres_restart, cycles=gmres_maxiter, rtol=1e-6).solution)
+            krylov = gmres(matvec, -r, rows=rows, restart=gmres_restart, cycles=gmres_maxiter, rtol=1e-6)
+            d, evaluations = precondition(krylov.solution), 2 * krylov.products + 1
         d = jnp.where(per_row(active, d), d, jnp.zeros_like(d))
         r_norm = row_norm(r, rows)
         r_max = row_max_abs(r, rows)
@@ -128,8 +140,9 @@ def newton_krylov(
 
         ones = jnp.ones(r_norm.shape, r_norm.dtype)
         r_full = residual(y + d)
-        step, r_new, r_norm_new, _ = lax.while_loop(
+        step, r_new, r_norm_new, halvings = lax.while_loop(
             insufficient, halve, _LineSearch(step=ones, r=r_full, r_norm=row_norm(r_full, rows), halvings=0))
+        cost = (evaluations + 1 + halvings).astype(jnp.int32)  # GMRES's, the full step's, the halvings'
         better = active & (r_norm_new < r_norm)
         # a row far from its solution whose line search found no decrease takes the full step anyway
         # (non-monotone, Grippo et al. 1986, SIAM J. Numer. Anal. 23): a nonlinear map can raise the
@@ -150,14 +163,22 @@ def newton_krylov(
             best_y=jnp.where(per_row(improved, y), y, carry.best_y),
             best_max=jnp.where(improved, r_max_new, carry.best_max),
             leaps=leaps,
+            evaluations=carry.evaluations + cost,
+            last=cost,
         )
 
+    # an iteration's cost before the first is measured: a full GMRES solve (each product with the
+    # preconditioner's, and its final application) and the full step
+    products = (gmres_restart + 1) * gmres_maxiter
+    first_cost = (products + 1 if preconditioner is None else 2 * products + 2)
     r0 = residual(y0)
     r0_max = row_max_abs(r0, rows)
     active0 = r0_max > threshold
     if solve_rows is not None:
         active0 = active0 & solve_rows
     start = _Iterate(y=y0, r=r0, active=active0, count=jnp.asarray(0), best_y=y0,
-                     best_max=jnp.where(jnp.isfinite(r0_max), r0_max, jnp.inf), leaps=jnp.zeros(r0_max.shape, jnp.int32))
+                     best_max=jnp.where(jnp.isfinite(r0_max), r0_max, jnp.inf), leaps=jnp.zeros(r0_max.shape, jnp.int32),
+                     evaluations=jnp.asarray(1, jnp.int32), last=jnp.asarray(first_cost, jnp.int32))
     done = lax.while_loop(unconverged, iterate, start)
-    return NewtonResult(done.best_y, jnp.minimum(done.best_max, r0_max) / scale, done.count)
+    return NewtonResult(solution=done.best_y, residual=jnp.minimum(done.best_max, r0_max) / scale, iterations=done.count,
+                        evaluations=done.evaluations)

@@ -67,6 +67,8 @@ _TANGENT_RESTART = 20
 _TANGENT_CYCLES = 5
 # Past sweeps the history sweeps' Anderson acceleration mixes (its window holds one more, the newest)
 _HISTORY_WINDOW = 3
+# ``budget=None``: no budget (the largest int32; a count of model calls never reaches it)
+_UNLIMITED = np.iinfo(np.int32).max
 
 
 class ExactOptions(NamedTuple):
@@ -84,6 +86,8 @@ class ExactOptions(NamedTuple):
         progress: Print progress lines on stderr.
         robust: Run the robust path where the fast path leaves rows (orders >= 2); False stops
             after the fast path (the caller finishes those rows apart).
+        stall_sweeps: A row of the history sweeps stops after this many sweeps in a row without a
+            new best round trip (it has stalled; its best is kept).
     """
 
     max_sweeps: int
@@ -95,15 +99,18 @@ class ExactOptions(NamedTuple):
     return_outputs: bool = False
     progress: bool = False
     robust: bool = True
+    stall_sweeps: int = 3
 
 
 class _Result(NamedTuple):
-    """Per row: the start found, its round trip; defect-correction sweeps and Newton iterations made."""
+    """Per row: the start found, its round trip; defect-correction sweeps and Newton iterations made,
+    and the batched model calls made (all steps: ``N`` per run of the sampler)."""
 
     noise: Array
     error: Array
     sweeps: Array
     iterations: Array
+    calls: Array
 
 
 class _HistorySweeps(NamedTuple):
@@ -118,6 +125,9 @@ class _HistorySweeps(NamedTuple):
     best_error: Array
     active: Array
     count: Array
+    stale: Array
+    calls: Array
+    last: Array
 
 
 class _Sweeps(NamedTuple):
@@ -128,9 +138,11 @@ class _Sweeps(NamedTuple):
     error: Array
     active: Array
     count: Array
+    calls: Array
 
 
-def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, state, mirror, data, cond, noises):
+def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, state, mirror, data, cond, noises,
+                    budget=None):
     """Exact inversion of the sampler ``scheduler`` on ``state``; see the module docstring.
 
     ``exact_inversion_jit`` is this function jitted with ``scheduler``, ``inverse``, ``model_fn`` and
@@ -151,12 +163,16 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
         data: ``x``, the sampler's end point to invert.
         cond: The condition passed to ``model_fn``, or ``None``.
         noises: An SDE sampler's per-step noises (``[N, *shape]``), or ``None``.
+        budget: The most batched model calls the solve may make (all steps; an integer, may be
+            traced), or ``None``: no stage and no iteration starts once the calls made reach it,
+            and each row keeps the best it has met (plain inversion at least).
 
     Returns:
-        ``(X, outputs, round_trip, sweeps, iterations)``: the path ``[N, *shape]`` (sampler order,
-        noise first), the raw model outputs (``options.return_outputs``, else ``None``), the
-        per-row round trip, the defect-correction sweeps made and the Newton iterations of the
-        whole-sampler solve.
+        ``(X, outputs, round_trip, sweeps, iterations, calls)``: the path ``[N, *shape]`` (sampler
+        order, noise first), the raw model outputs (``options.return_outputs``, else ``None``), the
+        per-row round trip, the defect-correction sweeps made, the Newton iterations of the
+        whole-sampler solve and the batched model calls the solve made (a Jacobian-vector product
+        counts as one; the final run that returns the path is not counted).
     """
     # the values the model closes over (e.g. parameters a caller differentiates) become explicit inputs of
     # the implicitly differentiated solve: a custom derivative only sees its explicit inputs
@@ -164,7 +180,8 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
     checked_model = lambda x, t, c: call_model(model_fn, x, t, cond=c, config=scheduler.config)  # noqa: E731
     hoisted, params = jax.closure_convert(checked_model, example, state.timesteps[0], cond)
     result = _solved(scheduler, inverse, _Model(hoisted, conditional=cond is not None), options=options,
-                     inputs=_Inputs(state=state, mirror=mirror, data=data, cond=cond, noises=noises, params=params))
+                     inputs=_Inputs(state=state, mirror=mirror, data=data, cond=cond, noises=noises, params=params,
+                                    budget=jnp.asarray(_UNLIMITED if budget is None else budget, jnp.int32)))
     n = state.timesteps.shape[0]
     _, later, _ = scan_steps(scheduler, model_fn, ScanOptions(return_samples=True), state=state, x=result.noise, cond=cond,
                              keys=None, noises=noises)
@@ -174,12 +191,13 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
         return call_model(model_fn, X[k], state.timesteps[k], cond=cond, config=scheduler.config)
 
     outputs = lax.map(raw_output, jnp.arange(n)) if options.return_outputs else None
-    return X, outputs, result.error, result.sweeps, result.iterations
+    return X, outputs, result.error, result.sweeps, result.iterations, result.calls
 
 
 class _Inputs(NamedTuple):
     """The differentiable inputs of the solve: as in :func:`exact_inversion`, and ``params`` the values
-    the model closes over (hoisted by ``jax.closure_convert``)."""
+    the model closes over (hoisted by ``jax.closure_convert``); ``budget`` the most batched model calls
+    (not differentiated)."""
 
     state: object
     mirror: object
@@ -187,6 +205,7 @@ class _Inputs(NamedTuple):
     cond: object
     noises: object
     params: list
+    budget: Array
 
 
 class _Model(NamedTuple):
@@ -220,6 +239,7 @@ class _Problem(NamedTuple):
         scale: Per row ``max(1, max|x|)``: round trips and Newton residuals are relative to it.
         steps: ``arange(N)``, the sampler's step indices.
         step_noises: The per-step noises in the compute dtype (zeros for an ODE sampler).
+        budget: The most batched model calls the solve may make.
     """
 
     scheduler: object
@@ -234,6 +254,7 @@ class _Problem(NamedTuple):
     scale: Array
     steps: Array
     step_noises: Array
+    budget: Array
 
     @property
     def order(self) -> int:
@@ -269,7 +290,7 @@ def _problem_of(scheduler, inverse, model: _Model, *, options: ExactOptions, inp
     step_noises = jnp.zeros((n,) + data.shape, cdt) if noises is None else noises.astype(cdt)
     return _Problem(scheduler=scheduler, inverse=inverse, model_fn=model.bound(inputs.params), options=options,
                     state=state, mirror=inputs.mirror, cond=inputs.cond, noises=noises, target=target, scale=scale,
-                    steps=steps, step_noises=step_noises)
+                    steps=steps, step_noises=step_noises, budget=inputs.budget)
 
 
 # ----------------------------------------------------------------------------- the sampler, its inverse, the error
@@ -298,18 +319,28 @@ def _converted(problem: _Problem, k, y: Array) -> Array:
     return solver.converted_output(problem.scheduler.config, problem.state, k, model_output=out, sample=y)
 
 
-def _unfinished(problem: _Problem, carry) -> Array:
-    """A sweep loop's condition (:class:`_Sweeps`, :class:`_HistorySweeps`): sweeps left and a row active."""
-    return (carry.count < problem.options.max_sweeps) & jnp.any(carry.active)
+def _within_budget(problem: _Problem, calls: Array, cost) -> Array:
+    """Whether a stage or iteration of ``cost`` batched model calls, started after ``calls``, stays
+    within the budget."""
+    return calls + cost <= problem.budget
+
+
+def _unfinished(problem: _Problem, carry, *, cost) -> Array:
+    """A sweep loop's condition (:class:`_Sweeps`, :class:`_HistorySweeps`): sweeps left, a row active
+    and the budget not spent (a sweep of ``cost`` calls must fit)."""
+    return (carry.count < problem.options.max_sweeps) & jnp.any(carry.active) & _within_budget(problem, carry.calls, cost)
 
 
 # ----------------------------------------------------------------------------- per-step solves (robust path)
 
 
-def _step_solve(problem: _Problem, x_next: Array, inputs, *, update_rows: Array, from_predictor, iterations: int):
+def _step_solve(problem: _Problem, x_next: Array, inputs, *, update_rows: Array, from_predictor, iterations: int,
+                share: Array):
     """One sampler step ``x_{k+1} = F_k(x_k)`` solved for ``x_k`` (a reverse ``lax.scan`` body over
     ``inputs = (k, y_previous, z_k, *history)``): Anderson-accelerated fixed point, then Newton-Krylov for
-    the rows it leaves. Returns ``(x_k, (x_k, converted model output at x_k))``."""
+    the rows it leaves; Newton's iterations stop once the step has made ``share`` model calls (the
+    step's share of the budget left). Returns ``(x_k, (x_k, converted model output at x_k, the
+    model calls made))``."""
     k, y_previous, z_k, *history = inputs
     options = problem.options
     row = update_rows[k].astype(problem.target.dtype)
@@ -331,28 +362,37 @@ def _step_solve(problem: _Problem, x_next: Array, inputs, *, update_rows: Array,
     y0 = jnp.where(invertible, accelerated.solution, y0)
     # rows the fixed point brought within 10x of the tolerance are at float32's floor already
     unsolved = ~invertible | (accelerated.residual > 10 * tolerance)
-    result = newton_krylov(F, x_next, y0, solve_rows=unsolved,
+    result = newton_krylov(F, x_next, y0, solve_rows=unsolved, max_evaluations=share - 2 - accelerated.evaluations,
                            **dict(problem.newton, tolerance=tolerance, max_iterations=iterations))
-    return result.solution, (result.solution, _converted(problem, k, result.solution))
+    # the predictor g(x_next), the fixed point's and Newton's evaluations, the output at the solution
+    calls = (2 + accelerated.evaluations + result.evaluations).astype(jnp.int32)
+    return result.solution, (result.solution, _converted(problem, k, result.solution), calls)
 
 
-def _step_solves(problem: _Problem, X: Array, M: Array, *, update_rows: Array, from_predictor, iterations: int):
+def _step_solves(problem: _Problem, X: Array, M: Array, *, update_rows: Array, from_predictor, iterations: int,
+                 calls: Array):
     """Each sampler step ``x_{k+1} = F_k(x_k)`` solved for ``x_k`` by Newton-Krylov, from the data end,
     with the older model outputs (history) taken from ``M`` (sampler order, noise first); started
     from the explicit (DDIM-like) predictor or from ``X``. With first-order update rows there is no
-    history and one pass is the exact inversion of the first-order sampler. Returns ``(X, M)``."""
+    history and one pass is the exact inversion of the first-order sampler. Each step may spend its
+    share of the budget left after ``calls``. Returns ``(X, M, calls)``, ``calls`` the batched model
+    calls of all steps' solves."""
     zero = jnp.zeros_like(M[:1])
     history = [jnp.concatenate([zero, M[:-1]]), jnp.concatenate([zero, zero, M[:-2]])][: problem.order - 1]
-    solve = partial(_step_solve, problem, update_rows=update_rows, from_predictor=from_predictor, iterations=iterations)
-    return lax.scan(solve, problem.target, (problem.steps, X, problem.step_noises, *history), reverse=True)[1]
+    share = jnp.maximum(problem.budget - calls, 0) // problem.n
+    solve = partial(_step_solve, problem, update_rows=update_rows, from_predictor=from_predictor, iterations=iterations,
+                    share=share)
+    X, M, step_calls = lax.scan(solve, problem.target, (problem.steps, X, problem.step_noises, *history), reverse=True)[1]
+    return X, M, jnp.sum(step_calls, dtype=jnp.int32)
 
 
-def _first_order_path(problem: _Problem):
-    """``(X, M)``: the exact inversion of the first-order sampler on the same grid, path and converted
-    model outputs (exact for order 1, and for a first-order SDE sampler given its noises)."""
+def _first_order_path(problem: _Problem, *, calls: Array):
+    """``(X, M, calls)``: the exact inversion of the first-order sampler on the same grid, path and
+    converted model outputs (exact for order 1, and for a first-order SDE sampler given its noises),
+    and the model calls made."""
     X = jnp.broadcast_to(problem.target, (problem.n,) + problem.target.shape)
     return _step_solves(problem, X, jnp.zeros_like(X), update_rows=problem.state.update_coefficients[problem.steps, 0],
-                        from_predictor=True, iterations=problem.options.max_iterations)
+                        from_predictor=True, iterations=problem.options.max_iterations, calls=calls)
 
 
 def _by_row(problem: _Problem, A: Array) -> Array:
@@ -368,12 +408,12 @@ def _from_rows(v: Array, like: Array) -> Array:
 
 def _history_sweep(problem: _Problem, carry: _HistorySweeps, *, trajectory_rows: Array) -> _HistorySweeps:
     """One history sweep (a ``lax.while_loop`` body of :func:`_history_sweeps`)."""
-    X_last, M_last, G_hist, F_hist, best_noise, best, active, count = carry
+    X_last, M_last, G_hist, F_hist, best_noise, best, active, count, stale, calls, _ = carry
     options = problem.options
     # a few Newton iterations per step and sweep: the sweeps, not one step's solve, carry the
     # iteration (measured on the digits at guidance 3: a quarter of the cost, no row lost)
-    X, G = _step_solves(problem, X_last, M_last, update_rows=trajectory_rows, from_predictor=count == 0,
-                        iterations=min(_SWEEP_ITERATIONS, options.max_iterations))
+    X, G, sweep_calls = _step_solves(problem, X_last, M_last, update_rows=trajectory_rows, from_predictor=count == 0,
+                                     iterations=min(_SWEEP_ITERATIONS, options.max_iterations), calls=calls)
     g, f = _by_row(problem, G), _by_row(problem, G) - _by_row(problem, M_last)
     # a row that has stopped is frozen: its path, history, windows and best never change again
     # (an active row has been active at every sweep, so its window holds ``count`` real entries)
@@ -385,25 +425,34 @@ def _history_sweep(problem: _Problem, carry: _HistorySweeps, *, trajectory_rows:
     better = active & (error < best)
     on_path = problem.per_row(active)[None]
     X, M_next = jnp.where(on_path, X, X_last), jnp.where(on_path, M_next, M_last)
+    # a row that has gone ``stall_sweeps`` sweeps without a new best has stalled: it stops
+    stale = jnp.where(better, 0, stale + 1)
     return _HistorySweeps(X=X, M=M_next, G_window=G_hist, F_window=F_hist,
                           best_noise=jnp.where(problem.per_row(better), X[0], best_noise),
                           best_error=jnp.where(better, error, best),
-                          active=active & (jnp.minimum(error, best) > options.tolerance), count=count + 1)
+                          active=active & (jnp.minimum(error, best) > options.tolerance) & (stale < options.stall_sweeps),
+                          count=count + 1, stale=stale, calls=calls + sweep_calls + problem.n,
+                          last=sweep_calls + problem.n)
 
 
-def _history_sweeps(problem: _Problem, X: Array, M: Array):
+def _history_sweeps(problem: _Problem, X: Array, M: Array, *, calls: Array, path_calls: Array):
     """Orders >= 2: the per-step solves with the history from the previous sweep, a fixed-point
     iteration ``M = G(M)`` that converges where the defect correction cannot (plain inversion
     crossing between modes of the data), Anderson-accelerated per row over the last 3 sweeps
     (Walker & Ni 2011, SIAM J. Numer. Anal. 49); each row keeps its best sweep. Starts from the path
-    ``X`` and converted outputs ``M``; returns per row the best start, its round trip, and the sweeps made."""
+    ``X`` and converted outputs ``M`` (made with ``path_calls`` model calls, ``calls`` in all so far);
+    returns per row the best start, its round trip, the sweeps made and the model calls made in all.
+    A sweep starts only where the previous one's cost (the first: the path's) still fits in the
+    budget."""
     trajectory_rows = solver.trajectory_rows(problem.state)
     error = _round_trip(problem, _sampled(problem, X[0]))
     window_zeros = jnp.zeros((_HISTORY_WINDOW + 1,) + _by_row(problem, M).shape, _by_row(problem, M).dtype)
-    done = lax.while_loop(partial(_unfinished, problem), partial(_history_sweep, problem, trajectory_rows=trajectory_rows),
-                          _HistorySweeps(X=X, M=M, G_window=window_zeros, F_window=window_zeros, best_noise=X[0],
-                                         best_error=error, active=error > problem.options.tolerance, count=jnp.asarray(0)))
-    return done.best_noise, done.best_error, done.count
+    start = _HistorySweeps(X=X, M=M, G_window=window_zeros, F_window=window_zeros, best_noise=X[0], best_error=error,
+                           active=error > problem.options.tolerance, count=jnp.asarray(0),
+                           stale=jnp.zeros(error.shape, jnp.int32), calls=calls + problem.n, last=path_calls)
+    done = lax.while_loop(lambda carry: _unfinished(problem, carry, cost=carry.last),
+                          partial(_history_sweep, problem, trajectory_rows=trajectory_rows), start)
+    return done.best_noise, done.best_error, done.count, done.calls
 
 
 # ----------------------------------------------------------------------------- whole-sampler stages
@@ -423,29 +472,35 @@ def _correction(problem: _Problem, carry: _Sweeps, *, plain_noise: Array) -> _Sw
         error=jnp.where(better, trial_error, carry.error),
         active=better & (trial_error < 0.5 * carry.error) & (trial_error > options.tolerance / 10),
         count=carry.count + 1,
+        calls=carry.calls + 2 * problem.n,
     )
 
 
-def _defect_correction(problem: _Problem, start: Array, *, start_sampled: Array, start_error: Array, plain_noise: Array):
+def _defect_correction(problem: _Problem, start: Array, *, start_sampled: Array, start_error: Array, plain_noise: Array,
+                       calls: Array):
     """Defect correction: z <- z + I(x) - I(S(z)) with I the plain inversion, an approximate inverse
     of the sampler S (Stetter 1978, "The defect correction principle"); it converges fast where I is
     accurate. ``start`` is the first ``z``, ``start_sampled`` its sample and ``start_error`` its round
     trip; ``plain_noise`` is ``I(x)``. A row takes a sweep only where it lowers its round trip, and
     stops when a sweep gains less than a factor of 2 (stalled at float32 cancellation, or diverging).
-    Returns per row the start found, its round trip, and the sweeps made."""
-    done = lax.while_loop(partial(_unfinished, problem), partial(_correction, problem, plain_noise=plain_noise),
+    A sweep (``2 N`` model calls) starts only where it fits in the budget after ``calls``. Returns per
+    row the start found, its round trip, the sweeps made and the model calls made in all."""
+    done = lax.while_loop(partial(_unfinished, problem, cost=2 * problem.n),
+                          partial(_correction, problem, plain_noise=plain_noise),
                           _Sweeps(noise=start, sampled=start_sampled, error=start_error,
-                                  active=start_error > problem.options.tolerance / 10, count=jnp.asarray(0)))
-    return done.noise, done.error, done.count
+                                  active=start_error > problem.options.tolerance / 10, count=jnp.asarray(0), calls=calls))
+    return done.noise, done.error, done.count, done.calls
 
 
-def _shooting(problem: _Problem, start: Array, start_error: Array, *, preconditioned: bool):
+def _shooting(problem: _Problem, start: Array, start_error: Array, *, preconditioned: bool, calls: Array):
     """Newton-Krylov on the whole sampler, S(z) = x (a multistep sampler is a function of its start
     alone), for the rows not yet within the tolerance; right-preconditioned by the plain inversion's
     Jacobian at S(z), close to S's inverse Jacobian where plain inversion is accurate, so GMRES needs
     a few products where it needs dozens unpreconditioned (without it: GMRES(20), 2 cycles). A row
-    keeps its start where the solve did not improve it. Returns per row the start, its round trip,
-    and the Newton iterations made."""
+    keeps its start where the solve did not improve it. An iteration starts only while calls are left
+    in the budget after ``calls`` (each evaluation of ``S``, of its or ``I``'s Jacobian-vector
+    product costs ``N``). Returns per row the start, its round trip, the Newton iterations made and
+    the model calls made in all."""
     options = problem.options
     if preconditioned:
         settings = dict(problem.newton,
@@ -456,11 +511,13 @@ def _shooting(problem: _Problem, start: Array, start_error: Array, *, preconditi
         # each iteration evaluates the whole sampler dozens of times: a cap bounds the cost where
         # the sampler is not invertible (measured at N = 10, guidance 3: half the cost, no row lost)
         settings["max_iterations"] = min(options.max_iterations, _SHOOTING_ITERATIONS)
+    left = jnp.maximum(problem.budget - calls, 0) // problem.n  # evaluations of S (or a product) left
     result = newton_krylov(partial(_sampled, problem), problem.target, start, solve_rows=start_error > options.tolerance,
-                           **settings)
+                           max_evaluations=left, **settings)
     improved = result.residual < start_error
     return (jnp.where(problem.per_row(improved), result.solution, start),
-            jnp.where(improved, result.residual, start_error), result.iterations)
+            jnp.where(improved, result.residual, start_error), result.iterations,
+            calls + result.evaluations * problem.n)
 
 
 # ----------------------------------------------------------------------------- the paths and their assembly
@@ -472,31 +529,37 @@ def _plain_inversion(problem: _Problem):
     plain_noise = _plain(problem, problem.target)
     plain_sampled = _sampled(problem, plain_noise)
     plain_error = _round_trip(problem, plain_sampled)
-    return _Result(noise=plain_noise, error=plain_error, sweeps=jnp.asarray(0), iterations=jnp.asarray(0)), plain_sampled
+    return _Result(noise=plain_noise, error=plain_error, sweeps=jnp.asarray(0), iterations=jnp.asarray(0),
+                   calls=jnp.asarray(2 * problem.n, jnp.int32)), plain_sampled
 
 
 def _fast(problem: _Problem, plain: _Result, *, plain_sampled: Array) -> _Result:
     """Orders >= 2 from plain inversion (``plain``, its sample ``plain_sampled``): defect-correction
     sweeps, then the preconditioned whole-sampler solve."""
-    start, start_error, count = _defect_correction(problem, plain.noise, start_sampled=plain_sampled,
-                                                   start_error=plain.error, plain_noise=plain.noise)
-    noise, error, iterations = _shooting(problem, start, start_error, preconditioned=True)
-    return _Result(noise=noise, error=error, sweeps=count, iterations=iterations)
+    start, start_error, count, calls = _defect_correction(problem, plain.noise, start_sampled=plain_sampled,
+                                                          start_error=plain.error, plain_noise=plain.noise,
+                                                          calls=plain.calls)
+    noise, error, iterations, calls = _shooting(problem, start, start_error, preconditioned=True, calls=calls)
+    # the calls counted from plain inversion's: ``_better_of`` adds them to plain's own
+    return _Result(noise=noise, error=error, sweeps=count, iterations=iterations, calls=calls - plain.calls)
 
 
 def _robust(problem: _Problem, result: _Result) -> _Result:
     """The exact first-order path (exact for order 1), history sweeps (orders >= 2) and the
     whole-sampler solve, for rows ``result`` leaves unconverged (order 1: all rows)."""
     K = problem.order
-    X, M = _first_order_path(problem)
+    X, M, path_calls = _first_order_path(problem, calls=result.calls)
+    calls = path_calls + result.calls
     if K == 1:
         start, start_error, count = X[0], _round_trip(problem, _sampled(problem, X[0])), jnp.asarray(0)
+        calls = calls + problem.n
     else:
-        start, start_error, count = _history_sweeps(problem, X, M)
-    noise, error, iterations = _shooting(problem, start, start_error, preconditioned=K == 1)
+        start, start_error, count, calls = _history_sweeps(problem, X, M, calls=calls, path_calls=path_calls)
+    noise, error, iterations, calls = _shooting(problem, start, start_error, preconditioned=K == 1, calls=calls)
     # orders >= 2 run this path for every row when any row needs it: the rows that were within the
     # tolerance already keep their result, so that a row's answer never depends on its neighbours
-    result = _better_of(result, _Result(noise=noise, error=error, sweeps=count, iterations=iterations),
+    result = _better_of(result, _Result(noise=noise, error=error, sweeps=count, iterations=iterations,
+                                        calls=calls - result.calls),
                         rows_open=True if K == 1 else result.error > problem.options.tolerance)
     _status(problem, "per-step solves and the whole-sampler solve", result)
     return result
@@ -504,11 +567,11 @@ def _robust(problem: _Problem, result: _Result) -> _Result:
 
 def _better_of(a: _Result, b: _Result, *, rows_open=True) -> _Result:
     """Per row, the result with the smaller round trip among the rows ``rows_open`` (``[rows]`` or
-    True: all); the other rows keep ``a``. Counts add up."""
+    True: all); the other rows keep ``a``. Counts and calls add up."""
     take_b = rows_open & (b.error < a.error)
     take_b_rows = rows_of.per_row(take_b, a.noise)
     return _Result(noise=jnp.where(take_b_rows, b.noise, a.noise), error=jnp.where(take_b, b.error, a.error),
-                   sweeps=a.sweeps + b.sweeps, iterations=a.iterations + b.iterations)
+                   sweeps=a.sweeps + b.sweeps, iterations=a.iterations + b.iterations, calls=a.calls + b.calls)
 
 
 def _status(problem: _Problem, stage: str, result: _Result) -> None:
@@ -532,18 +595,20 @@ def _solved(scheduler, inverse, model: _Model, options: ExactOptions, inputs: _I
     closed-over values (the mirrored grid only steers the solve and has no effect on its answer)."""
     problem = _problem_of(scheduler, inverse, model, options=options, inputs=inputs)
     if problem.noises is not None:  # a first-order SDE sampler given its noises: the per-step solves are exact
-        noise = _first_order_path(problem)[0][0]
-        return _Result(noise=noise, error=_round_trip(problem, _sampled(problem, noise)), sweeps=jnp.asarray(0),
-                       iterations=jnp.asarray(0))
+        X, _, calls = _first_order_path(problem, calls=jnp.asarray(0, jnp.int32))
+        return _Result(noise=X[0], error=_round_trip(problem, _sampled(problem, X[0])), sweeps=jnp.asarray(0),
+                       iterations=jnp.asarray(0), calls=calls + problem.n)
     plain, plain_sampled = _plain_inversion(problem)
     _status(problem, "plain inversion", plain)
     if problem.order == 1:
-        return _robust(problem, plain)
+        return lax.cond(plain.calls < problem.budget, partial(_robust, problem), lambda r: r, plain)
     result = _better_of(plain, _fast(problem, plain, plain_sampled=plain_sampled))
     _status(problem, "defect-correction sweeps and the preconditioned solve", result)
     if not options.robust:
         return result
-    return lax.cond(jnp.any(result.error > options.tolerance), partial(_robust, problem), lambda r: r, result)
+    # the robust path where a row is left and calls are left in the budget
+    needed = jnp.any(result.error > options.tolerance) & (result.calls < problem.budget)
+    return lax.cond(needed, partial(_robust, problem), lambda r: r, result)
 
 
 def _zeros_for(tangent):
@@ -619,7 +684,7 @@ def _solved_jvp(scheduler, inverse, model: _Model, options: ExactOptions, primal
     d_noise = lax.custom_linear_solve(jacobian, rhs, solve, transpose_solve=transpose_solve)
     counts = lambda c: np.zeros(np.shape(c), jax.dtypes.float0)  # noqa: E731
     return result, _Result(noise=d_noise, error=jnp.zeros_like(result.error), sweeps=counts(result.sweeps),
-                           iterations=counts(result.iterations))
+                           iterations=counts(result.iterations), calls=counts(result.calls))
 
 
 exact_inversion_jit = jax.jit(exact_inversion, static_argnums=(0, 1, 2), static_argnames=("options",))

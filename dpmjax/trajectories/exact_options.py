@@ -59,6 +59,14 @@ class ExactInversion:
             kept only where its round trip, measured in the whole batch with the real ``cond``,
             beats the fast path's (so a leaf used whole that merely has that length cannot fake a
             converged row; pass ``False`` for such a ``cond``).
+        max_calls_per_step: A budget: the most model calls per sampler step the solve may make
+            for a row (plain inversion and its check, 2 per step, included; a Jacobian-vector
+            product counts as one; ``Trajectory.model_calls`` reports what was made). No stage
+            and no iteration starts once it is spent, so a row may pass it by the iteration under
+            way at most. A row the budget stops keeps the best start it met (never worse than plain
+            inversion's) and is flagged: ``converged`` is ``False``. Rows finished apart spend what
+            the whole batch's pass left them. ``None`` (default): no budget; an integer >= 2
+            otherwise.
 
     Example:
         >>> import dpmjax
@@ -74,6 +82,7 @@ class ExactInversion:
     gmres_maxiter: int = 1
     independent_rows: bool = True
     finish_apart: bool | None = None
+    max_calls_per_step: int | None = None
 
     def __post_init__(self):
         # normalised to Python numbers, so that equal settings hash alike whatever type was passed
@@ -91,6 +100,10 @@ class ExactInversion:
         checks.boolean("independent_rows", self.independent_rows)
         if self.finish_apart is not None:
             checks.boolean("finish_apart", self.finish_apart)
+        if self.max_calls_per_step is not None:
+            normalised["max_calls_per_step"] = checks.integer(
+                "max_calls_per_step", self.max_calls_per_step, 2,
+                note=" (model calls per step; plain inversion and its check make 2), or None for no budget")
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
 

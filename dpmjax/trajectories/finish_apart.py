@@ -58,12 +58,13 @@ def rows_of(tree: Any, index: np.ndarray, rows: int) -> Any:
     return jax.tree_util.tree_map(lambda a: a[index] if jnp.ndim(a) >= 1 and jnp.shape(a)[0] == rows else a, tree)
 
 
-def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: float, measure: Callable):
+def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: float, measure: Callable, budget=None):
     """Finish the rows ``first`` leaves open.
 
     Args:
-        solve: ``solve(data, cond)`` -> ``(X, outputs, round_trip, sweeps, iterations)``: exact
-            inversion with the robust path, for a sub-batch.
+        solve: ``solve(data, cond, budget)`` -> ``(X, outputs, round_trip, sweeps, iterations,
+            calls)``: exact inversion with the robust path, for a sub-batch, within ``budget``
+            model calls (``None``: no budget).
         first: The whole batch's result after the fast path, in the same form.
         data: The batch inverted (rows on axis 0).
         cond: Its condition (leaves with the batch's leading axis are gathered with the rows).
@@ -72,20 +73,23 @@ def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: f
             with its own ``cond``: a finished row's result is checked where it will be used (a
             ``cond`` leaf gathered by mistake, one that merely has the batch's length, would
             otherwise go unseen), and kept only where it beats the fast path's.
+        budget: The model calls a row may cost in all (``None``: no budget): the sub-batch gets
+            what the whole batch's pass left of it, and does not run where nothing is left.
 
     Returns:
         The whole batch's result, the open rows replaced by their result in the sub-batch where
-        that result, measured in the whole batch, is better; the sweeps and iterations of both
-        runs added.
+        that result, measured in the whole batch, is better; the sweeps, iterations and model
+        calls of both runs added (the sub-batch's calls are calls of fewer rows).
     """
-    X, outputs, round_trip, sweeps, iterations = first
+    X, outputs, round_trip, sweeps, iterations, calls = first
     rows = data.shape[0]
     open_rows = np.flatnonzero(~(np.asarray(round_trip) <= tolerance))  # NaN rows are open too
-    if open_rows.size == 0:
+    left = None if budget is None else budget - int(calls)
+    if open_rows.size == 0 or (left is not None and left <= 0):
         return first
     size = bucket(open_rows.size, rows)
     index = np.concatenate([open_rows, np.full(size - open_rows.size, open_rows[0])])  # padding repeats a row
-    sub_X, sub_outputs, sub_round_trip, sub_sweeps, sub_iterations = solve(data[index], rows_of(cond, index, rows))
+    sub_X, sub_outputs, _, sub_sweeps, sub_iterations, sub_calls = solve(data[index], rows_of(cond, index, rows), left)
     count = open_rows.size
     measured = np.asarray(measure(X[0].at[open_rows].set(sub_X[0, :count])))
     before = np.nan_to_num(np.asarray(round_trip)[open_rows], nan=np.inf)
@@ -95,4 +99,4 @@ def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: f
     if outputs is not None:
         outputs = outputs.at[:, take].set(sub_outputs[:, position])
     round_trip = round_trip.at[take].set(measured[take])
-    return X, outputs, round_trip, sweeps + sub_sweeps, iterations + sub_iterations
+    return X, outputs, round_trip, sweeps + sub_sweeps, iterations + sub_iterations, calls + sub_calls

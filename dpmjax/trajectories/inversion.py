@@ -85,6 +85,30 @@ def _exact_record(options: ExactInversion, *, rows: int, return_outputs: bool, p
                         return_outputs=return_outputs, progress=progress)
 
 
+def _checked_noises(scheduler, settings, *, n: int, shape, noises):
+    """The per-step noises of a stochastic sampler to invert exactly (``[N, *shape]``), checked; ``None``
+    for an ODE sampler (which takes none)."""
+    if scheduler.config.is_sde:
+        if settings is None:
+            raise ValueError(
+                "a stochastic sampler is inverted exactly or not at all: pass exact=True and the noises it used "
+                "(plain inversion of an SDE step divides by its contraction and amplifies every error)."
+            )
+        if scheduler.config.algorithm_type != "sde-dpmsolver++" or scheduler.config.solver_order != 1:
+            raise ValueError(
+                "exact inversion of a stochastic sampler needs algorithm_type='sde-dpmsolver++' with solver_order=1 "
+                f"(got {scheduler.config.algorithm_type!r}, order {scheduler.config.solver_order}): an SDE step's inverse "
+                "amplifies every error, and only the first-order step is solved exactly. Invert its ODE counterpart "
+                "(algorithm_type='dpmsolver++') instead."
+            )
+        _, noises = stochastic_inputs(scheduler, n, shape, key=None, noises=noises)
+        if noises is None:
+            raise ValueError("inverting a stochastic sampler needs the noises it used: pass noises ([N, *shape]).")
+    elif noises is not None:
+        raise ValueError(f"noises are only used with stochastic samplers, not algorithm_type={scheduler.config.algorithm_type!r}.")
+    return noises
+
+
 @rejects_moved_keywords
 def invert(
     model_fn: ModelFn | ConditionalModelFn,
@@ -206,24 +230,7 @@ def invert(
     forward_state = grid_state(scheduler, x.shape, num_inference_steps=num_inference_steps, sigmas=sigmas,
                                dtype=solver.compute_dtype(x), caller="invert")
     n = forward_state.num_inference_steps
-    if scheduler.config.is_sde:
-        if settings is None:
-            raise ValueError(
-                "a stochastic sampler is inverted exactly or not at all: pass exact=True and the noises it used "
-                "(plain inversion of an SDE step divides by its contraction and amplifies every error)."
-            )
-        if scheduler.config.algorithm_type != "sde-dpmsolver++" or scheduler.config.solver_order != 1:
-            raise ValueError(
-                "exact inversion of a stochastic sampler needs algorithm_type='sde-dpmsolver++' with solver_order=1 "
-                f"(got {scheduler.config.algorithm_type!r}, order {scheduler.config.solver_order}): an SDE step's inverse "
-                "amplifies every error, and only the first-order step is solved exactly. Invert its ODE counterpart "
-                "(algorithm_type='dpmsolver++') instead."
-            )
-        _, noises = stochastic_inputs(scheduler, n, x.shape, key=None, noises=noises)
-        if noises is None:
-            raise ValueError("inverting a stochastic sampler needs the noises it used: pass noises ([N, *shape]).")
-    elif noises is not None:
-        raise ValueError(f"noises are only used with stochastic samplers, not algorithm_type={scheduler.config.algorithm_type!r}.")
+    noises = _checked_noises(scheduler, settings, n=n, shape=x.shape, noises=noises)
     if settings is None:
         inverse, mirror = mirrored_state(scheduler, forward_state, x.shape, dtype=solver.compute_dtype(x))
         y, path, outputs = scan_steps_jit(inverse, model_fn, scan_options, state=mirror, x=x, cond=cond, keys=None,
@@ -240,7 +247,9 @@ def invert(
     apart = finishes_apart(settings, order=scheduler.config.solver_order, rows=x.shape[0], cond=cond, noises=noises,
                            arrays=(x, sigmas))
 
-    def solve(data, condition, *, robust=True, iterations=options.max_iterations, sweeps=options.max_sweeps):
+    budget = None if settings.max_calls_per_step is None else settings.max_calls_per_step * n
+
+    def solve(data, condition, budget, *, robust=True, iterations=options.max_iterations, sweeps=options.max_sweeps):
         state = forward_state if data.shape == x.shape else grid_state(
             scheduler, data.shape, num_inference_steps=num_inference_steps, sigmas=sigmas, dtype=solver.compute_dtype(x),
             caller="invert")
@@ -248,12 +257,12 @@ def invert(
         record = options._replace(rows=data.shape[0] if settings.independent_rows else 1, robust=robust,
                                   max_iterations=iterations, max_sweeps=sweeps)
         return exact_inversion_jit(scheduler, inverse, model_fn, options=record, state=state, mirror=mirror, data=data,
-                                   cond=condition, noises=noises)
+                                   cond=condition, noises=noises, budget=budget)
 
     # finishing apart, the whole batch takes a short fast path: the rows it leaves start again alone
     first_pass = dict(iterations=min(options.max_iterations, FIRST_PASS_ITERATIONS),
                       sweeps=min(options.max_sweeps, FIRST_PASS_SWEEPS)) if apart else {}
-    result = solve(x, cond, robust=not apart, **first_pass)
+    result = solve(x, cond, budget, robust=not apart, **first_pass)
     if apart:  # the rows the fast path left, finished in a sub-batch of their own
         def measure(noise):
             sampled = scan_steps_jit(scheduler, model_fn, ScanOptions(), state=forward_state, x=noise, cond=cond,
@@ -261,8 +270,9 @@ def invert(
             scale = jnp.maximum(1.0, row_max_abs(x.astype(sampled.dtype), x.shape[0]))
             return row_max_abs(sampled - x.astype(sampled.dtype), x.shape[0]) / scale
 
-        result = finish_apart(solve, first=result, data=x, cond=cond, tolerance=options.tolerance, measure=measure)
-    X, outputs, round_trip, sweeps, iterations = result
+        result = finish_apart(solve, first=result, data=x, cond=cond, tolerance=options.tolerance, measure=measure,
+                              budget=budget)
+    X, outputs, round_trip, sweeps, iterations, calls = result
     # the noise keeps the working precision (float32 for bf16/fp16 input): a cast would undo the exactness
     return Trajectory(
         sample=X[0],
@@ -274,4 +284,5 @@ def invert(
         iterations=iterations,
         sweeps=sweeps,
         converged=round_trip <= options.tolerance,
+        model_calls=calls / n,
     )

@@ -48,7 +48,12 @@ class Trajectory:
         iterations: Exact inversion only: Newton iterations of the whole-sampler solve.
         sweeps: Exact inversion only: defect-correction sweeps made.
         converged: Exact inversion only: ``[rows]``, whether ``round_trip`` is within the
-            ``tolerance`` asked for.
+            ``tolerance`` asked for (``False`` flags a row left above it: the grid folds, the
+            solve stalled or the budget ran out; the row keeps the best start it met, never worse
+            than plain inversion's).
+        model_calls: Exact inversion only: the model calls the solve made per sampler step, over
+            the whole batch (a Jacobian-vector product counts as one; with hard rows finished
+            apart, the sub-batch's calls added: calls of fewer rows).
     """
 
     sample: Array
@@ -60,6 +65,7 @@ class Trajectory:
     iterations: Optional[Array] = None
     sweeps: Optional[Array] = None
     converged: Optional[Array] = None
+    model_calls: Optional[Array] = None
 
 
 class ScanOptions(NamedTuple):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,11 @@ N = 25
 
 
 def _invert(name: str, rows, settings, *, steps: int = N, guidance: float = 3.0):
+    return _inverted(name, tuple(int(r) for r in rows), settings, steps, guidance)
+
+
+@functools.lru_cache(maxsize=None)  # the tests share runs (each one compiles and solves for a while)
+def _inverted(name: str, rows: tuple, settings, steps: int, guidance: float):
     """``(trajectory, the model calls exact inversion made, counted on the host, plain inversion's round
     trip per row)``: order 2, Lu grid, labels as ``cond``."""
     model = digits.load(name)
@@ -30,6 +37,7 @@ def _invert(name: str, rows, settings, *, steps: int = N, guidance: float = 3.0)
         return out
 
     sched = dpmjax.DPMSolverMultistepScheduler(solver_order=2, final_sigmas_type="sigma_min", use_lu_lambdas=True)
+    rows = np.asarray(rows)
     x = jnp.asarray(images[rows])
     result = dpmjax.invert(guided, x, sched, steps, cond=jnp.asarray(labels[rows]), exact=settings)
     jax.block_until_ready(result.sample)

@@ -1,7 +1,7 @@
 """Exact inversion on the shipped digits model: rows exact, PSNR, noise NMSE, model calls and seconds
 per step beside plain inversion (one model call per step), per order, steps, guidance and grid.
 
-    python -m benchmarks.exact_inversion [--model mlp unet] [--rows 32] [--quick] [--out benchmarks/results/exact_inversion.json]
+    python -m benchmarks.exact_inversion [--model mlp unet] [--rows 32] [--max-calls-per-step B] [--quick] [--out benchmarks/results/exact_inversion.json]
 
 Real data: held-out digits (never seen in training). Generated data: the sampler's own outputs from
 known noise, so the noise-space error (NMSE = |z - z_true|^2 / |z_true|^2, as Hong et al. report) is
@@ -26,12 +26,13 @@ from dpmjax.models import digits
 GRIDS = {"lu": dict(use_lu_lambdas=True), "default": {}}
 
 
-def measure(model, images, labels, order, n, w, grid, data, name="mlp"):
+def measure(model, images, labels, order, n, w, grid, data, name="mlp", budget=None):
     fwd = dpmjax.DPMSolverMultistepScheduler(solver_order=order, final_sigmas_type="sigma_min", **GRIDS[grid])
 
     def base(x, t, row_labels):  # the labels go in as cond: exact inversion can then finish hard rows apart
         return guided_model(model, row_labels, w)(x, t)
 
+    settings = dpmjax.ExactInversion(max_calls_per_step=budget)
     calls, evaluations = [0], [0]
 
     def count(rows_evaluated):
@@ -52,13 +53,13 @@ def measure(model, images, labels, order, n, w, grid, data, name="mlp"):
     plain = dpmjax.invert(base, images, fwd, n, cond=labels).sample.block_until_ready()
     plain_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    dpmjax.invert(base, images, fwd, n, exact=True, cond=labels).sample.block_until_ready()
+    dpmjax.invert(base, images, fwd, n, exact=settings, cond=labels).sample.block_until_ready()
     first = time.perf_counter() - start
     start = time.perf_counter()
-    exact = dpmjax.invert(base, images, fwd, n, exact=True, cond=labels)
+    exact = dpmjax.invert(base, images, fwd, n, exact=settings, cond=labels)
     exact.sample.block_until_ready()
     steady = time.perf_counter() - start
-    dpmjax.invert(counted, images, fwd, n, exact=True, cond=labels).sample.block_until_ready()
+    dpmjax.invert(counted, images, fwd, n, exact=settings, cond=labels).sample.block_until_ready()
     sample_of = lambda z: dpmjax.sample(base, z, fwd, n, cond=labels).sample  # noqa: E731
     row = {
         "model": name, "order": order, "steps": n, "guidance": w, "grid": grid, "data": data, "rows": int(images.shape[0]),
@@ -69,6 +70,8 @@ def measure(model, images, labels, order, n, w, grid, data, name="mlp"):
         "seconds_first": first, "seconds_steady": steady,
         "plain_seconds": plain_seconds, "ratio": steady / plain_seconds,
         "sweeps": int(exact.sweeps), "newton_iterations": int(exact.iterations),
+        "budget": budget, "solve_calls_per_step": float(exact.model_calls),
+        "round_trip_median": float(jnp.median(exact.round_trip)),
     }
     if noise_true is not None:
         for name, z in (("nmse_plain", plain), ("nmse_exact", exact.sample)):
@@ -78,12 +81,12 @@ def measure(model, images, labels, order, n, w, grid, data, name="mlp"):
 
 def table(rows) -> str:
     lines = ["| model | data | grid | order | N | w | rows exact | PSNR plain / exact (dB) | noise NMSE plain / exact | "
-             "model calls per step | row evaluations per row and step | s first / steady | steady / plain |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "budget | model calls per step | row evaluations per row and step | s first / steady | steady / plain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         nmse = f"{r['nmse_plain']:.1e} / {r['nmse_exact']:.1e}" if "nmse_exact" in r else "-"
         lines.append(f"| {r['model']} | {r['data']} | {r['grid']} | {r['order']} | {r['steps']} | {r['guidance']:g} | {r['rows_exact']}/{r['rows']} | "
-                     f"{r['psnr_plain']:.1f} / {r['psnr_exact']:.1f} | {nmse} | {r['calls_per_step']:.0f} | "
+                     f"{r['psnr_plain']:.1f} / {r['psnr_exact']:.1f} | {nmse} | {r.get('budget') or '-'} | {r['calls_per_step']:.0f} | "
                      f"{r.get('row_evaluations_per_step', r['calls_per_step']):.0f} | "
                      f"{r['seconds_first']:.1f} / {r['seconds_steady']:.2f} | {r['ratio']:.0f}x |")
     return "\n".join(lines)
@@ -100,6 +103,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", nargs="+", default=["real", "generated"], choices=["real", "generated"])
     parser.add_argument("--grids", nargs="+", default=list(GRIDS), choices=list(GRIDS),
                         help="the default grid is measured at guidance 1, N = 25 and 50, orders 1 and 2")
+    parser.add_argument("--max-calls-per-step", type=int, default=None,
+                        help="exact inversion's budget of model calls per step (ExactInversion.max_calls_per_step)")
     parser.add_argument("--append", action="store_true", help="add to the rows already in --out")
     parser.add_argument("--quick", action="store_true", help="two settings only (CI)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "exact_inversion.json"))
@@ -117,7 +122,7 @@ def main(argv=None) -> int:
     for name in args.model:
         model = digits.load(name)
         for order, n, w, grid, data in settings:
-            rows.append(measure(model, images, labels, order, n, w, grid, data, name=name))
+            rows.append(measure(model, images, labels, order, n, w, grid, data, name=name, budget=args.max_calls_per_step))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             if not args.quick:  # after every row: a long run stopped midway keeps what it measured
                 write(rows, args.out)

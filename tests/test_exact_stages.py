@@ -26,7 +26,7 @@ def sampler(order):
     return dpmjax.DPMSolverMultistepScheduler(solver_order=order, final_sigmas_type="sigma_min", use_lu_lambdas=True)
 
 
-def problem_for(order, x, *, tolerance=1e-5):
+def problem_for(order, x, *, tolerance=1e-5, budget=None):
     """The ``_Problem`` that ``dpmjax.invert(model, x, sampler(order), N, exact=True)`` solves, and its model."""
     fwd = sampler(order)
     model = timestep_model(GMM, fwd.config)
@@ -35,7 +35,8 @@ def problem_for(order, x, *, tolerance=1e-5):
     inverse, mirror = mirrored_state(fwd, state, x.shape, dtype=dtype)
     options = exact.ExactOptions(max_sweeps=10, max_iterations=30, tolerance=tolerance, gmres_restart=5,
                                  gmres_maxiter=1, rows=x.shape[0])
-    inputs = exact._Inputs(state=state, mirror=mirror, data=x, cond=None, noises=None, params=[])
+    inputs = exact._Inputs(state=state, mirror=mirror, data=x, cond=None, noises=None, params=[],
+                           budget=jnp.asarray(exact._UNLIMITED if budget is None else budget, jnp.int32))
     hoisted = exact._Model(lambda y, t, c: model(y, t), conditional=False)
     return exact._problem_of(fwd, inverse, hoisted, options=options, inputs=inputs), model, fwd
 
@@ -81,12 +82,14 @@ def test_defect_correction_then_shooting_lower_the_round_trip_of_plain_inversion
     def stages():
         plain, plain_sampled = exact._plain_inversion(problem)
         swept = exact._defect_correction(problem, plain.noise, start_sampled=plain_sampled, start_error=plain.error,
-                                         plain_noise=plain.noise)
-        shot = exact._shooting(problem, swept[0], swept[1], preconditioned=True)
+                                         plain_noise=plain.noise, calls=plain.calls)
+        shot = exact._shooting(problem, swept[0], swept[1], preconditioned=True, calls=swept[3])
         return plain, swept, shot, exact._round_trip(problem, exact._sampled(problem, swept[0])), \
             exact._round_trip(problem, exact._sampled(problem, shot[0]))
 
-    plain, (_, swept_error, count), (_, shot_error, _), swept_measured, shot_measured = stages()
+    plain, (_, swept_error, count, swept_calls), (_, shot_error, _, shot_calls), swept_measured, shot_measured = stages()
+    # the calls count on: plain inversion and its check 2 N, each sweep 2 N, then the solve's
+    assert int(plain.calls) == 2 * N and int(swept_calls) == 2 * N + 2 * N * int(count) and int(shot_calls) >= int(swept_calls)
     plain_error, swept_error, shot_error = (np.asarray(e) for e in (plain.error, swept_error, shot_error))
     assert int(count) >= 1
     assert np.all(swept_error <= plain_error)
@@ -99,7 +102,8 @@ def test_defect_correction_then_shooting_lower_the_round_trip_of_plain_inversion
 def test_the_first_order_path_inverts_the_first_order_sampler():
     x = data()
     problem, _, _ = problem_for(1, x)
-    X, M = jax.jit(lambda: exact._first_order_path(problem))()
+    X, M, calls = jax.jit(lambda: exact._first_order_path(problem, calls=jnp.asarray(0, jnp.int32)))()
+    assert int(calls) >= 2 * N  # at least the predictor and the output at the solution, each step
     assert X.shape == (N,) + x.shape and M.shape == (N,) + x.shape
     assert np.all(np.asarray(exact._round_trip(problem, exact._sampled(problem, X[0]))) <= 1e-5)
 
@@ -112,9 +116,9 @@ def test_history_sweeps_never_return_worse_than_their_start():
 
     @jax.jit
     def stages():
-        X, M = exact._first_order_path(problem)
+        X, M, path_calls = exact._first_order_path(problem, calls=jnp.asarray(0, jnp.int32))
         start_error = exact._round_trip(problem, exact._sampled(problem, X[0]))
-        noise, error, count = exact._history_sweeps(problem, X, M)
+        noise, error, count, _ = exact._history_sweeps(problem, X, M, calls=path_calls, path_calls=path_calls)
         return start_error, error, count, exact._round_trip(problem, exact._sampled(problem, noise))
 
     start_error, error, count, measured = stages()
@@ -125,13 +129,34 @@ def test_history_sweeps_never_return_worse_than_their_start():
 
 def test_better_of_takes_per_row_the_smaller_error_among_the_open_rows():
     a = exact._Result(noise=jnp.zeros((4, 3)), error=jnp.array([1.0, 2.0, 3.0, jnp.nan]), sweeps=jnp.asarray(2),
-                      iterations=jnp.asarray(5))
+                      iterations=jnp.asarray(5), calls=jnp.asarray(10))
     b = exact._Result(noise=jnp.ones((4, 3)), error=jnp.array([2.0, 1.0, 0.5, 0.1]), sweeps=jnp.asarray(3),
-                      iterations=jnp.asarray(7))
+                      iterations=jnp.asarray(7), calls=jnp.asarray(20))
     both = exact._better_of(a, b)
     np.testing.assert_array_equal(np.asarray(both.error), [1.0, 1.0, 0.5, np.nan])  # a NaN row keeps a
     np.testing.assert_array_equal(np.asarray(both.noise)[:, 0], [0.0, 1.0, 1.0, 0.0])
-    assert int(both.sweeps) == 5 and int(both.iterations) == 12
+    assert int(both.sweeps) == 5 and int(both.iterations) == 12 and int(both.calls) == 30
     some = exact._better_of(a, b, rows_open=jnp.array([True, False, True, True]))
     np.testing.assert_array_equal(np.asarray(some.error), [1.0, 2.0, 0.5, np.nan])
     np.testing.assert_array_equal(np.asarray(some.noise)[:, 0], [0.0, 0.0, 1.0, 0.0])
+
+
+def test_a_sweep_starts_only_where_its_cost_fits_in_the_budget():
+    """Defect correction under a budget: each sweep costs 2 N calls and starts only where it fits, so
+    with room for one sweep after plain inversion exactly one is made; the whole-sampler solve then
+    makes no iteration (none fits) and returns its start."""
+    x = data()
+    problem, _, _ = problem_for(2, x, budget=4 * N + 1)
+
+    @jax.jit
+    def stages():
+        plain, plain_sampled = exact._plain_inversion(problem)
+        swept = exact._defect_correction(problem, plain.noise, start_sampled=plain_sampled, start_error=plain.error,
+                                         plain_noise=plain.noise, calls=plain.calls)
+        shot = exact._shooting(problem, swept[0], swept[1], preconditioned=True, calls=swept[3])
+        return swept, shot
+
+    (noise, error, count, calls), (shot_noise, shot_error, iterations, shot_calls) = stages()
+    assert int(count) == 1 and int(calls) == 4 * N
+    assert int(iterations) == 0 and int(shot_calls) == 5 * N  # the solve's first residual alone
+    np.testing.assert_array_equal(np.asarray(shot_noise), np.asarray(noise))

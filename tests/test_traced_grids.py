@@ -271,19 +271,22 @@ w = jax.random.normal(jax.random.PRNGKey(1), x.shape, jnp.float64)
 s = jnp.asarray(np.asarray(sched.set_timesteps(sched.create_state(), 8, (1,)).sigmas[:9]), jnp.float64)
 settings = dpmjax.ExactInversion(tolerance=1e-12)
 
-def loss(s, scale=1.0):
+def inverted(s, scale=1.0):
     model = lambda x, t: base(x, t) * scale + (1.0 - scale) * 0.1 * x
-    result = dpmjax.invert(model, x, sched, sigmas=s, exact=settings)
-    assert bool(jnp.all(result.converged))
-    return jnp.sum(w * result.sample)
+    return dpmjax.invert(model, x, sched, sigmas=s, exact=settings)
+
+# under jit a loss is traced once for its central differences (a new model closure per call would compile
+# the solve anew each time)
+loss = jax.jit(lambda s, scale=1.0: jnp.sum(w * inverted(s, scale).sample))
+assert bool(jnp.all(inverted(s).converged))
 
 h = 1e-6
 ds = jnp.concatenate([jnp.zeros(1), jax.random.normal(jax.random.PRNGKey(2), (6,), jnp.float64) * s[1:7] * 0.1,
                       jnp.zeros(2)])
-grad = jax.grad(loss)(s)
+grad = jax.jit(jax.grad(loss))(s)
 fd = (loss(s + h * ds) - loss(s - h * ds)) / (2 * h)
 assert abs(float(grad @ ds) - float(fd)) <= 1e-6 * abs(float(fd)), ("grid", float(grad @ ds), float(fd))
-grad = jax.grad(lambda c: loss(s, c))(1.0)
+grad = jax.jit(jax.grad(lambda c: loss(s, c)))(1.0)
 fd = (loss(s, 1.0 + h) - loss(s, 1.0 - h)) / (2 * h)
 assert abs(float(grad) - float(fd)) <= 1e-6 * abs(float(fd)), ("scale", float(grad), float(fd))
 print("ok")

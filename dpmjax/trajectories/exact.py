@@ -86,8 +86,6 @@ class ExactOptions(NamedTuple):
         progress: Print progress lines on stderr.
         robust: Run the robust path where the fast path leaves rows (orders >= 2); False stops
             after the fast path (the caller finishes those rows apart).
-        stall_sweeps: A row of the history sweeps stops after this many sweeps in a row without a
-            new best round trip (it has stalled; its best is kept).
     """
 
     max_sweeps: int
@@ -99,7 +97,6 @@ class ExactOptions(NamedTuple):
     return_outputs: bool = False
     progress: bool = False
     robust: bool = True
-    stall_sweeps: int = 3
 
 
 class _Result(NamedTuple):
@@ -125,7 +122,6 @@ class _HistorySweeps(NamedTuple):
     best_error: Array
     active: Array
     count: Array
-    stale: Array
     calls: Array
     last: Array
 
@@ -408,7 +404,7 @@ def _from_rows(v: Array, like: Array) -> Array:
 
 def _history_sweep(problem: _Problem, carry: _HistorySweeps, *, trajectory_rows: Array) -> _HistorySweeps:
     """One history sweep (a ``lax.while_loop`` body of :func:`_history_sweeps`)."""
-    X_last, M_last, G_hist, F_hist, best_noise, best, active, count, stale, calls, _ = carry
+    X_last, M_last, G_hist, F_hist, best_noise, best, active, count, calls, _ = carry
     options = problem.options
     # a few Newton iterations per step and sweep: the sweeps, not one step's solve, carry the
     # iteration (measured on the digits at guidance 3: a quarter of the cost, no row lost)
@@ -425,13 +421,11 @@ def _history_sweep(problem: _Problem, carry: _HistorySweeps, *, trajectory_rows:
     better = active & (error < best)
     on_path = problem.per_row(active)[None]
     X, M_next = jnp.where(on_path, X, X_last), jnp.where(on_path, M_next, M_last)
-    # a row that has gone ``stall_sweeps`` sweeps without a new best has stalled: it stops
-    stale = jnp.where(better, 0, stale + 1)
     return _HistorySweeps(X=X, M=M_next, G_window=G_hist, F_window=F_hist,
                           best_noise=jnp.where(problem.per_row(better), X[0], best_noise),
                           best_error=jnp.where(better, error, best),
-                          active=active & (jnp.minimum(error, best) > options.tolerance) & (stale < options.stall_sweeps),
-                          count=count + 1, stale=stale, calls=calls + sweep_calls + problem.n,
+                          active=active & (jnp.minimum(error, best) > options.tolerance),
+                          count=count + 1, calls=calls + sweep_calls + problem.n,
                           last=sweep_calls + problem.n)
 
 
@@ -449,7 +443,7 @@ def _history_sweeps(problem: _Problem, X: Array, M: Array, *, calls: Array, path
     window_zeros = jnp.zeros((_HISTORY_WINDOW + 1,) + _by_row(problem, M).shape, _by_row(problem, M).dtype)
     start = _HistorySweeps(X=X, M=M, G_window=window_zeros, F_window=window_zeros, best_noise=X[0], best_error=error,
                            active=error > problem.options.tolerance, count=jnp.asarray(0),
-                           stale=jnp.zeros(error.shape, jnp.int32), calls=calls + problem.n, last=path_calls)
+                           calls=calls + problem.n, last=path_calls)
     done = lax.while_loop(lambda carry: _unfinished(problem, carry, cost=carry.last),
                           partial(_history_sweep, problem, trajectory_rows=trajectory_rows), start)
     return done.best_noise, done.best_error, done.count, done.calls

@@ -41,6 +41,16 @@ def problem_for(order, x, *, tolerance=1e-5, budget=None):
     return exact._problem_of(fwd, inverse, hoisted, options=options, inputs=inputs), model, fwd
 
 
+def fast_stages(problem):
+    """The fast path's stages one by one: plain inversion, the defect-correction sweeps from it, the
+    preconditioned whole-sampler solve from theirs (each returns its start, error, count and calls)."""
+    plain, plain_sampled = exact._plain_inversion(problem)
+    swept = exact._defect_correction(problem, plain.noise, start_sampled=plain_sampled, start_error=plain.error,
+                                     plain_noise=plain.noise, calls=plain.calls)
+    shot = exact._shooting(problem, swept[0], swept[1], preconditioned=True, calls=swept[3])
+    return plain, swept, shot
+
+
 def data(rows=6, seed=0):
     return GMM.sample(jax.random.PRNGKey(seed), (rows, 16)) * jnp.linspace(0.5, 2.0, rows)[:, None]
 
@@ -80,10 +90,7 @@ def test_defect_correction_then_shooting_lower_the_round_trip_of_plain_inversion
 
     @jax.jit
     def stages():
-        plain, plain_sampled = exact._plain_inversion(problem)
-        swept = exact._defect_correction(problem, plain.noise, start_sampled=plain_sampled, start_error=plain.error,
-                                         plain_noise=plain.noise, calls=plain.calls)
-        shot = exact._shooting(problem, swept[0], swept[1], preconditioned=True, calls=swept[3])
+        plain, swept, shot = fast_stages(problem)
         return plain, swept, shot, exact._round_trip(problem, exact._sampled(problem, swept[0])), \
             exact._round_trip(problem, exact._sampled(problem, shot[0]))
 
@@ -148,15 +155,7 @@ def test_a_sweep_starts_only_where_its_cost_fits_in_the_budget():
     x = data()
     problem, _, _ = problem_for(2, x, budget=4 * N + 1)
 
-    @jax.jit
-    def stages():
-        plain, plain_sampled = exact._plain_inversion(problem)
-        swept = exact._defect_correction(problem, plain.noise, start_sampled=plain_sampled, start_error=plain.error,
-                                         plain_noise=plain.noise, calls=plain.calls)
-        shot = exact._shooting(problem, swept[0], swept[1], preconditioned=True, calls=swept[3])
-        return swept, shot
-
-    (noise, error, count, calls), (shot_noise, shot_error, iterations, shot_calls) = stages()
+    _, (noise, error, count, calls), (shot_noise, shot_error, iterations, shot_calls) = jax.jit(lambda: fast_stages(problem))()
     assert int(count) == 1 and int(calls) == 4 * N
     assert int(iterations) == 0 and int(shot_calls) == 5 * N  # the solve's first residual alone
     np.testing.assert_array_equal(np.asarray(shot_noise), np.asarray(noise))

@@ -65,8 +65,11 @@ class ExactInversion:
             and no iteration starts once it is spent, so a row may pass it by the iteration under
             way at most. A row the budget stops keeps the best start it met (never worse than plain
             inversion's) and is flagged: ``converged`` is ``False``. Rows finished apart spend what
-            the whole batch's pass left them. ``None`` (default): no budget; an integer >= 2
-            otherwise.
+            the whole batch's pass left them. The budget is the batch program's, as its calls are:
+            rows still open when it runs out stop together, so their results can then depend on
+            which rows share the batch (rows done before it runs out are not touched); finishing
+            hard rows apart keeps that to the hard rows. ``None`` (default): no budget; an integer
+            >= 2 otherwise.
 
     Example:
         >>> import dpmjax

@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     for name in args.model:
         model = digits.load(name)
         for order, n, w, grid, data in settings:
-            rows.append(measure(model, images, labels, order, n, w, grid, data, name=name, budget=args.max_calls_per_step))
+            rows.append(measure(model, images, labels, order=order, n=n, w=w, grid=grid, data=data, name=name,
+                                budget=args.max_calls_per_step))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             if not args.quick:  # after every row: a long run stopped midway keeps what it measured
                 write(rows, args.out)

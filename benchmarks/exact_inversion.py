@@ -18,6 +18,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import dpmjax
 from dpmjax.apps.digits_job import guided_model, psnr
@@ -26,7 +27,7 @@ from dpmjax.models import digits
 GRIDS = {"lu": dict(use_lu_lambdas=True), "default": {}}
 
 
-def measure(model, images, labels, order, n, w, grid, data, name="mlp", budget=None):
+def measure(model, images, labels, order, n, w, grid, data, name="mlp", budget=None, per_row=False):
     fwd = dpmjax.DPMSolverMultistepScheduler(solver_order=order, final_sigmas_type="sigma_min", **GRIDS[grid])
 
     def base(x, t, row_labels):  # the labels go in as cond: exact inversion can then finish hard rows apart
@@ -76,19 +77,32 @@ def measure(model, images, labels, order, n, w, grid, data, name="mlp", budget=N
     if noise_true is not None:
         for name, z in (("nmse_plain", plain), ("nmse_exact", exact.sample)):
             row[name] = float(jnp.sum((z - noise_true) ** 2) / jnp.sum(noise_true ** 2))
+    if per_row:  # each row inverted alone (a batch of one, as Hong et al. invert one image at a time)
+        alone, exact_alone = [], 0
+        for i in range(int(images.shape[0])):
+            calls[0] = 0
+            one = dpmjax.invert(counted, images[i:i + 1], fwd, n, exact=settings, cond=labels[i:i + 1])
+            one.sample.block_until_ready()
+            alone.append(calls[0] / n)
+            exact_alone += int(one.converged[0])
+        row.update(per_row_calls=alone, per_row_exact=exact_alone,
+                   per_row_calls_median=float(np.median(alone)), per_row_calls_worst=float(np.max(alone)))
     return row
 
 
 def table(rows) -> str:
     lines = ["| model | data | grid | order | N | w | rows exact | PSNR plain / exact (dB) | noise NMSE plain / exact | "
-             "budget | model calls per step | row evaluations per row and step | s first / steady | steady / plain |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "budget | model calls per step | row evaluations per row and step | s first / steady | steady / plain | "
+             "alone: rows exact, calls per step median / worst |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         nmse = f"{r['nmse_plain']:.1e} / {r['nmse_exact']:.1e}" if "nmse_exact" in r else "-"
         lines.append(f"| {r['model']} | {r['data']} | {r['grid']} | {r['order']} | {r['steps']} | {r['guidance']:g} | {r['rows_exact']}/{r['rows']} | "
                      f"{r['psnr_plain']:.1f} / {r['psnr_exact']:.1f} | {nmse} | {r.get('budget') or '-'} | {r['calls_per_step']:.0f} | "
                      f"{r.get('row_evaluations_per_step', r['calls_per_step']):.0f} | "
-                     f"{r['seconds_first']:.1f} / {r['seconds_steady']:.2f} | {r['ratio']:.0f}x |")
+                     f"{r['seconds_first']:.1f} / {r['seconds_steady']:.2f} | {r['ratio']:.0f}x | " + (
+                     f"{r['per_row_exact']}/{r['rows']}, {r['per_row_calls_median']:.0f} / {r['per_row_calls_worst']:.0f} |"
+                     if "per_row_calls" in r else "- |"))
     return "\n".join(lines)
 
 
@@ -105,6 +119,8 @@ def main(argv=None) -> int:
                         help="the default grid is measured at guidance 1, N = 25 and 50, orders 1 and 2")
     parser.add_argument("--max-calls-per-step", type=int, default=None,
                         help="exact inversion's budget of model calls per step (ExactInversion.max_calls_per_step)")
+    parser.add_argument("--per-row", action="store_true",
+                        help="also invert each row alone and report its model calls per step (median, worst)")
     parser.add_argument("--append", action="store_true", help="add to the rows already in --out")
     parser.add_argument("--quick", action="store_true", help="two settings only (CI)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "exact_inversion.json"))
@@ -123,7 +139,8 @@ def main(argv=None) -> int:
         model = digits.load(name)
         for order, n, w, grid, data in settings:
             rows.append(measure(model, images, labels, order=order, n=n, w=w, grid=grid, data=data, name=name,
-                                budget=args.max_calls_per_step))
+                                budget=args.max_calls_per_step, per_row=args.per_row))
+            rows[-1]["first_row"] = args.first
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             if not args.quick:  # after every row: a long run stopped midway keeps what it measured
                 write(rows, args.out)
@@ -141,7 +158,9 @@ def write(rows, out) -> None:
                 "process. Model calls are counted inside the model (a Jacobian-vector product counts once); row "
                 "evaluations weight each call by the rows it evaluates, per row of the batch and step (the labels "
                 "are passed as cond, so exact inversion finishes the rows its fast path leaves in a sub-batch of "
-                "their own; rows measured before that, with the labels closed over, have equal counts).\n\n")
+                "their own; rows measured before that, with the labels closed over, have equal counts). The last "
+                "column (with --per-row): each row inverted alone, a batch of one as Hong et al. invert one image at "
+                "a time: how many came back exact, and the median and worst row's model calls per step.\n\n")
         f.write(table(rows) + "\n")
     with open(out, "w") as f:
         json.dump({"jax": jax.__version__, "backend": jax.default_backend(), "rows": rows}, f, indent=1)

@@ -5,14 +5,36 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 import warnings
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+# A persistent compilation cache for the test session and the processes it starts (the CLI tests):
+# identical programs compiled in another file, worker or subprocess are read back instead of compiled
+# again (the fixture below drops the in-memory programs after each file). Keys are the programs
+# themselves (with jax's version and flags), so an entry cannot go stale. DPMJAX_TEST_COMPILATION_CACHE=0
+# turns it off; a path puts it elsewhere.
+_CACHE = os.environ.get("DPMJAX_TEST_COMPILATION_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compilation"))
+try:
+    import filelock  # noqa: F401  (jax locks the cache's files with it when the cache has a size limit)
+except ImportError:  # without it two workers could write one entry at once: no cache
+    _CACHE = "0"
+if _CACHE != "0":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 
-import dpmjax
+import jax  # noqa: E402  (after the cache's settings, which jax reads when imported)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import dpmjax  # noqa: E402
+
+if _CACHE != "0":  # also where a plugin imported jax before this file
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

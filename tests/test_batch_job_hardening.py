@@ -63,6 +63,63 @@ def test_exact_rows_that_missed_are_counted_after_a_resume_in_the_summary_the_ma
     assert f"exact inversion: {within} of {total} rows" in again.stdout, again.stdout
 
 
+def test_a_budget_and_a_tolerance_from_the_cli_are_the_job_s_settings_and_judge_its_rows(tmp_path):
+    """--max-calls-per-step 2 leaves exact inversion only plain inversion and its check: on ten steps
+    every row misses 1e-5 (exit 3, each chunk's rows named). The same budget judged by --tolerance 0.9
+    records the same round trips and passes (exit 0). Both settings are recorded in settings.json
+    and a resume with another budget is refused before anything is computed."""
+    make_store(tmp_path / "input", 1)
+    strict, loose = tmp_path / "strict", tmp_path / "loose"
+    first = run_cli(tmp_path / "input", strict, "--steps", 10, "--exact", "--max-calls-per-step", 2)
+    assert first.returncode == batch.EXIT_NOT_CONVERGED, first.stderr[-3000:]
+    assert "exact inversion: 0 of 4 rows within round trip 1e-05" in first.stdout, first.stdout
+    assert "NOT CONVERGED part-00000.npy: rows [0, 1, 2, 3]" in first.stdout, first.stdout
+    assert json.loads((strict / "settings.json").read_text())["exact_settings"] == {"max_calls_per_step": 2}
+    second = run_cli(tmp_path / "input", loose, "--steps", 10, "--exact", "--max-calls-per-step", 2, "--tolerance", 0.9)
+    assert second.returncode == batch.EXIT_OK, (second.stdout, second.stderr[-3000:])
+    assert "exact inversion: 4 of 4 rows within round trip 0.9" in second.stdout, second.stdout
+    assert json.loads((loose / "manifest.json").read_text())["exact_inversion"]["tolerance"] == 0.9
+    np.testing.assert_array_equal(np.load(strict / "round_trips" / "part-00000.npy"),
+                                  np.load(loose / "round_trips" / "part-00000.npy"))
+    before = listing(strict)
+    other = run_cli(tmp_path / "input", strict, "--steps", 10, "--exact", "--max-calls-per-step", 50)
+    assert_one_line_error(other, "exact_settings", "'max_calls_per_step': 2", "'max_calls_per_step': 50")
+    assert listing(strict) == before
+
+
+@pytest.mark.parametrize("options, named", [
+    (("--max-calls-per-step", 4), "--max-calls-per-step is exact inversion's: add --exact"),
+    (("--tolerance", 1e-4, "--max-calls-per-step", 4), "--tolerance and --max-calls-per-step are exact inversion's"),
+    (("--exact", "--max-calls-per-step", 1), "--max-calls-per-step must be an integer >= 2"),
+    (("--exact", "--tolerance", 0), "--tolerance must be a number in (0, 1)"),
+    (("--exact", "--tolerance", "nan"), "--tolerance must be a number in (0, 1)"),
+])
+def test_exact_inversion_options_that_cannot_work_are_one_line_errors(tmp_path, options, named):
+    make_store(tmp_path / "input", 1)
+    assert_one_line_error(run_cli(tmp_path / "input", tmp_path / "out", *options), named)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_job_written_before_exact_settings_were_recorded_resumes(tmp_path):
+    """settings.json without ``exact_settings`` (outputs of earlier versions) means exact=True's
+    defaults: the job resumes (nothing to do)."""
+    make_store(tmp_path / "input", 1)
+    out = tmp_path / "out"
+    assert run_cli(tmp_path / "input", out, "--steps", 3).returncode == batch.EXIT_OK
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings.pop("exact_settings") == {}
+    (out / "settings.json").write_text(json.dumps(settings))
+    again = run_cli(tmp_path / "input", out, "--steps", 3)
+    assert again.returncode == batch.EXIT_OK and "1 already done" in again.stdout, (again.stdout, again.stderr[-3000:])
+
+
+def test_the_library_call_takes_exact_inversion_settings_and_refuses_other_values(tmp_path):
+    make_store(tmp_path / "input", 1)
+    with pytest.raises(ValueError, match="exact must be True, False or a dpmjax.ExactInversion"):
+        batch.run(tmp_path / "input", tmp_path / "out", num_inference_steps=3, exact="yes", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_recorded_exact_chunk_without_its_round_trips_counts_as_not_converged(tmp_path):
     """The round trips are written before the noise; if they are lost anyway the rows are not
     passed off as exact."""

@@ -22,6 +22,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import dpmjax
+
 ROOT = Path(__file__).parent.parent
 TINY_INDEX = {
     "_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": "0.39.0",
@@ -143,6 +145,46 @@ def test_the_command_builds_the_method_object_and_passes_the_order_as_a_schedule
     (kwargs,) = calls
     assert kwargs["method"] == edit_method(method) and type(kwargs["method"]) is type(edit_method(method))
     assert kwargs["scheduler_config"] == {"solver_order": order}
+
+
+@pytest.mark.parametrize("flags, tolerance, budget", [
+    ([], 1e-5, None), (["--dtype", "bfloat16"], 2.0 ** -4, None),
+    (["--tolerance", "1e-4", "--max-calls-per-step", "60"], 1e-4, 60),
+    (["--dtype", "bfloat16", "--tolerance", "1e-3"], 1e-3, None)])
+def test_exact_inversion_s_tolerance_follows_the_dtype_and_the_options_reach_the_method(
+        setup, monkeypatch, capsys, flags, tolerance, budget):
+    """--method exact's tolerance is float32's 1e-5 or bfloat16's 2**-4 unless --tolerance says;
+    --max-calls-per-step is the inversion's budget. An image that missed is reported with advice
+    that names the budget when one was given."""
+    from dpmjax.apps import edit
+    from dpmjax.models.flax_sd import ExactEdit
+
+    calls = []
+
+    def recording(pipeline, params, images, **kwargs):
+        calls.append(kwargs)
+        return SimpleNamespace(images=1.0 - images, round_trip=np.array([0.5]), converged=np.array([False]))
+
+    monkeypatch.setattr(edit, "edit_images", recording)
+    status, _, _ = setup.run("--out", setup.folder / "o.png", *flags)
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    (kwargs,) = calls
+    assert kwargs["method"] == ExactEdit(inversion=dpmjax.ExactInversion(tolerance=tolerance, max_calls_per_step=budget))
+    assert "round trip 5.0e-01 (NOT converged: try " in out, out
+    assert ("a larger --max-calls-per-step" in out) == (budget is not None), out
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--method", "plain", "--tolerance", "1e-3"], "--tolerance is --method exact's (got --method plain)"),
+    (["--method", "null-text", "--max-calls-per-step", "9"], "--max-calls-per-step is --method exact's"),
+    (["--max-calls-per-step", "1"], "--max-calls-per-step must be an integer >= 2"),
+    (["--tolerance", "1"], "--tolerance must be a number in (0, 1)"),
+    (["--tolerance", "nan"], "--tolerance must be a number in (0, 1)")])
+def test_exact_inversion_options_that_cannot_work_are_refused_before_loading(setup, capsys, flags, named):
+    status, err, loaded = setup.run("--out", setup.folder / "o.png", *flags, capsys=capsys)
+    assert status == 2 and not loaded
+    assert named in _one_line(err), err
 
 
 # ----------------------------------------------------------------------------- --out and the inputs

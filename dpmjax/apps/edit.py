@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..models.flax_sd.edit import edit_images
-from ..models.flax_sd.edit_methods import METHODS, edit_method
+from ..models.flax_sd.edit_methods import METHODS, ExactEdit, edit_method
 from ..models.flax_sd.requirements import old_diffusers
 from ..models.flax_sd.unet import cast_floating
+from ..trajectories.exact_options import ExactInversion
 from .images import PathChangedError, check_image, read_image, same_file, write_images
 from .messages import fail
 
@@ -38,6 +39,11 @@ MAX_CONFIG_BYTES = 1 << 20
 # the default where its config does not say, as in diffusers
 MAX_TRAIN_STEPS = 100_000
 DEFAULT_TRAIN_STEPS = 1000
+# --method exact's default tolerance per --dtype: the round trip (max |sample(noise) - latents| /
+# max(1, max|latents|)) that counts as converged. float32: ExactInversion's default. bfloat16 (8-bit
+# significand, eps = 2**-7) rounds every UNet output at ~4e-3 relative, so the sampler that the noise
+# must reproduce is itself only that exact: 8 eps = 2**-4 is asked (measured: see the guide)
+EXACT_TOLERANCE = {"float32": 1e-5, "bfloat16": 2.0 ** -4}
 # the folders of a saved pipeline the edit loads, and the Flax weights files they must hold
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 WEIGHTS = {"vae": ("diffusion_flax_model.msgpack",), "unet": ("diffusion_flax_model.msgpack",),
@@ -119,7 +125,44 @@ def _parser() -> argparse.ArgumentParser:
                              f"(64 for Stable Diffusion), at most {MAX_SIZE}")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and compute dtype")
     parser.add_argument("--edited-only", action="store_true", help="write the edited images only (no original column)")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="--method exact: the round trip an image's latents must reach, relative to max(1, max|latents|) "
+                             "(default: " + ", ".join(f"{tol:g} in {name}" for name, tol in EXACT_TOLERANCE.items()) + ")")
+    parser.add_argument("--max-calls-per-step", type=int, default=None,
+                        help="--method exact: at most this many UNet calls per sampler step (>= 2); images still open "
+                             "when it runs out keep their best latents and are reported (default: no limit)")
     return parser
+
+
+def _exact_problems(args) -> list:
+    """What is wrong with --tolerance and --max-calls-per-step (exact inversion's options)."""
+    given = [name for name, value in (("--tolerance", args.tolerance), ("--max-calls-per-step", args.max_calls_per_step))
+             if value is not None]
+    if given and args.method != "exact":
+        return [f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} --method exact's (got --method {args.method})"]
+    problems = []
+    if args.tolerance is not None and not 0.0 < args.tolerance < 1.0:  # also NaN
+        problems.append(f"--tolerance must be a number in (0, 1) (the round trip an image must reach; got {args.tolerance:g})")
+    if args.max_calls_per_step is not None and args.max_calls_per_step < 2:
+        problems.append(f"--max-calls-per-step must be an integer >= 2 (UNet calls per step; plain inversion and its "
+                        f"check make 2; got {args.max_calls_per_step})")
+    return problems
+
+
+def _method(args):
+    """The edit method's settings from --method, --dtype, --tolerance and --max-calls-per-step."""
+    if args.method != "exact":
+        return edit_method(args.method)
+    tolerance = EXACT_TOLERANCE[args.dtype] if args.tolerance is None else args.tolerance
+    return ExactEdit(inversion=ExactInversion(tolerance=tolerance, max_calls_per_step=args.max_calls_per_step))
+
+
+def _advice(args) -> str:
+    """What may help an image whose exact inversion missed its tolerance."""
+    hints = ["more --steps", "a lower --guidance"]
+    if args.max_calls_per_step is not None:
+        hints.insert(0, "a larger --max-calls-per-step (the budget may have run out)")
+    return "try " + ", ".join(hints[:-1]) + " or " + hints[-1] + " (see the exact-inversion guide's troubleshooting)"
 
 
 def _reason(error: BaseException) -> str:
@@ -398,6 +441,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         f"(num_train_timesteps; got {args.steps})")
     if not (math.isfinite(args.guidance) and args.guidance > 0):
         problems.append(f"--guidance must be a finite number > 0 (got {args.guidance:g})")
+    problems += _exact_problems(args)
     problems += _size_problems(args.size, geometry)
     if problems:
         return fail(PROG, "; ".join(problems))
@@ -422,7 +466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if dtype != jnp.float32:
         params = {k: cast_floating(v, dtype) if k in ("unet", "vae", "text_encoder") else v for k, v in params.items()}
     result = edit_images(pipeline, params, images, source_prompt=args.prompt, target_prompt=args.target_prompt,
-                         method=edit_method(args.method), num_inference_steps=args.steps, guidance_scale=args.guidance,
+                         method=_method(args), num_inference_steps=args.steps, guidance_scale=args.guidance,
                          scheduler_config={"solver_order": args.order}, progress=True)
     rows = [[edited] if args.edited_only else [original, edited] for original, edited in zip(images, result.images)]
     existed = os.path.exists(args.out)
@@ -440,7 +484,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         line = f"{path}: edited"
         if result.round_trip is not None:
             line += (f", exact inversion round trip {float(result.round_trip[i]):.1e} "
-                     f"({'converged' if bool(result.converged[i]) else 'NOT converged: try more --steps or lower --guidance'})")
+                     f"({'converged' if bool(result.converged[i]) else 'NOT converged: ' + _advice(args)})")
         print(line)
     print(f"wrote {args.out} ({len(rows)} row(s): {'edited' if args.edited_only else 'original | edited'})")
     return 0

@@ -10,11 +10,12 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import jax
 
 from ...scheduler import DPMSolverMultistepScheduler
+from ...trajectories.exact_options import ExactInversion
 from ..messages import fail, first_line, shown
 from .job import run
 from .plan import DEFAULT_MODEL, EXACT_TOLERANCE, MAX_DEFAULT_BATCH_ROWS, ModelError
@@ -24,11 +25,29 @@ PROG = "dpmjax invert-batch"
 DESCRIPTION = ("A resumable batch inversion job: an array store in, noise shards out; a killed run restarts where it "
                "stopped, a rerun is idempotent, a bad chunk is reported and the rest is done.")
 # exit statuses (signals: 128 + the signal's number)
-EXIT_OK = 0  # every chunk recorded (with --exact: every row within EXACT_TOLERANCE)
+EXIT_OK = 0  # every chunk recorded (with --exact: every row within the tolerance)
 EXIT_FAILED = 1  # chunks quarantined in failed/, or the job stopped on an error that is no chunk's (model, disk)
 EXIT_REFUSED = 2  # a setting, path, input or model refused before anything was computed
-EXIT_NOT_CONVERGED = 3  # every chunk recorded, but exact inversion left rows above EXACT_TOLERANCE
+EXIT_NOT_CONVERGED = 3  # every chunk recorded, but exact inversion left rows above the tolerance
 MAX_LISTED = 20  # chunks named one per line in the summary (the rest: failed/ and manifest.json)
+
+
+def _exact(args) -> Union[bool, ExactInversion]:
+    """What ``run``'s ``exact=`` gets from --exact, --tolerance and --max-calls-per-step; an option that
+    cannot be used is a ``ValueError`` naming it."""
+    given = [name for name, value in (("--tolerance", args.tolerance), ("--max-calls-per-step", args.max_calls_per_step))
+             if value is not None]
+    if not args.exact:
+        if given:
+            raise ValueError(f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} exact inversion's: add --exact")
+        return False
+    tolerance = EXACT_TOLERANCE if args.tolerance is None else args.tolerance
+    if not 0.0 < tolerance < 1.0:  # also NaN
+        raise ValueError(f"--tolerance must be a number in (0, 1) (the round trip a row must reach), got {args.tolerance}")
+    if args.max_calls_per_step is not None and args.max_calls_per_step < 2:
+        raise ValueError(f"--max-calls-per-step must be an integer >= 2 (model calls per step; plain inversion and its "
+                         f"check make 2), got {args.max_calls_per_step}")
+    return ExactInversion(tolerance=tolerance, max_calls_per_step=args.max_calls_per_step)
 
 
 def _scheduler(args) -> DPMSolverMultistepScheduler:
@@ -83,7 +102,7 @@ EPILOG = f"""guarantees:
   in OUTPUT/round_trips/ and counted in every summary and in manifest.json, resumed or not.
 
 exit status:
-  {EXIT_OK}  every chunk recorded (with --exact: every row within round trip {EXACT_TOLERANCE:g})
+  {EXIT_OK}  every chunk recorded (with --exact: every row within the round trip --tolerance)
   {EXIT_FAILED}  chunks quarantined (OUTPUT/failed/), or the job stopped on an error that is no
      chunk's (the model, the disk): a rerun resumes
   {EXIT_REFUSED}  a setting, path, input or model refused before anything was computed
@@ -102,6 +121,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--config", help="a diffusers scheduler_config.json (default: DPM-Solver++ order 2, ending at sigma_min)")
     parser.add_argument("--order", type=int, choices=(1, 2, 3), help="solver order (overrides the config)")
     parser.add_argument("--exact", action="store_true", help="exact inversion (sampling the noise gives the input back)")
+    parser.add_argument("--tolerance", type=float,
+                        help=f"with --exact: the round trip a row must reach, relative to max(1, max|row|) "
+                             f"(default: {EXACT_TOLERANCE:g})")
+    parser.add_argument("--max-calls-per-step", type=int,
+                        help="with --exact: at most this many model calls per sampler step for each batch of "
+                             "--batch-rows (>= 2); rows still open when it runs out keep their best noise and are "
+                             "reported (default: no limit)")
     parser.add_argument("--save-trajectory", action="store_true", help="also write every intermediate sample")
     parser.add_argument("--batch-rows", type=int,
                         help=f"rows per model call: chunks are inverted in pieces of exactly this many rows, the last padded "
@@ -121,13 +147,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if cluster and not args.distributed:
         return fail(PROG, f"{', '.join('--' + k.replace('_', '-') for k in cluster)} need{'s' if len(cluster) == 1 else ''} "
                       f"--distributed")
+    try:
+        exact = _exact(args)
+    except ValueError as error:
+        return fail(PROG, str(error))
     stop = threading.Event()
     with _StopOnSignals(stop) as signals:
         try:
             if args.distributed:
                 jax.distributed.initialize(**cluster)
             summary = run(input_dir=args.input, output_dir=args.output, model=args.model, num_inference_steps=args.steps,
-                          scheduler=_scheduler(args), exact=args.exact, save_trajectory=args.save_trajectory,
+                          scheduler=_scheduler(args), exact=exact, save_trajectory=args.save_trajectory,
                           batch_rows=args.batch_rows, fill_value_is_data=args.fill_value_is_data, stop=stop)
         except ModelError as error:
             return fail(PROG, f"--model {error.spec}: {first_line(ValueError(error.reason), limit=1000)}")
@@ -153,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     missed = sum(len(rows) for rows in summary.not_converged.values())
     if args.exact:
         print(f"exact inversion: {summary.exact_rows - missed} of {summary.exact_rows} rows within round trip "
-              f"{EXACT_TOLERANCE:g} (every recorded chunk, this run's and earlier runs')")
+              f"{exact.tolerance:g} (every recorded chunk, this run's and earlier runs')")
         for name, rows in list(summary.not_converged.items())[:MAX_LISTED]:
             print(shown(f"  NOT CONVERGED {name}: rows {rows} (round trips in round_trips/)"))
         if len(summary.not_converged) > MAX_LISTED:

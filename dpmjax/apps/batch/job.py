@@ -7,13 +7,14 @@ import dataclasses
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 
 from ...scheduler import DPMSolverMultistepScheduler
+from ...trajectories.exact_options import ExactInversion
 from .output_store import OutputStore
-from .plan import DEFAULT_MODEL, EXACT_TOLERANCE, Plan, make_plan
+from .plan import DEFAULT_MODEL, Plan, make_plan
 from .workers import Summary, Workers
 
 
@@ -23,7 +24,7 @@ def run(
     model: str = DEFAULT_MODEL,
     num_inference_steps: int = 25,
     scheduler: Optional[DPMSolverMultistepScheduler] = None,
-    exact: bool = False,
+    exact: Union[bool, ExactInversion] = False,
     save_trajectory: bool = False,
     progress: bool = True,
     batch_rows: Optional[int] = None,
@@ -46,7 +47,12 @@ def run(
             last step folds), as the CLI does.
         exact: Exact inversion: sampling the noise gives the input back to within
             :data:`~dpmjax.apps.batch.plan.EXACT_TOLERANCE` (every row's round trip is kept in
-            ``round_trips/`` and counted in the summary and ``manifest.json``).
+            ``round_trips/`` and counted in the summary and ``manifest.json``). A
+            :class:`~dpmjax.ExactInversion` gives other settings, its ``tolerance`` the one rows
+            are judged by, e.g. ``ExactInversion(tolerance=1e-5, max_calls_per_step=100)`` bounds
+            the model calls per step (rows still open when it runs out are reported); the settings
+            that differ from ``exact=True``'s are recorded in ``settings.json`` and a resume must
+            give the same.
         save_trajectory: Also write every intermediate sample to ``trajectories/``.
         progress: Print one progress line on stderr (redrawn on a terminal, a line per chunk in a log).
         batch_rows: Rows per model call (pieces of exactly this many rows, the last padded); default:
@@ -74,7 +80,7 @@ def run(
     plan.output.claim(settings=plan.settings, fingerprints=plan.fingerprints, started=started)  # the first write
     summary = Workers(plan=plan, progress=progress, stop=stop or threading.Event()).run()
     if plan.exact:  # every recorded chunk's rows, resumed or not, from the round trips written beside the noise
-        report = plan.output.round_trips(plan.mine, EXACT_TOLERANCE)
+        report = plan.output.round_trips(plan.mine, plan.tolerance)
         summary = dataclasses.replace(summary, exact_rows=sum(r["rows"] for r in report.values()),
                                       not_converged={n: r["rows_not_converged"] for n, r in report.items()
                                                      if r["rows_not_converged"]})
@@ -96,6 +102,6 @@ def _write_manifest(plan: Plan) -> None:
         multihost_utils.sync_global_devices("dpmjax invert-batch: all chunks done")
     if jax.process_index() == 0:
         plan.output.write_manifest(names=plan.names, row_shape=plan.row_shape, settings=plan.settings,
-                                   tolerance=EXACT_TOLERANCE if plan.exact else None)
+                                   tolerance=plan.tolerance)
 
 

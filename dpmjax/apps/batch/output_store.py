@@ -56,6 +56,8 @@ except ImportError:  # pragma: no cover - not POSIX: chunks are not claimed
 MAX_NAME_BYTES = 255  # the longest file name most file systems take
 # settings added after outputs were first written: an older settings.json without them is not refused
 LATER_SETTINGS = ("fill_value_is_data", "input_shards", "input", "save_trajectory")
+# settings added later whose absence from an older settings.json means a value: compared as that value
+LATER_DEFAULTS = {"exact_settings": {}}
 # the files the job keeps at the root of OUTPUT
 JOB_FILES = ("settings.json", "events.jsonl", "manifest.json")
 # the folders the job writes files into (with subfolders: chunk names may have them); the root too, not below it
@@ -145,6 +147,7 @@ class OutputStore:
         setting's noise is never topped up with another's (nor with another input's shards). The
         input is known by its resolved path (and, for zarr, its metadata): a moved input is another job."""
         compared = [key for key in settings if key != "input_shards" and not (key in LATER_SETTINGS and key not in before)]
+        before = {**LATER_DEFAULTS, **before}
         changed = [key for key in compared if before.get(key) != settings[key]]
         if "input" not in changed:
             self._check_same_shards(before, settings)

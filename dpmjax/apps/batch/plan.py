@@ -137,15 +137,47 @@ class Plan(NamedTuple):
     exact: bool
     save_trajectory: bool
     batch_rows: int
-    # what invert's exact= gets: False (plain), or ExactInversion(tolerance=EXACT_TOLERANCE), built once here
+    # what invert's exact= gets: False (plain), or the job's ExactInversion (job_inversion), built once here
     inversion: Union[bool, ExactInversion] = False
+
+    @property
+    def tolerance(self) -> Optional[float]:
+        """Exact inversion's tolerance (a row above it is reported), or None for plain inversion."""
+        return self.inversion.tolerance if self.inversion else None
+
+
+def job_inversion(exact) -> Union[bool, ExactInversion]:
+    """What :func:`~dpmjax.invert`'s ``exact=`` gets for the job's ``exact``: False (plain inversion),
+    ``ExactInversion(tolerance=EXACT_TOLERANCE)`` for True, or the settings object given.
+
+    Raises:
+        ValueError: ``exact`` is neither a bool nor a :class:`~dpmjax.ExactInversion`.
+    """
+    if isinstance(exact, ExactInversion):
+        return exact
+    if isinstance(exact, bool):
+        return ExactInversion(tolerance=EXACT_TOLERANCE) if exact else False
+    raise ValueError(f"exact must be True, False or a dpmjax.ExactInversion (exact inversion's settings), "
+                     f"got {exact!r}.")
+
+
+def inversion_settings(inversion: Union[bool, ExactInversion]) -> dict:
+    """The exact-inversion settings a job records in ``settings.json``: the fields that differ from
+    ``ExactInversion(tolerance=EXACT_TOLERANCE)`` (empty for plain inversion and for ``exact=True``,
+    so outputs written before the settings were recorded resume unchanged)."""
+    if not inversion:
+        return {}
+    default = ExactInversion(tolerance=EXACT_TOLERANCE)
+    return {name: getattr(inversion, name) for name in ExactInversion.__dataclass_fields__
+            if getattr(inversion, name) != getattr(default, name)}
 
 
 def make_plan(*, input_dir: Path, output: OutputStore, model: str, num_inference_steps: int,
-          scheduler: DPMSolverMultistepScheduler, exact: bool, save_trajectory: bool,
+          scheduler: DPMSolverMultistepScheduler, exact: Union[bool, ExactInversion], save_trajectory: bool,
           batch_rows: Optional[int], fill_value_is_data: bool) -> Plan:
     """Every check, reading only: the arguments, the paths, the input, a resumed job's settings and
     input shards (refused before the model is loaded), then the model on one batch."""
+    inversion = job_inversion(exact)
     _positive_int("num_inference_steps", num_inference_steps)
     _positive_int("batch_rows", batch_rows, optional=True)
     output.check_usable(input_dir)
@@ -158,7 +190,8 @@ def make_plan(*, input_dir: Path, output: OutputStore, model: str, num_inference
         batch_rows = _resumed_batch_rows(before=before, shapes=shapes, row_shape=row_shape)
     _check_sizes(batch_rows=batch_rows, row_shape=row_shape, scheduler=scheduler)
     _check_scheduler(scheduler=scheduler, num_inference_steps=num_inference_steps, batch_rows=batch_rows, row_shape=row_shape)
-    settings = {"model": model, "num_inference_steps": num_inference_steps, "exact": exact, "batch_rows": batch_rows,
+    settings = {"model": model, "num_inference_steps": num_inference_steps, "exact": bool(inversion),
+                "exact_settings": inversion_settings(inversion), "batch_rows": batch_rows,
                 "scheduler": json.loads(json.dumps(scheduler.config.to_dict())), "fill_value_is_data": fill_value_is_data,
                 "save_trajectory": bool(save_trajectory), "input": store.describe(), "input_shards": list(store.names)}
     if before is not None:
@@ -171,8 +204,8 @@ def make_plan(*, input_dir: Path, output: OutputStore, model: str, num_inference
                  batch_rows=batch_rows, row_shape=row_shape)
     return Plan(input=store, output=output, names=store.names, mine=mine, fingerprints=fingerprints,
                  row_shape=row_shape, settings=settings, model_fn=model_fn, scheduler=scheduler,
-                 num_inference_steps=num_inference_steps, exact=exact, save_trajectory=save_trajectory,
-                 batch_rows=batch_rows, inversion=ExactInversion(tolerance=EXACT_TOLERANCE) if exact else False)
+                 num_inference_steps=num_inference_steps, exact=bool(inversion), save_trajectory=save_trajectory,
+                 batch_rows=batch_rows, inversion=inversion)
 
 
 def _resumed_batch_rows(before: Optional[dict], shapes: dict, row_shape: Optional[tuple]) -> int:

@@ -18,7 +18,7 @@ from ...trajectories import progress as progress_line
 from ...trajectories.inversion import invert
 from ..messages import first_line, shown
 from .input_stores import ChunkError
-from .plan import EXACT_TOLERANCE, Plan
+from .plan import Plan
 
 CLAIM_POLL_SECONDS = 0.05  # how often a run looks again at chunks other processes are computing
 
@@ -269,7 +269,7 @@ class Workers:
 
     def record(self, name: str, device, noise: np.ndarray, samples, round_trip) -> None:
         """Write a chunk's outputs (the noise last: the record), log it and show progress."""
-        missed = [] if round_trip is None else np.flatnonzero(~(round_trip <= EXACT_TOLERANCE)).tolist()
+        missed = [] if round_trip is None else np.flatnonzero(~(round_trip <= self.plan.tolerance)).tolist()
         self.plan.output.write_chunk(name=name, noise=noise, round_trip=round_trip,
                                      trajectory=np.moveaxis(samples, 0, 1) if self.plan.save_trajectory else None)
         rows = int(noise.shape[0])

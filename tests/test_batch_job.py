@@ -817,3 +817,16 @@ def test_outputs_models_and_manifests_that_cannot_work_get_one_line_errors(tmp_p
         assert_one_line_error(finished(job), *fragments)
     assert hidden.read_text() == "mine" and sorted(p.name for p in user.rglob("*")) == sorted(["notes", hidden.name])
     assert not list(tmp_path.glob("o[0-9]"))
+
+
+def test_a_model_module_in_the_current_folder_is_found_by_the_installed_command(tmp_path):
+    """``dpmjax invert-batch --model mymodels:make`` run from the folder holding ``mymodels.py``
+    imports it there, as ``python -m`` would (the console script's own path lacks that folder)."""
+    make_store(tmp_path / "input", 1)
+    (tmp_path / "mymodels.py").write_text("def make():\n    return lambda x, t: 0.1 * x\n")
+    command = Path(sys.executable).parent / "dpmjax"
+    assert command.exists(), command
+    done = subprocess.run([str(command), "invert-batch", "input", "out", "--model", "mymodels:make", "--steps", "3"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "settings.json").read_text())["model"] == "mymodels:make"

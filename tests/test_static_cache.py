@@ -361,3 +361,29 @@ def test_a_scheduler_cache_emptied_between_calls_still_gives_the_same_numbers(en
     before = np.asarray(fn(Traced(), X, Forward(solver_order=2), 6).sample)
     static_cache.clear_all()
     np.testing.assert_array_equal(np.asarray(fn(Traced(), X, Forward(solver_order=2), 6).sample), before)
+
+
+def test_guidance_that_takes_its_conditions_as_cond_compiles_once_for_every_prompt():
+    """``classifier_free_guidance(model, guidance_scale=w)`` takes ``(cond, uncond)`` as dpmjax's
+    ``cond=``: another prompt (new values, same shapes) reuses the program, sampling and inverting;
+    the result equals the form with the conditions fixed in ``model_fn`` (which compiles again)."""
+    model = Traced()
+    guided = dpmjax.classifier_free_guidance(model, guidance_scale=3.0)
+    prompt, other, null = jnp.full(X.shape, 1.0), jnp.full(X.shape, -2.0), jnp.zeros(X.shape)
+    dpmjax.sample(guided, X, Forward(), 6, cond=(prompt, null)).sample.block_until_ready()
+    dpmjax.invert(guided, X, Forward(), 6, cond=(prompt, null)).sample.block_until_ready()
+    traces = model.traces
+    with compilations() as count:
+        sampled = dpmjax.sample(guided, X, Forward(), 6, cond=(other, null)).sample
+        inverted = dpmjax.invert(guided, X, Forward(), 6, cond=(other, null)).sample
+    assert count[0] == 0 and model.traces == traces, (count[0], model.traces - traces)
+    fixed = dpmjax.classifier_free_guidance(model, other, null, 3.0)
+    np.testing.assert_allclose(sampled, dpmjax.sample(fixed, X, Forward(), 6).sample, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(inverted, dpmjax.invert(fixed, X, Forward(), 6).sample, rtol=1e-6, atol=1e-6)
+
+
+def test_guidance_takes_both_conditions_or_neither_and_a_scale():
+    with pytest.raises(ValueError, match="cond and uncond together"):
+        dpmjax.classifier_free_guidance(Traced(), jnp.ones(2), guidance_scale=3.0)
+    with pytest.raises(ValueError, match="guidance_scale must be given"):
+        dpmjax.classifier_free_guidance(Traced())

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -39,6 +41,20 @@ class ModelError(ValueError):
         self.spec, self.reason = spec, reason
 
 
+def _import_here_or_installed(module: str):
+    """``module`` imported as ``python -m`` finds it: from the current folder first, then the installed
+    packages (the ``dpmjax`` command's own path does not hold the current folder)."""
+    here = os.getcwd()
+    added = here not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    try:
+        return importlib.import_module(module)
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
+
+
 def load_model(spec: str) -> Callable:
     """``module:function`` -> ``function()``, the model_fn(x, t); a spec that gives no callable
     model is a :class:`ModelError` saying why."""
@@ -46,7 +62,7 @@ def load_model(spec: str) -> Callable:
     if not sep or not module or not name:
         raise ModelError(spec, "model must be 'module:function' (a factory called with no arguments).")
     try:
-        factory = getattr(importlib.import_module(module), name)
+        factory = getattr(_import_here_or_installed(module), name)
     except BaseException as error:  # ImportError, AttributeError, the module failing (or exiting) as it is imported
         raise ModelError(spec, f"cannot be imported ({type(error).__name__}: {first_line(error)}).") from None
     if not callable(factory):

@@ -11,8 +11,10 @@ decay (optax), labels dropped to the null label with probability 0.15.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
+import tempfile
 import time
 
 import flax.serialization
@@ -123,12 +125,29 @@ def train_classifier(images, labels, steps: int = 2000):
     return fit(params)
 
 
+def _write_whole(path: str, data: bytes) -> None:
+    """``data`` at ``path``, whole or not at all: a temporary file beside it, synced, renamed."""
+    fd, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpmjax.models.digits.train", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mlp", choices=common.MODELS,
                         help="mlp (the residual MLP) or unet (the Stable-Diffusion-style UNet); default mlp")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: mlp 20000, unet 6000)")
-    parser.add_argument("--out", default=common.HERE, help="folder for digits_weights.msgpack and digits_heldout.npz")
+    parser.add_argument("--out", default="digits-weights",
+                        help="folder for the weights (and, for the MLP, digits_heldout.npz); default ./digits-weights: "
+                             "the shipped weights are replaced only when --out is their folder, dpmjax.models.digits.HERE")
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (20000 if args.model == "mlp" else 6000)
     if steps < 1:
@@ -142,8 +161,7 @@ def main(argv=None) -> int:
     if args.model == "unet":  # scored by the MLP's classifier: same data, same split
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, os.path.basename(common.weights_path("unet")))
-        with open(path, "wb") as f:
-            f.write(flax.serialization.to_bytes(params))
+        _write_whole(path, flax.serialization.to_bytes(params))
         print(f"wrote {path}")
         return 0
     classifier = train_classifier(train_x, train_y)
@@ -151,9 +169,10 @@ def main(argv=None) -> int:
     print(f"classifier accuracy on the held-out digits: {accuracy:.3f}")
     os.makedirs(args.out, exist_ok=True)
     payload = {"params": params, "classifier": tuple(np.asarray(a) for a in classifier)}
-    with open(os.path.join(args.out, "digits_weights.msgpack"), "wb") as f:
-        f.write(flax.serialization.to_bytes(payload))
-    np.savez_compressed(os.path.join(args.out, "digits_heldout.npz"), images=test_x.astype(np.float32), labels=test_y)
+    _write_whole(os.path.join(args.out, "digits_weights.msgpack"), flax.serialization.to_bytes(payload))
+    held_out = io.BytesIO()
+    np.savez_compressed(held_out, images=test_x.astype(np.float32), labels=test_y)
+    _write_whole(os.path.join(args.out, "digits_heldout.npz"), held_out.getvalue())
     print(f"wrote {args.out}/digits_weights.msgpack and digits_heldout.npz")
     return 0
 

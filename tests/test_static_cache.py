@@ -385,5 +385,5 @@ def test_guidance_that_takes_its_conditions_as_cond_compiles_once_for_every_prom
 def test_guidance_takes_both_conditions_or_neither_and_a_scale():
     with pytest.raises(ValueError, match="cond and uncond together"):
         dpmjax.classifier_free_guidance(Traced(), jnp.ones(2), guidance_scale=3.0)
-    with pytest.raises(ValueError, match="guidance_scale must be given"):
+    with pytest.raises(ValueError, match="guidance_scale must be a"):
         dpmjax.classifier_free_guidance(Traced())

@@ -76,13 +76,12 @@ def classifier_free_guidance(model: ConditionalModelFn, cond: Any = _BOTH_OR_NEI
     if (cond is _BOTH_OR_NEITHER) != (uncond is _BOTH_OR_NEITHER):
         raise ValueError("classifier_free_guidance takes cond and uncond together (the conditions fixed in model_fn), "
                          "or neither (model_fn(x, t, (cond, uncond)) takes them as dpmjax's cond=).")
-    if guidance_scale is None:
-        raise ValueError("guidance_scale must be given (w, a finite real number; 1 calls the model on cond alone).")
     if not isinstance(guidance_scale, jax.Array):
         guidance_scale = checks.real("guidance_scale", guidance_scale, finite=True)
     alone = isinstance(guidance_scale, float) and guidance_scale == 1.0
 
-    def guided_by(x, t, c, u):
+    def guided_by(x, t, conditions):
+        c, u = conditions
         if alone:
             return model(x, t, c)
         inputs, conditions = doubled(x, u, c)
@@ -92,9 +91,5 @@ def classifier_free_guidance(model: ConditionalModelFn, cond: Any = _BOTH_OR_NEI
         return guide_doubled(output, guidance_scale)
 
     if cond is _BOTH_OR_NEITHER:
-        def guided_cond(x, t, conditions):
-            c, u = conditions
-            return guided_by(x, t, c, u)
-
-        return guided_cond
-    return lambda x, t: guided_by(x, t, cond, uncond)
+        return guided_by
+    return lambda x, t: guided_by(x, t, (cond, uncond))

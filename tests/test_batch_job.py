@@ -830,3 +830,22 @@ def test_a_model_module_in_the_current_folder_is_found_by_the_installed_command(
                           cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "out" / "settings.json").read_text())["model"] == "mymodels:make"
+
+
+def test_the_guide_s_recipe_samples_an_exact_job_s_noise_back_to_its_input(tmp_path):
+    """The batch-job guide's "Back from the noise" block, run as written on an ``--exact`` job's
+    output: every row comes back within the round trip the job recorded for it."""
+    names = make_store(tmp_path / "input", 1)
+    done = run_cli(tmp_path / "input", tmp_path / "out", "--steps", 10, "--exact")
+    assert done.returncode == 0, done.stderr[-3000:]
+    guide = (Path(__file__).parent.parent / "docs" / "guides" / "batch-job.md").read_text()
+    section = guide[guide.index("### Back from the noise"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope = {}
+    exec(code.replace('"OUTPUT"', repr(str(tmp_path / "out"))), scope)
+    x = np.load(tmp_path / "input" / names[0])
+    trips = np.load(tmp_path / "out" / "round_trips" / names[0])
+    error = np.max(np.abs(np.asarray(scope["back"]) - x).reshape(len(x), -1), axis=1) / np.maximum(
+        1.0, np.max(np.abs(x).reshape(len(x), -1), axis=1))
+    np.testing.assert_allclose(error, trips, rtol=1e-3, atol=1e-7)
+    assert np.all(trips <= batch.EXACT_TOLERANCE)

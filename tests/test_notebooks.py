@@ -1,4 +1,6 @@
-"""The notebooks run top to bottom (small settings, so they cannot rot) and are kept without outputs."""
+"""The notebooks run top to bottom (small settings, so they cannot rot) and are kept without outputs;
+with ``DPMJAX_EXECUTED_NOTEBOOKS=DIR`` the executed copies are written to ``DIR/notebooks/`` for the
+documentation site to render (CI sets it)."""
 
 from __future__ import annotations
 
@@ -41,3 +43,10 @@ def test_notebook_runs_top_to_bottom(path, old_diffusers, request, tmp_path, mon
     assert not errors
     text = "".join(o.get("text", "") for cell in book.cells if cell.cell_type == "code" for o in cell.outputs)
     assert "Traceback" not in text
+    executed = os.environ.get("DPMJAX_EXECUTED_NOTEBOOKS")
+    if executed:  # the documentation site renders this run's outputs (docs/_hooks/results.py)
+        target = Path(executed) / "notebooks" / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(target.name + ".tmp")
+        nbformat.write(book, str(temporary))
+        os.replace(temporary, target)

@@ -1,7 +1,8 @@
 """MkDocs hooks for the dpmjax site (loaded by mkdocs.yml; not a page).
 
 * Files outside ``docs/`` become part of the site as they are: the notebooks (``notebooks/*.ipynb``,
-  rendered by mkdocs-jupyter without executing them) and the measured results
+  rendered by mkdocs-jupyter without executing them; with their outputs where the test run wrote
+  executed copies to ``$DPMJAX_EXECUTED_NOTEBOOKS``, as CI does) and the measured results
   (``benchmarks/results/*``: images and raw JSON, linked from the benchmark pages). Nothing is copied
   into ``docs/``, so the site always shows the files the benchmarks last wrote.
 * A line ``[[results: FILE TABLE]]`` in a page is replaced by a Markdown table rendered from
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -37,9 +39,20 @@ def on_files(files, config):
     for folder, pattern in ((NOTEBOOKS, "*.ipynb"), (RESULTS, "*")):
         for path in sorted(folder.glob(pattern)):
             if path.is_file() and path.suffix != ".md":  # the .md results are included into pages instead
-                files.append(File(path.relative_to(ROOT).as_posix(), str(ROOT), config["site_dir"],
+                root = _executed_root(path) or ROOT
+                files.append(File(path.relative_to(ROOT).as_posix(), str(root), config["site_dir"],
                                   config["use_directory_urls"]))
     return files
+
+
+def _executed_root(path: Path):
+    """Where an executed copy of the notebook ``path`` lies (``$DPMJAX_EXECUTED_NOTEBOOKS/notebooks/``,
+    written by tests/test_notebooks.py when that variable is set): the site renders its outputs. None
+    for other files, or when there is no copy (the stored notebook, without outputs, is rendered)."""
+    executed = os.environ.get("DPMJAX_EXECUTED_NOTEBOOKS")
+    if path.suffix != ".ipynb" or not executed or not (Path(executed) / "notebooks" / path.name).is_file():
+        return None
+    return Path(executed)
 
 
 def on_page_markdown(markdown, page, config, files):

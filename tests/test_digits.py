@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,8 +67,13 @@ def test_exact_inversion_reconstructs_held_out_digits(model, heldout):
 
 
 def test_the_training_script_runs_and_its_weights_load(tmp_path, monkeypatch):
-    assert train.main(["--steps", "20", "--out", str(tmp_path)]) == 0
-    monkeypatch.setattr(common, "WEIGHTS", str(tmp_path / "digits_weights.msgpack"))
+    """Without --out the weights go to ./digits-weights, never over the shipped files."""
+    shipped = {path: open(path, "rb").read() for path in (common.WEIGHTS, common.weights_path("unet"))}
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--steps", "20"]) == 0
+    assert all(open(path, "rb").read() == data for path, data in shipped.items())
+    assert sorted(os.listdir(tmp_path / "digits-weights")) == ["digits_heldout.npz", "digits_weights.msgpack"]
+    monkeypatch.setattr(common, "WEIGHTS", str(tmp_path / "digits-weights" / "digits_weights.msgpack"))
     digits.load.cache_clear()
     try:
         trained = digits.load()

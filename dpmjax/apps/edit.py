@@ -162,7 +162,8 @@ def _advice(args) -> str:
     hints = ["more --steps", "a lower --guidance"]
     if args.max_calls_per_step is not None:
         hints.insert(0, "a larger --max-calls-per-step (the budget may have run out)")
-    return "try " + ", ".join(hints[:-1]) + " or " + hints[-1] + " (see the exact-inversion guide's troubleshooting)"
+    return ("try " + ", ".join(hints[:-1]) + " or " + hints[-1]
+            + " (the exact-inversion guide: when rows come back converged=False)")
 
 
 def _reason(error: BaseException) -> str:

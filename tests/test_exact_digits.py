@@ -72,7 +72,9 @@ def test_the_samplers_own_outputs_invert_to_the_noise_that_made_them(request, ne
         plain_trip = np.max(np.abs(np.asarray(back - generated)).reshape(16, -1), axis=1) / np.maximum(
             1.0, np.max(np.abs(np.asarray(generated)).reshape(16, -1), axis=1))
         trip = np.asarray(capped.round_trip)
-        assert np.all(trip <= plain_trip * (1 + 1e-6)), (trip, plain_trip)
+        # never worse than plain: both round trips are differences of nearly equal float32 values from
+        # two programs (the solve's plain start, and plain inversion here), so allow their rounding
+        assert np.all(trip <= plain_trip * (1 + 1e-3) + 1e-6), (trip, plain_trip)
         np.testing.assert_array_equal(np.asarray(capped.converged), trip <= 1e-5)
 
 

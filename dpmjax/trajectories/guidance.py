@@ -84,8 +84,8 @@ def classifier_free_guidance(model: ConditionalModelFn, cond: Any = _BOTH_OR_NEI
         c, u = conditions
         if alone:
             return model(x, t, c)
-        inputs, conditions = doubled(x, u, c)
-        output = model(inputs, t, conditions)
+        inputs, both = doubled(x, u, c)
+        output = model(inputs, t, both)
         checks.output_array("model", output, note=" (the conditional model's output for the doubled batch "
                                                   f"{tuple(inputs.shape)})")
         return guide_doubled(output, guidance_scale)

@@ -12,6 +12,7 @@ from .scheduler import (
     SchedulerOutput,
 )
 from .state import SchedulerState
+from .trajectories.diffedit import DiffEdit, DiffEditResult, diffedit, diffedit_mask
 from .trajectories.exact_options import ExactInversion
 from .trajectories.guidance import classifier_free_guidance
 from .trajectories.inversion import invert
@@ -31,6 +32,8 @@ __all__ = [
     "DPMSolverMultistepBase",
     "DPMSolverMultistepInverseScheduler",
     "DPMSolverMultistepScheduler",
+    "DiffEdit",
+    "DiffEditResult",
     "ExactInversion",
     "FlaxDPMSolverMultistepScheduler",
     "FlaxDPMSolverMultistepSchedulerOutput",
@@ -45,6 +48,8 @@ __all__ = [
     "Trajectory",
     "check_step_inversion",
     "classifier_free_guidance",
+    "diffedit",
+    "diffedit_mask",
     "invert",
     "learn_grid",
     "null_text_inversion",

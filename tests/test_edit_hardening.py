@@ -88,7 +88,7 @@ def setup(tmp_path, monkeypatch):
         return TINY, {}
 
     def edit_images(pipeline, params, images, **kwargs):
-        return SimpleNamespace(images=1.0 - images, round_trip=None, converged=None)
+        return SimpleNamespace(images=1.0 - images, round_trip=None, converged=None, mask=None)
 
     monkeypatch.setattr(edit, "_old_flax_stack", lambda: SimpleNamespace(from_pretrained=from_pretrained))
     monkeypatch.setattr(edit, "edit_images", edit_images)
@@ -121,7 +121,7 @@ def _read_png(path: Path) -> np.ndarray:
 # ----------------------------------------------------------------------------- the call it makes
 @pytest.mark.parametrize("flags, method, order", [
     ([], "exact", 2), (["--method", "plain", "--order", "1"], "plain", 1),
-    (["--method", "null-text", "--order", "3"], "null-text", 3)])
+    (["--method", "null-text", "--order", "3"], "null-text", 3), (["--method", "diffedit"], "diffedit", 2)])
 def test_the_command_builds_the_method_object_and_passes_the_order_as_a_scheduler_parameter(
         setup, monkeypatch, capsys, flags, method, order):
     """``--method`` becomes the method's settings object (its defaults), ``--order`` the scheduler's
@@ -137,7 +137,7 @@ def test_the_command_builds_the_method_object_and_passes_the_order_as_a_schedule
     def recording(pipeline, params, images, **kwargs):
         inspect.signature(real).bind(pipeline, params, images, **kwargs)
         calls.append(kwargs)
-        return SimpleNamespace(images=1.0 - images, round_trip=None, converged=None)
+        return SimpleNamespace(images=1.0 - images, round_trip=None, converged=None, mask=None)
 
     monkeypatch.setattr(edit, "edit_images", recording)
     status, err, _ = setup.run("--out", setup.folder / "o.png", *flags, capsys=capsys)
@@ -163,7 +163,7 @@ def test_exact_inversion_s_tolerance_follows_the_dtype_and_the_options_reach_the
 
     def recording(pipeline, params, images, **kwargs):
         calls.append(kwargs)
-        return SimpleNamespace(images=1.0 - images, round_trip=np.array([0.5]), converged=np.array([False]))
+        return SimpleNamespace(images=1.0 - images, round_trip=np.array([0.5]), converged=np.array([False]), mask=None)
 
     monkeypatch.setattr(edit, "edit_images", recording)
     status, _, _ = setup.run("--out", setup.folder / "o.png", *flags)
@@ -175,7 +175,46 @@ def test_exact_inversion_s_tolerance_follows_the_dtype_and_the_options_reach_the
     assert ("a larger --max-calls-per-step" in out) == (budget is not None), out
 
 
+def test_diffedit_s_options_reach_the_method_and_its_mask_is_drawn_between_the_images(setup, monkeypatch, capsys):
+    """--strength, --mask-threshold and --seed become DiffEditEdit's settings; the output's rows are
+    original | mask | edited, the mask white where the image was drawn again."""
+    from PIL import Image
+
+    from dpmjax.apps import edit
+    from dpmjax.models.flax_sd import DiffEditEdit
+
+    calls = []
+    mask = np.zeros((1, 1, 4, 4), np.float32)
+    mask[0, 0, :2] = 1.0  # the top half
+
+    def recording(pipeline, params, images, **kwargs):
+        calls.append(kwargs)
+        return SimpleNamespace(images=1.0 - images, round_trip=None, converged=None, mask=mask)
+
+    monkeypatch.setattr(edit, "edit_images", recording)
+    out = setup.folder / "o.png"
+    status, _, _ = setup.run("--out", out, "--method", "diffedit", "--strength", "0.6", "--mask-threshold", "2",
+                             "--seed", "7")
+    printed, err = capsys.readouterr()
+    assert status == 0, err
+    (kwargs,) = calls
+    assert kwargs["method"] == DiffEditEdit(diffedit=dpmjax.DiffEdit(strength=0.6, mask_threshold=2.0), seed=7)
+    assert "mask 50% of the image" in printed and "original | mask | edited" in printed, printed
+    grid = np.asarray(Image.open(out))
+    size = grid.shape[0]
+    assert grid.shape[1] == 3 * size
+    drawn = grid[:, size:2 * size, 0]
+    assert np.all(drawn[: size // 2] == 255) and np.all(drawn[size // 2:] == 0)
+
+
 @pytest.mark.parametrize("flags, named", [
+    (["--method", "exact", "--strength", "0.5"], "--strength is --method diffedit's (got --method exact)"),
+    (["--method", "plain", "--seed", "1", "--mask-threshold", "2"], "--mask-threshold and --seed are --method diffedit's"),
+    (["--method", "diffedit", "--strength", "0"], "--strength must be a number in (0, 1]"),
+    (["--method", "diffedit", "--strength", "nan"], "--strength must be a number in (0, 1]"),
+    (["--method", "diffedit", "--mask-threshold", "-2"], "--mask-threshold must be a finite number > 0"),
+    (["--method", "diffedit", "--seed", "-1"], "--seed must be an integer >= 0"),
+    (["--method", "diffedit", "--strength", "0.01", "--steps", "10"], "--strength 0.01 of --steps 10 is no step"),
     (["--method", "plain", "--tolerance", "1e-3"], "--tolerance is --method exact's (got --method plain)"),
     (["--method", "null-text", "--max-calls-per-step", "9"], "--max-calls-per-step is --method exact's"),
     (["--max-calls-per-step", "1"], "--max-calls-per-step must be an integer >= 2"),
@@ -285,7 +324,7 @@ def test_an_out_that_changes_after_the_check_is_not_written(setup, capsys, monke
     if when == "while editing":
         def edit_images(pipeline, params, images, **kwargs):
             make()
-            return SimpleNamespace(images=1.0 - images, round_trip=None, converged=None)
+            return SimpleNamespace(images=1.0 - images, round_trip=None, converged=None, mask=None)
 
         monkeypatch.setattr(edit, "edit_images", edit_images)
     else:

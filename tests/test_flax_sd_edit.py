@@ -116,6 +116,25 @@ def test_the_command_edits_pngs_of_a_saved_pipeline(checked, old_env, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_command_runs_diffedit_and_draws_its_mask(checked, old_env, tmp_path):
+    """``--method diffedit``: rows of original | mask | edited, the mask black and white, and
+    outside it the edited image is the VAE's round trip of the input (the latents are the input's)."""
+    folder, _ = checked
+    out = tmp_path / "diffedit.png"
+    done = _edit(old_env, "--pipeline", folder / "pipeline", "--image", folder / "a.png", "--prompt", "the cat",
+                 "--target-prompt", "a dog", "--out", out, "--method", "diffedit", "--steps", 10, "--mask-threshold", 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mask " in done.stdout and "original | mask | edited" in done.stdout, done.stdout
+    import matplotlib.image
+    import numpy as np
+
+    grid = matplotlib.image.imread(str(out))
+    assert grid.shape[:2] == (16, 48), grid.shape
+    mask = grid[:, 16:32, :3]
+    assert set(np.unique(mask)) <= {0.0, 1.0} and 0.0 < mask.mean() < 1.0, np.unique(mask)
+
+
+@pytest.mark.slow
 def test_the_command_fails_cleanly_on_a_missing_image(checked, old_env, tmp_path):
     folder, _ = checked
     done = _edit(old_env, "--pipeline", folder / "pipeline", "--image", tmp_path / "nope.png", "--prompt", "a",

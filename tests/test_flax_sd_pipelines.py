@@ -24,16 +24,18 @@ from test_flax_compat import OLD_VERSION, old_diffusers  # noqa: F401  (the fixt
 
 OLD_TRANSFORMERS = "4.57.6"
 # transformers 4.57 needs huggingface_hub < 1 (the environment's diffusers brings 1.x or later) and
-# tokenizers < 0.23.1; all three go into the folder, which comes first on the subprocess' path.
-TRANSFORMERS_PINS = (f"transformers=={OLD_TRANSFORMERS}", "huggingface_hub==0.36.2", "tokenizers==0.22.2")
+# tokenizers < 0.23.1; diffusers 0.39's PyTorch pipelines import httpx (with httpcore). All go into the
+# folder, which comes first on the subprocess' path.
+HTTPX_PINS = ("httpx==0.28.1", "httpcore==1.0.9")
+TRANSFORMERS_PINS = (f"transformers=={OLD_TRANSFORMERS}", "huggingface_hub==0.36.2", "tokenizers==0.22.2", *HTTPX_PINS)
 COMPILE_FAST = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 RELATIVE = 1e-5
 
 
 @pytest.fixture(scope="module")
 def old_transformers() -> str:
-    """A folder holding transformers 4.57 (the last release with Flax) and the huggingface_hub and
-    tokenizers it needs, not on this process' path."""
+    """A folder holding transformers 4.57 (the last release with Flax), the huggingface_hub and
+    tokenizers it needs and the httpx diffusers 0.39 imports, not on this process' path."""
     target = os.environ.get("DPMJAX_OLD_TRANSFORMERS") or str(
         Path.home() / ".cache" / "dpmjax-tests" / f"transformers-{OLD_TRANSFORMERS}")
     if not (Path(target) / "transformers" / "__init__.py").exists():
@@ -46,6 +48,9 @@ def old_transformers() -> str:
             os.rename(staging, target)
         except OSError:  # another worker got there first
             shutil.rmtree(staging, ignore_errors=True)
+    elif not (Path(target) / "httpx" / "__init__.py").exists():  # a folder made before httpx was pinned
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, *HTTPX_PINS],
+                       check=True)
     return target
 
 

@@ -1,7 +1,8 @@
 """``dpmjax edit``: edit images with a saved diffusers 0.39 Flax Stable Diffusion pipeline.
 
-Encodes the images, inverts them with the source prompt (exact, plain or null-text), samples with
-the target prompt, decodes, and writes one PNG with a row per image (original | edited); see
+Encodes the images, inverts them with the source prompt (exact, plain, null-text or DiffEdit),
+samples with the target prompt, decodes, and writes one PNG with a row per image (original |
+edited; DiffEdit: original | mask | edited); see
 :func:`dpmjax.models.flax_sd.edit.edit_images` for the library call it makes, and
 :mod:`dpmjax.apps.images` for the image files it reads and writes.
 """
@@ -19,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..models.flax_sd.edit import edit_images
-from ..models.flax_sd.edit_methods import METHODS, ExactEdit, edit_method
+from ..models.flax_sd.edit_methods import METHODS, DiffEditEdit, ExactEdit, edit_method
 from ..models.flax_sd.requirements import old_diffusers
 from ..models.flax_sd.unet import cast_floating
+from ..trajectories.diffedit import DiffEdit
 from ..trajectories.exact_options import ExactInversion
 from .images import PathChangedError, check_image, read_image, same_file, write_images
 from .messages import fail
@@ -104,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="dpmjax edit", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Edit images with a saved diffusers 0.39 Flax Stable Diffusion pipeline: encode, invert with\n"
                     "the source prompt, sample with the target prompt, decode. Writes one row per image:\n"
-                    "original | edited.",
+                    "original | edited (DiffEdit: original | mask | edited).",
         epilog=GUARANTEES.format(max_size=MAX_SIZE, max_train=MAX_TRAIN_STEPS))
     parser.add_argument("--pipeline", required=True, help="folder of a FlaxStableDiffusionPipeline (save_pretrained layout)")
     parser.add_argument("--image", required=True, action="append", help="input PNG/JPEG/TIFF/... (repeat for a batch); "
@@ -131,6 +133,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-calls-per-step", type=int, default=None,
                         help="--method exact: at most this many UNet calls per sampler step (>= 2); images still open "
                              "when it runs out keep their best latents and are reported (default: no limit)")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="--method diffedit: the fraction of the steps drawn again inside the mask, in (0, 1] "
+                             f"(default {DiffEdit().strength:g})")
+    parser.add_argument("--mask-threshold", type=float, default=None,
+                        help="--method diffedit: the mask's clamp in units of the mean difference between the two "
+                             f"prompts' predictions, > 0; lower gives a larger mask (default {DiffEdit().mask_threshold:g})")
+    parser.add_argument("--seed", type=int, default=None, help="--method diffedit: the seed of the mask's noise (default 0)")
     return parser
 
 
@@ -149,12 +158,51 @@ def _exact_problems(args) -> list:
     return problems
 
 
+DIFFEDIT_OPTIONS = (("--strength", "strength"), ("--mask-threshold", "mask_threshold"), ("--seed", "seed"))
+
+
+def _diffedit_problems(args) -> list:
+    """What is wrong with --strength, --mask-threshold and --seed (DiffEdit's options)."""
+    given = [option for option, name in DIFFEDIT_OPTIONS if getattr(args, name) is not None]
+    if given and args.method != "diffedit":
+        return [f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} --method diffedit's (got --method {args.method})"]
+    if args.seed is not None and args.seed < 0:
+        return [f"--seed must be an integer >= 0 (got {args.seed})"]
+    try:
+        settings = _diffedit(args)
+        if args.steps >= 1 and settings.steps(args.steps) < 1:
+            return [f"--strength {settings.strength:g} of --steps {args.steps} is no step (floor(steps * strength) = 0): "
+                    f"give at least {1 / args.steps:.3g} or more --steps"]
+    except ValueError as error:  # the settings' own checks, with the options' names
+        text = str(error)
+        for option, name in DIFFEDIT_OPTIONS:
+            text = text.replace(name + " must", option + " must")
+        return [text.rstrip(".")]
+    return []
+
+
+def _diffedit(args) -> DiffEdit:
+    values = {name: getattr(args, name) for _, name in DIFFEDIT_OPTIONS[:2] if getattr(args, name) is not None}
+    return DiffEdit(**values)
+
+
 def _method(args):
-    """The edit method's settings from --method, --dtype, --tolerance and --max-calls-per-step."""
+    """The edit method's settings from --method, --dtype, --tolerance, --max-calls-per-step and
+    DiffEdit's options."""
+    if args.method == "diffedit":
+        return DiffEditEdit(diffedit=_diffedit(args), seed=args.seed or 0)
     if args.method != "exact":
         return edit_method(args.method)
     tolerance = EXACT_TOLERANCE[args.dtype] if args.tolerance is None else args.tolerance
     return ExactEdit(inversion=ExactInversion(tolerance=tolerance, max_calls_per_step=args.max_calls_per_step))
+
+
+def _mask_images(mask, size: int) -> list:
+    """DiffEdit's latent masks ``[B, 1, h, w]`` as ``size`` px grey images (white: drawn again)."""
+    mask = np.asarray(mask, np.float32)[:, 0]
+    factor = size // mask.shape[-1]
+    big = np.repeat(np.repeat(mask, factor, axis=1), factor, axis=2)
+    return [np.repeat(m[..., None], 3, axis=-1) for m in big]
 
 
 def _advice(args) -> str:
@@ -443,6 +491,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not (math.isfinite(args.guidance) and args.guidance > 0):
         problems.append(f"--guidance must be a finite number > 0 (got {args.guidance:g})")
     problems += _exact_problems(args)
+    problems += _diffedit_problems(args)
     problems += _size_problems(args.size, geometry)
     if problems:
         return fail(PROG, "; ".join(problems))
@@ -469,7 +518,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = edit_images(pipeline, params, images, source_prompt=args.prompt, target_prompt=args.target_prompt,
                          method=_method(args), num_inference_steps=args.steps, guidance_scale=args.guidance,
                          scheduler_config={"solver_order": args.order}, progress=True)
-    rows = [[edited] if args.edited_only else [original, edited] for original, edited in zip(images, result.images)]
+    masks = [None] * len(images) if result.mask is None else _mask_images(result.mask, size)
+    rows = [[edited] if args.edited_only else [original] + ([] if mask is None else [mask]) + [edited]
+            for original, mask, edited in zip(images, masks, result.images)]
     existed = os.path.exists(args.out)
     try:
         write_images(args.out, rows, overwrite=args.overwrite, resolved=resolved_out, keep=args.image)
@@ -483,9 +534,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return fail(PROG, f"--out {args.out}: cannot write it ({_reason(error)}); {kept}")
     for i, path in enumerate(args.image):
         line = f"{path}: edited"
+        if result.mask is not None:
+            line += f", mask {float(np.mean(np.asarray(result.mask[i]))):.0%} of the image"
         if result.round_trip is not None:
             line += (f", exact inversion round trip {float(result.round_trip[i]):.1e} "
                      f"({'converged' if bool(result.converged[i]) else 'NOT converged: ' + _advice(args)})")
         print(line)
-    print(f"wrote {args.out} ({len(rows)} row(s): {'edited' if args.edited_only else 'original | edited'})")
+    columns = "edited" if args.edited_only else "original | mask | edited" if result.mask is not None else "original | edited"
+    print(f"wrote {args.out} ({len(rows)} row(s): {columns})")
     return 0

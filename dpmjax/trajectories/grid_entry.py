@@ -55,10 +55,19 @@ class GridSteps(NamedTuple):
     row: Array
 
 
-def grid_steps(state: SchedulerState) -> GridSteps:
-    """The per-step inputs of a whole trajectory from step 0 over ``state``'s grid."""
+def grid_steps(state: SchedulerState, start: int = 0, stop: Optional[int] = None) -> GridSteps:
+    """The per-step inputs of steps ``start .. stop - 1`` of ``state``'s grid (all of them by
+    default), run from an empty history: the warm-up counts from ``start``, as a scheduler whose
+    loop begins at ``timesteps[start]`` takes lower orders first (diffusers' img2img and DiffEdit
+    pipelines), while the lower-order final steps stay where the whole grid puts them."""
     n = state.timesteps.shape[0]
-    return GridSteps(index=jnp.arange(n), timestep=state.timesteps, row=solver.trajectory_rows(state))
+    stop = n if stop is None else stop
+    if start == 0 and stop == n:
+        return GridSteps(index=jnp.arange(n), timestep=state.timesteps, row=solver.trajectory_rows(state))
+    steps = jnp.arange(start, stop)
+    K = state.update_coefficients.shape[1]
+    rows = state.update_coefficients[steps, solver.step_order(steps - start, K, state.order_cap[start:stop]) - 1]
+    return GridSteps(index=steps, timestep=state.timesteps[start:stop], row=rows)
 
 
 def empty_history(config, x: Array) -> Array:

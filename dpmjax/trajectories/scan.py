@@ -78,6 +78,8 @@ class ScanOptions(NamedTuple):
         unroll: The scan's unroll factor.
         progress: Print a progress line on stderr.
         label: The progress line's label.
+        steps: ``(start, stop)``: run the grid's steps ``start .. stop - 1`` only, from an empty
+            history (:func:`~dpmjax.trajectories.grid_entry.grid_steps`); ``None`` (default): all.
     """
 
     return_samples: bool = False
@@ -86,6 +88,29 @@ class ScanOptions(NamedTuple):
     unroll: int = 1
     progress: bool = False
     label: str = ""
+    steps: Optional[tuple] = None
+
+
+class Kept(NamedTuple):
+    """A region held on a reference trajectory while the rest is sampled (blended diffusion,
+    DiffEdit): after step ``i`` the sample becomes ``mask * x + (1 - mask) * reference[i]``
+    (exactly ``x`` where ``mask`` is 1 and exactly ``reference[i]`` where it is 0).
+
+    Attributes:
+        mask: Broadcastable to the sample: 1 where the sampler draws, 0 where the reference is
+            kept (values in between blend).
+        reference: ``[steps, *shape]``, the reference sample at the noise level each step ends on.
+    """
+
+    mask: Array
+    reference: Array
+
+
+def blend(mask: Array, x: Array, reference: Array) -> Array:
+    """``mask * x + (1 - mask) * reference``, exact where ``mask`` is 0 or 1 (a NaN or Inf in the
+    region not taken does not leak into the other)."""
+    mixed = (x * mask + reference * (1 - mask)).astype(x.dtype)
+    return jnp.where(mask == 1, x, jnp.where(mask == 0, reference.astype(x.dtype), mixed))
 
 
 def call_model(model_fn: ModelFn | ConditionalModelFn, x: Array, t: Array, *, cond: Any, config=None, name: str = "model_fn") -> Array:
@@ -123,7 +148,7 @@ def check_model_output(out, x: Array, *, name: str, config=None) -> None:
                             note=solver.model_output_note(config))
 
 
-def scan_steps(scheduler, model_fn, options: ScanOptions, *, state, x, cond, keys, noises):
+def scan_steps(scheduler, model_fn, options: ScanOptions, *, state, x, cond, keys, noises, kept: Optional[Kept] = None):
     """The whole trajectory from step 0, one scan iteration per step: ``(x_N, samples, outputs)``.
 
     Each step's update row (warm-up orders applied) is gathered before the loop. The model-output
@@ -146,6 +171,8 @@ def scan_steps(scheduler, model_fn, options: ScanOptions, *, state, x, cond, key
         cond: The condition passed to ``model_fn``, or ``None``.
         keys: ``[N]`` random keys, one per step, for SDE types drawing their noise; else ``None``.
         noises: ``[N, *x.shape]`` per-step noise for SDE types given it explicitly; else ``None``.
+        kept: A :class:`Kept` region held on its reference after each step; ``None`` (default):
+            none.
 
     Returns:
         ``(x_N, samples, outputs)``: the end point; the ``[N, *shape]`` samples after each step
@@ -154,19 +181,22 @@ def scan_steps(scheduler, model_fn, options: ScanOptions, *, state, x, cond, key
     """
     config = scheduler.config
     n = state.timesteps.shape[0]
+    start, stop = options.steps or (0, n)
 
     def body(carry, inputs):
         x, history = carry
-        step, key, noise = inputs
+        step, key, noise, reference = inputs
         out = call_model(model_fn, x, step.timestep, cond=cond, config=config)
         x_new, history = solver.step_from_output(config, state, index=step.index, row=step.row, sample=x,
                                                  model_output=out, history=history, key=key, noise=noise)
-        progress_line.report(options.progress, step.index, n, label=options.label)
+        if kept is not None:
+            x_new = blend(kept.mask, x_new, reference)
+        progress_line.report(options.progress, step.index - start, stop - start, label=options.label)
         return (x_new, history), (x_new if options.return_samples else None, out if options.return_outputs else None)
 
     if options.checkpoint:
         body = jax.checkpoint(body)
-    per_step = (grid_steps(state), keys, noises)
+    per_step = (grid_steps(state, start, stop), keys, noises, None if kept is None else kept.reference)
     (x, _), (samples, outputs) = lax.scan(body, (x, empty_history(config, x)), per_step, unroll=options.unroll)
     return x, samples, outputs
 

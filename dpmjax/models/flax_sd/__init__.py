@@ -19,12 +19,12 @@ the pipelines' text encoders; ``pip install "dpmjax[flax-sd]"``).
 """
 
 from .edit import EDIT_SCHEDULER, SD_SCHEDULE, EditParts, EditResult, edit_images, edit_scheduler
-from .edit_methods import METHODS, EditMethod, ExactEdit, NullTextEdit, PlainEdit, edit_method
+from .edit_methods import METHODS, DiffEditEdit, EditMethod, ExactEdit, NullTextEdit, PlainEdit, edit_method
 from .unet import UNetInputs, cast_floating, guided_unet, load_unet, unet_eps, unet_with_embedding
 
 __all__ = ["UNetInputs", "guided_unet", "unet_with_embedding", "unet_eps", "load_unet", "cast_floating",
            "for_diffusers_pipelines", "edit_images", "edit_scheduler", "EditParts", "EditResult", "METHODS",
-           "EditMethod", "ExactEdit", "PlainEdit", "NullTextEdit", "edit_method", "EDIT_SCHEDULER", "SD_SCHEDULE"]
+           "EditMethod", "ExactEdit", "PlainEdit", "NullTextEdit", "DiffEditEdit", "edit_method", "EDIT_SCHEDULER", "SD_SCHEDULE"]
 
 
 def for_diffusers_pipelines():

@@ -25,7 +25,11 @@ classifier-free guidance, sampled back with the target prompt and decoded:
 * ``method="null-text"``: null-text inversion (:mod:`dpmjax.trajectories.null_text`): the unconditional
   embedding is tuned per step so that guided sampling with the source prompt retraces the
   ``w = 1`` inversion; the edit samples the target prompt with those per-step embeddings
-  (``method=NullTextEdit(inner_steps=..., optimizer=...)`` for other settings).
+  (``method=NullTextEdit(inner_steps=..., optimizer=...)`` for other settings);
+* ``method="diffedit"``: DiffEdit (:mod:`dpmjax.trajectories.diffedit`): a mask where the UNet's
+  predictions under the two prompts disagree (``result.mask``), then only the masked region is
+  sampled again with the target prompt; outside it the result is the input's latents
+  (``method=DiffEditEdit(diffedit=dpmjax.DiffEdit(...), seed=...)`` for other settings).
 
 A method's name stands for its settings object with the defaults
 (:mod:`dpmjax.models.flax_sd.edit_methods`: frozen, hashable, checked when built).
@@ -50,10 +54,12 @@ import numpy as np
 from ...config import SchedulerConfig
 from ...scheduler import DPMSolverMultistepScheduler
 from ...static_cache import ByIdentity, StaticCache
+from ...trajectories.diffedit import diffedit
 from ...trajectories.inversion import invert
 from ...trajectories.null_text import null_text_inversion, sample_with_null_embeddings
 from ...trajectories.scan import sample
 from .edit_methods import (
+    DiffEditEdit,
     EditMethod,
     ExactEdit,
     NullTextEdit,
@@ -109,6 +115,8 @@ class EditResult(NamedTuple):
             (``None`` for the other methods).
         null_text_losses: ``[N]``, the per-step losses of null-text inversion (``None``
             otherwise).
+        mask: DiffEdit only: ``[B, 1, h, w]``, the latent mask (1: drawn again with the target
+            prompt, 0: the input kept; ``None`` for the other methods).
     """
 
     images: np.ndarray
@@ -119,6 +127,7 @@ class EditResult(NamedTuple):
     round_trip: Optional[Array] = None
     converged: Optional[Array] = None
     null_text_losses: Optional[Array] = None
+    mask: Optional[Array] = None
 
 
 # ----------------------------------------------------------------------------- jitted parts
@@ -311,12 +320,13 @@ def edit_images(
             accepted), H and W multiples of the VAE's factor (8 for Stable Diffusion).
         source_prompt: What the images show: one string, or one per image.
         target_prompt: What they should show: one string, or one per image.
-        method: ``"exact"`` (default), ``"plain"`` or ``"null-text"`` (see the module docstring)
-            with their defaults, or a method's settings object:
+        method: ``"exact"`` (default), ``"plain"``, ``"null-text"`` or ``"diffedit"`` (see the
+            module docstring) with their defaults, or a method's settings object:
             :class:`~dpmjax.models.flax_sd.edit_methods.ExactEdit` (``inversion=`` an
             :class:`~dpmjax.ExactInversion`), :class:`~dpmjax.models.flax_sd.edit_methods.PlainEdit`
-            or :class:`~dpmjax.models.flax_sd.edit_methods.NullTextEdit` (``inner_steps``,
-            ``optimizer``).
+            :class:`~dpmjax.models.flax_sd.edit_methods.NullTextEdit` (``inner_steps``,
+            ``optimizer``) or :class:`~dpmjax.models.flax_sd.edit_methods.DiffEditEdit`
+            (``diffedit=`` a :class:`~dpmjax.DiffEdit`, ``seed``).
         num_inference_steps: Sampler steps (default 50).
         guidance_scale: Classifier-free guidance of the edit (and of the inversion, unless
             ``inversion_guidance_scale`` is given; default 3.0).
@@ -328,7 +338,8 @@ def edit_images(
             (default) uses ``guidance_scale``.
         reconstruct: Also sample the noise with the source prompt (``reconstruction_latents``);
             by default (``None``) where it is cheap next to the inversion (exact: one sampling
-            pass against many; null-text: free) and not for plain. ``False`` never returns it.
+            pass against many; null-text: free) and not for plain. ``False`` never returns it;
+            DiffEdit never does (outside its mask the result is the input).
         progress: Progress bars on stderr.
 
     Returns:
@@ -368,9 +379,17 @@ def edit_images(
     latents = _encoder(parts.vae)(params["vae"], pixels)
     unet_params = params["unet"]
     n = num_inference_steps
-    round_trip = converged = losses = recon = None
+    round_trip = converged = losses = recon = mask = None
 
-    if isinstance(settings, NullTextEdit):
+    if isinstance(settings, DiffEditEdit):
+        source_inputs = UNetInputs(unet_params, source_emb, uncond)
+        masked = diffedit(guided_unet(parts.unet, w), latents, scheduler, n, source_cond=source_inputs,
+                           target_cond=UNetInputs(unet_params, target_emb, uncond),
+                           key=jax.random.PRNGKey(settings.seed), settings=settings.diffedit,
+                           inversion_model_fn=guided_unet(parts.unet, w_invert), progress=progress)
+        edited, noise, mask = masked.sample, masked.noise, masked.mask
+        round_trip, converged = masked.round_trip, masked.converged
+    elif isinstance(settings, NullTextEdit):
         model = unet_with_embedding(parts.unet)
         nulls = jnp.broadcast_to(uncond, source_emb.shape)
         inverted = null_text_inversion(model, latents, scheduler, num_inference_steps=n, cond=source_emb, uncond=nulls,
@@ -400,4 +419,4 @@ def edit_images(
         recon = None
     return EditResult(images=decode_latents(parts.vae, params["vae"], edited), latents=edited, source_latents=latents,
                       noise=noise, reconstruction_latents=recon, round_trip=round_trip, converged=converged,
-                      null_text_losses=losses)
+                      null_text_losses=losses, mask=mask)

@@ -22,6 +22,7 @@ import numbers
 from typing import Any, ClassVar
 
 from ... import checks
+from ...trajectories.diffedit import DiffEdit
 from ...trajectories.exact_options import MOVED_KEYWORDS as EXACT_FIELDS
 from ...trajectories.exact_options import ExactInversion
 
@@ -103,14 +104,40 @@ class NullTextEdit(EditMethod):
             raise ValueError(f"optimizer must be hashable (optax's transformations are), got {optimizer!r}.") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class DiffEditEdit(EditMethod):
+    """DiffEdit (Couairon et al., ICLR 2023; :func:`dpmjax.diffedit`): a mask where the UNet's
+    noise predictions under the source and target prompts disagree, the image inverted with the
+    source prompt over the grid's last steps, and sampling with the target prompt that keeps the
+    inverted latents outside the mask, so the image changes only inside it.
+    ``method="diffedit"`` is ``method=DiffEditEdit()``.
+
+    Attributes:
+        diffedit: DiffEdit's settings, a :class:`~dpmjax.DiffEdit` (strength, the mask's
+            noisings and threshold, plain or exact inversion, the background's level); default
+            ``DiffEdit()``, diffusers' pipeline's defaults.
+        seed: The seed of the mask's noise draws (an integer >= 0, default 0).
+    """
+
+    name: ClassVar[str] = "diffedit"
+    diffedit: DiffEdit = dataclasses.field(default_factory=DiffEdit)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.diffedit, DiffEdit):
+            raise ValueError(f"diffedit must be a dpmjax.DiffEdit (DiffEdit's settings; DiffEdit() for the defaults), "
+                             f"got {self.diffedit!r}.")
+        object.__setattr__(self, "seed", checks.integer("seed", self.seed, 0, note=" (the mask's noise)"))
+
+
 #: The method objects by name: what ``method=`` accepts as a string, and the defaults it stands for.
-METHOD_SETTINGS: dict[str, type] = {kind.name: kind for kind in (ExactEdit, PlainEdit, NullTextEdit)}
+METHOD_SETTINGS: dict[str, type] = {kind.name: kind for kind in (ExactEdit, PlainEdit, NullTextEdit, DiffEditEdit)}
 METHODS = tuple(METHOD_SETTINGS)
 
 
 def edit_method(method: str | EditMethod) -> EditMethod:
     """The settings object of ``method``: a method's name (``"exact"``, ``"plain"``,
-    ``"null-text"``) gives its defaults; a settings object is returned as it is.
+    ``"null-text"``, ``"diffedit"``) gives its defaults; a settings object is returned as it is.
 
     Raises:
         ValueError: ``method`` is neither a method's name nor one of the settings objects.

@@ -26,7 +26,6 @@ logging.disable(logging.WARNING)
 
 import diffusers  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -34,9 +33,8 @@ import transformers  # noqa: E402
 import dpmjax  # noqa: E402
 from dpmjax.models.flax_sd import DiffEditEdit, EditParts, edit_images  # noqa: E402
 from dpmjax.models.flax_sd.edit import SD_SCHEDULE  # noqa: E402
+from flax_sd_pipelines_check import MAX_LENGTH, tiny_tokenizer  # noqa: E402  (beside this file)
 
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-MAX_LENGTH = 16
 STEPS = 10
 GUIDANCE = 3.0
 SEED = 0
@@ -48,14 +46,6 @@ THRESHOLD = 2.0
 # default grid (the inverse scheduler has no log-SNR grid)
 SCHEDULER = {**SD_SCHEDULE, "algorithm_type": "dpmsolver++", "solver_order": 2, "use_lu_lambdas": False,
              "final_sigmas_type": "zero", "timestep_spacing": "linspace"}
-
-
-def tiny_tokenizer(folder: Path) -> transformers.CLIPTokenizer:
-    tokens = ["<|startoftext|>", "<|endoftext|>", *LETTERS, *(c + "</w>" for c in LETTERS), "th", "the</w>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
-    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LENGTH)
 
 
 def torch_pipeline(folder: Path):

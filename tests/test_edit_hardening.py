@@ -424,7 +424,7 @@ from dpmjax.apps import cli, edit
 tiny = types.SimpleNamespace(unet=types.SimpleNamespace(config=types.SimpleNamespace(sample_size=8)), vae_scale_factor=2)
 edit._old_flax_stack = lambda: types.SimpleNamespace(from_pretrained=lambda folder, **kwargs: (tiny, {{}}))
 edit.edit_images = lambda pipeline, params, images, **kwargs: types.SimpleNamespace(
-    images=1.0 - images, round_trip=None, converged=None)
+    images=1.0 - images, round_trip=None, converged=None, mask=None)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
 sys.exit(cli.main({args!r}))

@@ -40,7 +40,7 @@ from jax import lax
 
 from .. import checks
 from ..scheduler import DPMSolverMultistepInverseScheduler
-from .exact_options import ExactInversion, resolved
+from .exact_options import resolved
 from .grid_entry import grid_state
 from .inversion import invert
 from .model_fn import ConditionalModelFn
@@ -161,7 +161,7 @@ def _mask_from_map(difference: Array, threshold: float) -> Array:
     return (scaled > 0.5).astype(jnp.float32)
 
 
-def _mask_program(scheduler, model_fn, channel_axis, threshold, state, latents, noises, index, source_cond, target_cond):
+def _mask_program(*, scheduler, model_fn, channel_axis, threshold, state, latents, noises, index, source_cond, target_cond):
     sigma_d = state.sigmas[index]  # diffusers' sigma = sigma_t / alpha_t
     alpha = 1.0 / jnp.sqrt(1.0 + sigma_d**2)
     difference = _mask_map(model_fn, scheduler.config, latents=latents, noises=noises, timestep=state.timesteps[index],
@@ -170,7 +170,20 @@ def _mask_program(scheduler, model_fn, channel_axis, threshold, state, latents, 
     return _mask_from_map(difference, threshold)
 
 
-_mask_jit = jax.jit(_mask_program, static_argnums=(0, 1, 2, 3))
+def _checked(scheduler, settings, latents, *, why: str) -> Array:
+    """``latents`` as an array, after refusing a scheduler that is no sampler, settings that are no
+    :class:`DiffEdit` and data that is not floating point."""
+    check_scheduler(scheduler)
+    if not scheduler.forward:
+        raise ValueError(f"{why}: pass a DPMSolverMultistepScheduler.")
+    if not isinstance(settings, DiffEdit):
+        raise ValueError(f"settings must be a dpmjax.DiffEdit, got {settings!r}.")
+    x = as_array(latents)
+    checks.floating_array("latents", x)
+    return x
+
+
+_mask_jit = jax.jit(_mask_program, static_argnames=("scheduler", "model_fn", "channel_axis", "threshold"))
 
 
 def diffedit_mask(
@@ -211,13 +224,7 @@ def diffedit_mask(
             and ``noises``; ``noises`` has another shape; ``channel_axis`` is outside the data;
             ``settings`` is not a :class:`DiffEdit`.
     """
-    check_scheduler(scheduler)
-    if not scheduler.forward:
-        raise ValueError("diffedit_mask places its noisings on a sampler's grid: pass a DPMSolverMultistepScheduler.")
-    if not isinstance(settings, DiffEdit):
-        raise ValueError(f"settings must be a dpmjax.DiffEdit, got {settings!r}.")
-    x = as_array(latents)
-    checks.floating_array("latents", x)
+    x = _checked(scheduler, settings, latents, why="diffedit_mask places its noisings on a sampler's grid")
     if channel_axis is not None and not (isinstance(channel_axis, int) and 1 <= channel_axis < x.ndim):
         raise ValueError(f"channel_axis must be None or an axis of the data after the batch axis (1 to {x.ndim - 1}), "
                          f"got {channel_axis!r}.")
@@ -231,8 +238,9 @@ def diffedit_mask(
         raise ValueError(f"noises must have shape {shape} ([mask_noisings, *latents.shape]), got {noises.shape}.")
     state = grid_state(scheduler, x.shape, num_inference_steps=num_inference_steps, sigmas=None, dtype=jnp.float32,
                        caller="diffedit_mask")
-    return _mask_jit(scheduler, model_fn, channel_axis, settings.mask_threshold, state, x, noises,
-                     settings.mask_step(num_inference_steps), source_cond, target_cond)
+    return _mask_jit(scheduler=scheduler, model_fn=model_fn, channel_axis=channel_axis, threshold=settings.mask_threshold,
+                     state=state, latents=x, noises=noises,
+                     index=settings.mask_step(num_inference_steps), source_cond=source_cond, target_cond=target_cond)
 
 
 def diffedit(
@@ -279,15 +287,9 @@ def diffedit(
             ``mask`` and no ``key``; a ``mask`` that does not broadcast to the data; and what
             :func:`diffedit_mask`, :func:`dpmjax.invert` and :func:`dpmjax.sample` refuse.
     """
-    check_scheduler(scheduler)
-    if not scheduler.forward:
-        raise ValueError("diffedit samples with a sampler: pass a DPMSolverMultistepScheduler (the inversion uses it "
-                         "mirrored, or diffusers' inverse scheduler with background='diffusers').")
-    if not isinstance(settings, DiffEdit):
-        raise ValueError(f"settings must be a dpmjax.DiffEdit, got {settings!r}.")
+    x = _checked(scheduler, settings, latents, why="diffedit samples with a sampler (the inversion uses it mirrored, "
+                 "or diffusers' inverse scheduler with background='diffusers')")
     checks.integer("num_inference_steps", num_inference_steps, 1)
-    x = as_array(latents)
-    checks.floating_array("latents", x)
     n, k = num_inference_steps, settings.steps(num_inference_steps)
     if k < 1:
         raise ValueError(f"strength={settings.strength} of num_inference_steps={n} is no step (floor(N * strength) = 0): "
@@ -295,7 +297,7 @@ def diffedit(
     if mask is None:
         if key is None:
             raise ValueError("diffedit needs key (a jax.random key for the mask's noisings) or a mask of your own.")
-        mask = diffedit_mask(model_fn, x, scheduler, n, source_cond=source_cond, target_cond=target_cond, key=key,
+        mask = diffedit_mask(model_fn, x, scheduler, num_inference_steps=n, source_cond=source_cond, target_cond=target_cond, key=key,
                              settings=settings, channel_axis=channel_axis)
     mask = as_array(mask).astype(jnp.float32)
     try:

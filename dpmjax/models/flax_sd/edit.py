@@ -383,7 +383,7 @@ def edit_images(
 
     if isinstance(settings, DiffEditEdit):
         source_inputs = UNetInputs(unet_params, source_emb, uncond)
-        masked = diffedit(guided_unet(parts.unet, w), latents, scheduler, n, source_cond=source_inputs,
+        masked = diffedit(guided_unet(parts.unet, w), latents, scheduler, num_inference_steps=n, source_cond=source_inputs,
                            target_cond=UNetInputs(unet_params, target_emb, uncond),
                            key=jax.random.PRNGKey(settings.seed), settings=settings.diffedit,
                            inversion_model_fn=guided_unet(parts.unet, w_invert), progress=progress)

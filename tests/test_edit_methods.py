@@ -19,6 +19,7 @@ import dpmjax
 from dpmjax.checks import rejects_keywords
 from dpmjax.models import flax_sd
 from dpmjax.models.flax_sd import (
+    DiffEditEdit,
     METHODS,
     EditMethod,
     ExactEdit,
@@ -33,10 +34,11 @@ from dpmjax.models.flax_sd.edit_methods import REMOVED_KEYWORDS
 
 # ----------------------------------------------------------------------------- the objects
 def test_the_names_stand_for_the_objects_with_their_defaults():
-    assert METHODS == ("exact", "plain", "null-text")
+    assert METHODS == ("exact", "plain", "null-text", "diffedit")
     assert edit_method("exact") == ExactEdit() == ExactEdit(inversion=dpmjax.ExactInversion())
     assert edit_method("plain") == PlainEdit()
     assert edit_method("null-text") == NullTextEdit() == NullTextEdit(inner_steps=10, optimizer=None)
+    assert edit_method("diffedit") == DiffEditEdit() == DiffEditEdit(diffedit=dpmjax.DiffEdit(), seed=0)
     settings = NullTextEdit(inner_steps=3)
     assert edit_method(settings) is settings
     assert [type(edit_method(name)).name for name in METHODS] == list(METHODS)
@@ -47,12 +49,25 @@ def test_the_fields_are_these():
     assert [f.name for f in dataclasses.fields(ExactEdit)] == ["inversion"]
     assert [f.name for f in dataclasses.fields(PlainEdit)] == []
     assert [f.name for f in dataclasses.fields(NullTextEdit)] == ["inner_steps", "optimizer"]
+    assert [f.name for f in dataclasses.fields(DiffEditEdit)] == ["diffedit", "seed"]
+    assert [f.name for f in dataclasses.fields(dpmjax.DiffEdit)] == ["strength", "mask_strength", "mask_noisings",
+                                                                     "mask_threshold", "inversion", "background"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(diffedit={"strength": 0.5}), "diffedit must be a dpmjax.DiffEdit"),
+    (dict(seed=-1), "seed must be an integer >= 0"),
+    (dict(seed=1.5), "seed must be an integer >= 0")])
+def test_diffedit_s_settings_are_checked_when_built(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        DiffEditEdit(**kwargs)
+    assert message in str(error.value)
 
 
 @pytest.mark.parametrize("method", ["ddim", "Exact", "null_text", None, 3, PlainEdit, EditMethod()])
 def test_an_unknown_method_is_named_with_what_is_allowed(method):
-    with pytest.raises(ValueError, match=r"^method must be one of 'exact', 'plain', 'null-text' or a method's settings "
-                                         r"\(ExactEdit, PlainEdit, NullTextEdit\), got "):
+    with pytest.raises(ValueError, match=r"^method must be one of 'exact', 'plain', 'null-text', 'diffedit' or a method's "
+                                         r"settings \(ExactEdit, PlainEdit, NullTextEdit, DiffEditEdit\), got "):
         edit_method(method)
     with pytest.raises(ValueError, match="^method must be one of"):  # before anything is loaded
         edit_images(None, {}, None, "a", "b", method=method)

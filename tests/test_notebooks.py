@@ -17,9 +17,10 @@ from test_flax_sd_pipelines import old_transformers  # noqa: F401  (the fixture)
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_the_five_notebooks_and_they_are_stripped():
+def test_there_are_the_six_notebooks_and_they_are_stripped():
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_inversion.ipynb", "03_null_text.ipynb",
-                                           "04_flax_stable_diffusion.ipynb", "05_differentiable_sampling.ipynb"]
+                                           "04_flax_stable_diffusion.ipynb", "05_differentiable_sampling.ipynb",
+                                           "06_diffedit.ipynb"]
     for path in NOTEBOOKS:
         book = nbformat.read(path, as_version=4)
         for cell in book.cells:

@@ -25,6 +25,7 @@ from ..models.flax_sd.requirements import old_diffusers
 from ..models.flax_sd.unet import cast_floating
 from ..trajectories.diffedit import DiffEdit
 from ..trajectories.exact_options import ExactInversion
+from . import options
 from .images import PathChangedError, check_image, read_image, same_file, write_images
 from .messages import fail
 
@@ -145,17 +146,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _exact_problems(args) -> list:
     """What is wrong with --tolerance and --max-calls-per-step (exact inversion's options)."""
-    given = [name for name, value in (("--tolerance", args.tolerance), ("--max-calls-per-step", args.max_calls_per_step))
-             if value is not None]
-    if given and args.method != "exact":
-        return [f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} --method exact's (got --method {args.method})"]
-    problems = []
-    if args.tolerance is not None and not 0.0 < args.tolerance < 1.0:  # also NaN
-        problems.append(f"--tolerance must be a number in (0, 1) (the round trip an image must reach; got {args.tolerance:g})")
-    if args.max_calls_per_step is not None and args.max_calls_per_step < 2:
-        problems.append(f"--max-calls-per-step must be an integer >= 2 (UNet calls per step; plain inversion and its "
-                        f"check make 2; got {args.max_calls_per_step})")
-    return problems
+    named = options.given(args, options.EXACT_OPTIONS)
+    if named and args.method != "exact":
+        return [options.not_yours(named, "--method exact") + f" (got --method {args.method})"]
+    try:
+        _exact(args)
+    except ValueError as error:
+        return [str(error)]
+    return []
+
+
+def _exact(args) -> ExactInversion:
+    return options.exact_inversion(args, default_tolerance=EXACT_TOLERANCE[args.dtype])
 
 
 DIFFEDIT_OPTIONS = (("--strength", "strength"), ("--mask-threshold", "mask_threshold"), ("--seed", "seed"))
@@ -163,27 +165,25 @@ DIFFEDIT_OPTIONS = (("--strength", "strength"), ("--mask-threshold", "mask_thres
 
 def _diffedit_problems(args) -> list:
     """What is wrong with --strength, --mask-threshold and --seed (DiffEdit's options)."""
-    given = [option for option, name in DIFFEDIT_OPTIONS if getattr(args, name) is not None]
-    if given and args.method != "diffedit":
-        return [f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} --method diffedit's (got --method {args.method})"]
+    named = options.given(args, DIFFEDIT_OPTIONS)
+    if named and args.method != "diffedit":
+        return [options.not_yours(named, "--method diffedit") + f" (got --method {args.method})"]
     if args.seed is not None and args.seed < 0:
         return [f"--seed must be an integer >= 0 (got {args.seed})"]
     try:
         settings = _diffedit(args)
-        if args.steps >= 1 and settings.steps(args.steps) < 1:
-            return [f"--strength {settings.strength:g} of --steps {args.steps} is no step (floor(steps * strength) = 0): "
-                    f"give at least {1 / args.steps:.3g} or more --steps"]
-    except ValueError as error:  # the settings' own checks, with the options' names
-        text = str(error)
-        for option, name in DIFFEDIT_OPTIONS:
-            text = text.replace(name + " must", option + " must")
-        return [text.rstrip(".")]
+    except ValueError as error:
+        return [str(error)]
+    if args.steps >= 1 and settings.steps(args.steps) < 1:
+        return [f"--strength {settings.strength:g} of --steps {args.steps} is no step (floor(steps * strength) = 0): "
+                f"give at least {1 / args.steps:.3g} or more --steps"]
     return []
 
 
 def _diffedit(args) -> DiffEdit:
-    values = {name: getattr(args, name) for _, name in DIFFEDIT_OPTIONS[:2] if getattr(args, name) is not None}
-    return DiffEdit(**values)
+    fields = DIFFEDIT_OPTIONS[:2]  # --seed belongs to the edit method, not to DiffEdit's settings
+    return options.build(DiffEdit, fields, {field: getattr(args, field) for _, field in fields
+                                            if getattr(args, field) is not None})
 
 
 def _method(args):
@@ -193,8 +193,7 @@ def _method(args):
         return DiffEditEdit(diffedit=_diffedit(args), seed=args.seed or 0)
     if args.method != "exact":
         return edit_method(args.method)
-    tolerance = EXACT_TOLERANCE[args.dtype] if args.tolerance is None else args.tolerance
-    return ExactEdit(inversion=ExactInversion(tolerance=tolerance, max_calls_per_step=args.max_calls_per_step))
+    return ExactEdit(inversion=_exact(args))
 
 
 def _mask_images(mask, size: int) -> list:

@@ -16,6 +16,7 @@ import jax
 
 from ...scheduler import DPMSolverMultistepScheduler
 from ...trajectories.exact_options import ExactInversion
+from .. import options
 from ..messages import fail, first_line, shown
 from .job import run
 from .plan import DEFAULT_MODEL, EXACT_TOLERANCE, MAX_DEFAULT_BATCH_ROWS, ModelError
@@ -35,19 +36,12 @@ MAX_LISTED = 20  # chunks named one per line in the summary (the rest: failed/ a
 def _exact(args) -> Union[bool, ExactInversion]:
     """What ``run``'s ``exact=`` gets from --exact, --tolerance and --max-calls-per-step; an option that
     cannot be used is a ``ValueError`` naming it."""
-    given = [name for name, value in (("--tolerance", args.tolerance), ("--max-calls-per-step", args.max_calls_per_step))
-             if value is not None]
     if not args.exact:
-        if given:
-            raise ValueError(f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} exact inversion's: add --exact")
+        named = options.given(args, options.EXACT_OPTIONS)
+        if named:
+            raise ValueError(options.not_yours(named, "exact inversion") + ": add --exact")
         return False
-    tolerance = EXACT_TOLERANCE if args.tolerance is None else args.tolerance
-    if not 0.0 < tolerance < 1.0:  # also NaN
-        raise ValueError(f"--tolerance must be a number in (0, 1) (the round trip a row must reach), got {args.tolerance}")
-    if args.max_calls_per_step is not None and args.max_calls_per_step < 2:
-        raise ValueError(f"--max-calls-per-step must be an integer >= 2 (model calls per step; plain inversion and its "
-                         f"check make 2), got {args.max_calls_per_step}")
-    return ExactInversion(tolerance=tolerance, max_calls_per_step=args.max_calls_per_step)
+    return options.exact_inversion(args, default_tolerance=EXACT_TOLERANCE)
 
 
 def _scheduler(args) -> DPMSolverMultistepScheduler:

@@ -150,11 +150,15 @@ class Plan(NamedTuple):
     model_fn: Callable
     scheduler: DPMSolverMultistepScheduler
     num_inference_steps: int
-    exact: bool
     save_trajectory: bool
     batch_rows: int
     # what invert's exact= gets: False (plain), or the job's ExactInversion (job_inversion), built once here
     inversion: Union[bool, ExactInversion] = False
+
+    @property
+    def exact(self) -> bool:
+        """Whether the job inverts exactly (``inversion`` is an :class:`~dpmjax.ExactInversion`)."""
+        return bool(self.inversion)
 
     @property
     def tolerance(self) -> Optional[float]:
@@ -220,7 +224,7 @@ def make_plan(*, input_dir: Path, output: OutputStore, model: str, num_inference
                  batch_rows=batch_rows, row_shape=row_shape)
     return Plan(input=store, output=output, names=store.names, mine=mine, fingerprints=fingerprints,
                  row_shape=row_shape, settings=settings, model_fn=model_fn, scheduler=scheduler,
-                 num_inference_steps=num_inference_steps, exact=bool(inversion), save_trajectory=save_trajectory,
+                 num_inference_steps=num_inference_steps, save_trajectory=save_trajectory,
                  batch_rows=batch_rows, inversion=inversion)
 
 

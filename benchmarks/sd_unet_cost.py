@@ -15,12 +15,14 @@ benchmarks/results/sd_unet_cost.txt. GPU and TPU figures come from the same comm
 from __future__ import annotations
 
 import argparse
+import logging
 import resource
 import statistics
 import time
 import warnings
 
 warnings.filterwarnings("ignore")
+logging.disable(logging.WARNING)  # diffusers 0.39 warns at every Flax module it builds
 
 
 def _peak_gib() -> float:

@@ -75,6 +75,58 @@ def torch_pipeline(folder: Path):
     return pipeline
 
 
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guides" / "weights-to-edit.md"
+
+
+def guide_blocks(heading: str) -> list:
+    """The Python blocks of the weights-to-edit guide's section ``heading``."""
+    import re
+
+    text = GUIDE.read_text()
+    section = text[text.index(heading):]
+    section = section[: section.index("\n## ", 1)] if "\n## " in section[1:] else section
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def run_guide(code: str, names: dict, scope: dict) -> dict:
+    """``code`` run as written, the guide's file names and its image size replaced by the tiny ones."""
+    for old, new in names.items():
+        code = code.replace(old, new)
+    exec(compile(code, str(GUIDE), "exec"), scope)
+    return scope
+
+
+def converted(pipeline, out: Path) -> float:
+    """The guide's conversion of PyTorch weights, run as written on the same components saved as a
+    PyTorch Stable Diffusion pipeline with safetensors weights (what checkpoints ship): re-saved with
+    ``.bin`` weights, loaded with ``FlaxStableDiffusionPipeline.from_pretrained(..., from_pt=True)``
+    and saved in the Flax layout at ``out / "flax"``. Returns the largest difference between the UNet
+    weights it gives and those of :func:`flax_parts`."""
+    components = {k: getattr(pipeline, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    torch_sd = diffusers.StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                                requires_safety_checker=False)
+    torch_sd.save_pretrained(str(out / "pt-sd"))  # safetensors, the default
+    (block,) = guide_blocks("## 2. The weights")
+    scope = run_guide(block, {'"sd-pytorch-bin"': repr(str(out / "pt-sd-bin")), '"sd-pytorch"': repr(str(out / "pt-sd")),
+                              '"sd-flax"': repr(str(out / "flax"))}, {})
+    _, reference = flax_parts(out / "pt")
+    leaves = zip(jax.tree_util.tree_leaves(scope["params"]["unet"]), jax.tree_util.tree_leaves(reference["unet"]))
+    return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in leaves)
+
+
+def step_by_step(out: Path) -> dict:
+    """The guide's step-by-step blocks, run as written on the converted folder (16 px images, 10 steps)."""
+    step, diffedit_block = guide_blocks("## 4. Step by step")
+    names = {'"sd-flax"': repr(str(out / "flax")), '"cat.png"': repr(str(out / "image.png")),
+             '"dog.png"': repr(str(out / "guide-dog.png")), "(512, 512)": "(16, 16)", ", 50,": ", 10,"}
+    scope = run_guide(step, names, {})
+    scope = run_guide("import jax\n" + diffedit_block, names, scope)
+    return {"guide_edit_change": float(np.max(np.abs(np.asarray(scope["edited"]) - np.asarray(scope["latents"])))),
+            "guide_image_written": (out / "guide-dog.png").is_file(),
+            "guide_pixels_shape": list(scope["pixels"].shape),
+            "guide_mask_shape": list(scope["result"].mask.shape)}
+
+
 def flax_parts(folder: Path):
     """``(EditParts, params)``: the same components in diffusers' Flax classes, from the PyTorch
     weights (``from_pt=True``)."""
@@ -115,6 +167,10 @@ def main(out: Path) -> dict:
 
     image = test_image()
     pipeline = torch_pipeline(out / "pt")
+    conversion_diff = converted(pipeline, out)
+    from PIL import Image
+
+    Image.fromarray((255 * image[0]).round().astype(np.uint8)).save(out / "image.png")
     parts, params = flax_parts(out / "pt")
     settings = dpmjax.DiffEdit(background="diffusers", mask_threshold=THRESHOLD)
     ours = edit_images(parts, params, image, SOURCE, TARGET, method=DiffEditEdit(diffedit=settings, seed=SEED),
@@ -153,6 +209,8 @@ def main(out: Path) -> dict:
     return {
         "diffusers": diffusers.__version__,
         "diffusers_add_noise_crashes_on_0d_timestep": crashes,
+        "converted_unet_diff": conversion_diff,
+        **step_by_step(out),
         "mask_fraction_ours": float(ours_mask.mean()),
         "mask_fraction_diffusers": float(np.asarray(mask).mean()),
         "mask_iou": iou(ours_mask, mask),

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from test_flax_sd_edit import old_env  # noqa: F401  (the fixture)
+from test_flax_sd_edit import old_env, run_check  # noqa: F401  (old_env: the fixture)
 from test_flax_compat import OLD_VERSION, old_diffusers  # noqa: F401  (the fixture)
 from test_flax_sd_pipelines import old_transformers  # noqa: F401  (the fixture)
 
@@ -27,12 +26,14 @@ PIPELINE = Path("pipelines", "deprecated", "stable_diffusion_diffedit", "pipelin
 
 
 @pytest.fixture(scope="module")
-def report(old_env, tmp_path_factory):  # noqa: F811
+def checked(old_env, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("flax_sd_diffedit")
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("flax_sd_diffedit_check.py")), str(out)],
-                          env=old_env, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return out, run_check("flax_sd_diffedit_check.py", old_env, out)
+
+
+@pytest.fixture(scope="module")
+def report(checked):
+    return checked[1]
 
 
 def _methods(path: Path) -> dict:
@@ -82,3 +83,32 @@ def test_our_background_is_the_input_where_diffusers_is_one_level_off(report):
     assert report["same_level_outside_mask_diff_to_source"] == 0.0, report
     assert report["diffusers_outside_mask_diff_to_source"] > 1e-2, report
     assert report["same_level_inside_mask_change"] > 1e-2, report
+
+
+@pytest.mark.slow
+def test_pytorch_weights_converted_once_run_diffedit_from_the_command_line(checked, old_env, tmp_path):  # noqa: F811
+    """The weights-to-edit guide's path, its blocks run as written (tests/flax_sd_diffedit_check.py):
+    a PyTorch pipeline folder with safetensors weights re-saved with .bin weights, loaded with
+    ``FlaxStableDiffusionPipeline.from_pretrained(..., from_pt=True)`` and saved in the Flax layout
+    gives the weights the components' own ``from_pt`` gives; the step-by-step blocks edit and write
+    an image; and ``dpmjax edit --method diffedit`` runs on the saved folder: rows of original | mask
+    | edited, the mask black and white."""
+    import matplotlib.image
+    import numpy as np
+
+    out_dir, report = checked
+    assert report["converted_unet_diff"] == 0.0, report
+    # the guide's step-by-step blocks ran as written on the converted folder
+    assert report["guide_image_written"] and report["guide_pixels_shape"] == [1, 16, 16, 3], report
+    assert report["guide_mask_shape"] == [1, 1, 8, 8] and report["guide_edit_change"] > 1e-2, report
+    out = tmp_path / "diffedit.png"
+    done = subprocess.run([sys.executable, "-m", "dpmjax", "edit", "--pipeline", str(out_dir / "flax"), "--image",
+                           str(out_dir / "image.png"), "--prompt", "the cat", "--target-prompt", "a dog", "--out", str(out),
+                           "--method", "diffedit", "--steps", "10", "--mask-threshold", "2"],
+                          env=old_env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mask " in done.stdout and "original | mask | edited" in done.stdout, done.stdout
+    grid = matplotlib.image.imread(str(out))
+    assert grid.shape[:2] == (16, 48), grid.shape
+    mask = grid[:, 16:32, :3]
+    assert set(np.unique(mask)) <= {0.0, 1.0} and 0.0 < mask.mean() < 1.0, np.unique(mask)

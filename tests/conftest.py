@@ -182,3 +182,20 @@ def _no_x64_leak():
     """Tests that enable float64 must do it in a context manager; check nothing leaks."""
     yield
     assert not jax.config.jax_enable_x64
+
+
+# The files that take minutes, first. With pytest-xdist's ``--dist loadfile`` each file is one unit of
+# work, handed out in collection order: a long file handed out last keeps one worker busy while the
+# other has nothing left (longest-first scheduling). Measured from the suite's slowest tests; the
+# rest keep pytest's order.
+LONGEST_FILES_FIRST = (
+    "test_notebooks.py", "test_exact_digits.py", "test_traced_grids.py", "test_exact_budget.py", "test_flax_sd_edit.py",
+    "test_flax_sd.py", "test_flax_sd_pipelines.py", "test_exact_derivatives.py", "test_digits.py",
+    "test_flax_sd_diffedit.py", "test_batch_job.py", "test_batch_job_hardening.py", "test_exact_options.py",
+    "test_rows_independent.py", "test_exact_per_row_cost.py", "test_doc_examples.py", "test_sharding.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: files keep their tests' order

@@ -141,6 +141,17 @@ PAGE_STAND_INS = {
 }
 
 
+def _getting_started(scope):
+    import numpy as np
+
+    assert bool(np.all(scope["inv"].converged)), scope["inv"].round_trip  # "every row True"
+    assert float(np.max(np.abs(np.asarray(scope["back"]) - np.asarray(scope["images"])))) < 1e-5  # "below 1e-5"
+
+
+# what a page's comments promise about its results, checked after its blocks ran
+PAGE_CLAIMS = {"docs/getting-started.md": _getting_started}
+
+
 def _runnable_pages():
     pages = {}
     for page, line, kind, detail, code in ALL:
@@ -170,4 +181,5 @@ def test_the_page_s_blocks_run_as_written(page, tmp_path, monkeypatch):
                 exec(compile(code, f"{_name(page)}:{line}", "exec"), scope)
             except Exception as error:  # noqa: BLE001 - the page and line in the failure
                 raise AssertionError(f"{_name(page)}:{line}: {type(error).__name__}: {error}") from error
+    PAGE_CLAIMS.get(_name(page), lambda scope: None)(scope)
     jax.clear_caches()  # each page's programs are its own: measured, keeping them slowed the next pages' compiles

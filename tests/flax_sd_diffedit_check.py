@@ -120,7 +120,7 @@ def step_by_step(out: Path) -> dict:
     names = {'"sd-flax"': repr(str(out / "flax")), '"cat.png"': repr(str(out / "image.png")),
              '"dog.png"': repr(str(out / "guide-dog.png")), "(512, 512)": "(16, 16)", ", 50,": ", 10,"}
     scope = run_guide(step, names, {})
-    scope = run_guide("import jax\n" + diffedit_block, names, scope)
+    scope = run_guide(diffedit_block, names, scope)
     return {"guide_edit_change": float(np.max(np.abs(np.asarray(scope["edited"]) - np.asarray(scope["latents"])))),
             "guide_image_written": (out / "guide-dog.png").is_file(),
             "guide_pixels_shape": list(scope["pixels"].shape),

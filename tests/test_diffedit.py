@@ -131,8 +131,21 @@ def test_settings_refuse_bad_values_naming_them(settings, message):
 def test_calls_refuse_bad_input_before_tracing(problem):
     with pytest.raises(ValueError, match="no step"):
         _edit(problem, settings=dpmjax.DiffEdit(strength=0.03))
-    with pytest.raises(ValueError, match="key .* or a mask"):
+    # one step of a grid ending at sigma_min is its zero-length last step: no noise to edit with
+    with pytest.raises(ValueError, match=r"strength=0.04 of num_inference_steps=25 runs 1 step\(s\) that span no noise"):
+        _edit(problem, settings=dpmjax.DiffEdit(strength=0.04))
+    with pytest.raises(ValueError, match="mask_strength=0.02 of num_inference_steps=25 noises at the grid's end"):
+        _edit(problem, settings=dpmjax.DiffEdit(mask_strength=0.02))
+    with pytest.raises(ValueError, match="key .* or a mask of your own, exactly one"):
         _edit(problem, key=None)
+    with pytest.raises(ValueError, match="exactly one"):
+        _edit(problem, mask=jnp.ones((ROWS, 1, 8, 8)))
+    for key in (0, jnp.zeros(3, jnp.uint32)):
+        with pytest.raises(ValueError, match="key must be a jax.random key"):
+            _edit(problem, key=key)
+    for bad in (jnp.full((ROWS, 1, 8, 8), jnp.nan), jnp.full((ROWS, 1, 8, 8), 2.0), -jnp.ones((ROWS, 1, 8, 8))):
+        with pytest.raises(ValueError, match=r"mask must hold values in \[0, 1\]"):
+            _edit(problem, mask=bad, key=None)
     with pytest.raises(ValueError, match="mask must broadcast"):
         _edit(problem, mask=jnp.ones((ROWS, 2, 8, 8)), key=None)
     with pytest.raises(ValueError, match=r"noises must have shape \(10, 8, 1, 8, 8\)"):

@@ -56,8 +56,9 @@ def test_the_fields_are_these():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(diffedit={"strength": 0.5}), "diffedit must be a dpmjax.DiffEdit"),
-    (dict(seed=-1), "seed must be an integer >= 0"),
-    (dict(seed=1.5), "seed must be an integer >= 0")])
+    (dict(seed=-1), "seed must be an integer in [0, 4294967295]"),
+    (dict(seed=2**64), "seed must be an integer in [0, 4294967295]"),
+    (dict(seed=1.5), "seed must be an integer in [0, 4294967295]")])
 def test_diffedit_s_settings_are_checked_when_built(kwargs, message):
     with pytest.raises(ValueError) as error:
         DiffEditEdit(**kwargs)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..models.flax_sd.edit import edit_images
-from ..models.flax_sd.edit_methods import METHODS, DiffEditEdit, ExactEdit, edit_method
+from ..models.flax_sd.edit_methods import MAX_SEED, METHODS, DiffEditEdit, ExactEdit, edit_method
 from ..models.flax_sd.requirements import old_diffusers
 from ..models.flax_sd.unet import cast_floating
 from ..trajectories.diffedit import DiffEdit
@@ -168,15 +168,17 @@ def _diffedit_problems(args) -> list:
     named = options.given(args, DIFFEDIT_OPTIONS)
     if named and args.method != "diffedit":
         return [options.not_yours(named, "--method diffedit") + f" (got --method {args.method})"]
-    if args.seed is not None and args.seed < 0:
-        return [f"--seed must be an integer >= 0 (got {args.seed})"]
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        return [f"--seed must be an integer from 0 to {MAX_SEED} (got {args.seed})"]
     try:
         settings = _diffedit(args)
     except ValueError as error:
         return [str(error)]
-    if args.steps >= 1 and settings.steps(args.steps) < 1:
-        return [f"--strength {settings.strength:g} of --steps {args.steps} is no step (floor(steps * strength) = 0): "
-                f"give at least {1 / args.steps:.3g} or more --steps"]
+    # the edit's grid ends at sigma_min with a zero-length step: DiffEdit needs two steps to span any noise
+    if args.steps >= 1 and settings.steps(args.steps) < 2:
+        return [f"--strength {settings.strength:g} of --steps {args.steps} runs {settings.steps(args.steps)} step(s) "
+                f"(floor(steps * strength)); the edit needs at least 2 (its last step has zero length): give at least "
+                f"{2 / args.steps:.3g} or more --steps"]
     return []
 
 

@@ -111,8 +111,17 @@ class DiffEdit:
         return min(int(num_inference_steps * self.strength), num_inference_steps)
 
     def mask_step(self, num_inference_steps: int) -> int:
-        """The grid index whose noise level the mask's noisings use."""
-        return max(num_inference_steps - min(int(num_inference_steps * self.mask_strength), num_inference_steps), 0)
+        """The grid index whose noise level the mask's noisings use.
+
+        Raises:
+            ValueError: ``floor(N * mask_strength)`` is 0 (the noisings would be made at the grid's
+                end, where there is no noise to tell the conditions apart).
+        """
+        if int(num_inference_steps * self.mask_strength) < 1:
+            raise ValueError(f"mask_strength={self.mask_strength} of num_inference_steps={num_inference_steps} noises at the "
+                             f"grid's end (floor(N * mask_strength) = 0): raise mask_strength to at least "
+                             f"{1 / num_inference_steps:.3g} or take more steps.")
+        return num_inference_steps - min(int(num_inference_steps * self.mask_strength), num_inference_steps)
 
 
 class DiffEditResult(NamedTuple):
@@ -170,6 +179,33 @@ def _mask_program(*, scheduler, model_fn, channel_axis, threshold, state, latent
     return _mask_from_map(difference, threshold)
 
 
+def _checked_key(key) -> Array:
+    """``key`` if it is a ``jax.random`` key (``jax.random.key(seed)`` or ``PRNGKey(seed)``), else a
+    ``ValueError`` naming it."""
+    typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    raw = isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,)
+    if not (typed or raw):
+        raise ValueError(f"key must be a jax.random key (jax.random.key(seed) or jax.random.PRNGKey(seed)), got {key!r}.")
+    return key
+
+
+def _checked_mask(mask, shape) -> Array:
+    """``mask`` as float32, after refusing one that does not broadcast to ``shape`` or (when its
+    values are known here) holds values outside [0, 1] or NaN."""
+    mask = as_array(mask).astype(jnp.float32)
+    try:
+        fits = jnp.broadcast_shapes(mask.shape, shape) == tuple(shape)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"mask must broadcast to the data's shape {tuple(shape)}, got {tuple(mask.shape)}.")
+    if not isinstance(mask, jax.core.Tracer):
+        low, high = float(jnp.min(mask)), float(jnp.max(mask))
+        if not (0.0 <= low and high <= 1.0):  # also NaN
+            raise ValueError(f"mask must hold values in [0, 1] (1: drawn again, 0: kept), got values in [{low:g}, {high:g}].")
+    return mask
+
+
 def _checked(scheduler, settings, latents, *, why: str) -> Array:
     """``latents`` as an array, after refusing a scheduler that is no sampler, settings that are no
     :class:`DiffEdit` and data that is not floating point."""
@@ -221,8 +257,9 @@ def diffedit_mask(
 
     Raises:
         ValueError: ``scheduler`` is not a forward dpmjax scheduler; both or neither of ``key``
-            and ``noises``; ``noises`` has another shape; ``channel_axis`` is outside the data;
-            ``settings`` is not a :class:`DiffEdit`.
+            and ``noises``; ``key`` is no ``jax.random`` key; ``noises`` has another shape;
+            ``channel_axis`` is outside the data; ``settings`` is not a :class:`DiffEdit`;
+            ``floor(N * mask_strength)`` is 0.
     """
     x = _checked(scheduler, settings, latents, why="diffedit_mask places its noisings on a sampler's grid")
     if channel_axis is not None and not (isinstance(channel_axis, int) and 1 <= channel_axis < x.ndim):
@@ -232,7 +269,7 @@ def diffedit_mask(
     if (key is None) == (noises is None):
         raise ValueError("diffedit_mask takes key (a jax.random key) or noises (the draws), exactly one.")
     if noises is None:
-        noises = jax.random.normal(key, shape, x.dtype)
+        noises = jax.random.normal(_checked_key(key), shape, x.dtype)
     noises = as_array(noises)
     if noises.shape != shape:
         raise ValueError(f"noises must have shape {shape} ([mask_noisings, *latents.shape]), got {noises.shape}.")
@@ -283,8 +320,10 @@ def diffedit(
         A :class:`DiffEditResult`.
 
     Raises:
-        ValueError: ``settings`` is not a :class:`DiffEdit`; ``floor(N * strength)`` is 0; no
-            ``mask`` and no ``key``; a ``mask`` that does not broadcast to the data; and what
+        ValueError: ``settings`` is not a :class:`DiffEdit`; ``floor(N * strength)`` is 0, or
+            the steps it runs span no noise (a grid ending in a zero-length step); both or neither
+            of ``mask`` and ``key``; a ``key`` that is no ``jax.random`` key; a ``mask`` that does
+            not broadcast to the data or holds values outside [0, 1]; and what
             :func:`diffedit_mask`, :func:`dpmjax.invert` and :func:`dpmjax.sample` refuse.
     """
     x = _checked(scheduler, settings, latents, why="diffedit samples with a sampler (the inversion uses it mirrored, "
@@ -294,20 +333,18 @@ def diffedit(
     if k < 1:
         raise ValueError(f"strength={settings.strength} of num_inference_steps={n} is no step (floor(N * strength) = 0): "
                          f"raise strength to at least {1 / n:.3g} or take more steps.")
-    if mask is None:
-        if key is None:
-            raise ValueError("diffedit needs key (a jax.random key for the mask's noisings) or a mask of your own.")
-        mask = diffedit_mask(model_fn, x, scheduler, num_inference_steps=n, source_cond=source_cond, target_cond=target_cond, key=key,
-                             settings=settings, channel_axis=channel_axis)
-    mask = as_array(mask).astype(jnp.float32)
-    try:
-        fits = jnp.broadcast_shapes(mask.shape, x.shape) == tuple(x.shape)
-    except ValueError:
-        fits = False
-    if not fits:
-        raise ValueError(f"mask must broadcast to the data's shape {tuple(x.shape)}, got {tuple(mask.shape)}.")
-    inverting = model_fn if inversion_model_fn is None else inversion_model_fn
+    if (mask is None) == (key is None):
+        raise ValueError("diffedit takes key (a jax.random key for the mask's noisings) or a mask of your own, exactly one.")
     state = grid_state(scheduler, x.shape, num_inference_steps=n, sigmas=None, dtype=jnp.float32, caller="diffedit")
+    if not float(state.sigmas[n - k]) > float(state.sigmas[n]):  # the last steps span no noise (a zero-length step)
+        raise ValueError(f"strength={settings.strength} of num_inference_steps={n} runs {k} step(s) that span no noise on "
+                         f"this grid (its last step has zero length: final_sigmas_type='sigma_min'): raise strength to at "
+                         f"least {(k + 1) / n:.3g} or take more steps.")
+    if mask is None:
+        mask = diffedit_mask(model_fn, x, scheduler, num_inference_steps=n, source_cond=source_cond, target_cond=target_cond,
+                             key=key, settings=settings, channel_axis=channel_axis)
+    mask = _checked_mask(mask, x.shape)
+    inverting = model_fn if inversion_model_fn is None else inversion_model_fn
     label = dict(progress=progress)
     if settings.background == "diffusers":  # the inverse scheduler's first K steps; blend one level noisier
         inverse = DPMSolverMultistepInverseScheduler(scheduler.config)

@@ -104,6 +104,10 @@ class NullTextEdit(EditMethod):
             raise ValueError(f"optimizer must be hashable (optax's transformations are), got {optimizer!r}.") from None
 
 
+#: The largest seed of DiffEdit's mask noise (``jax.random.PRNGKey`` takes 32-bit seeds whole).
+MAX_SEED = 2**32 - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class DiffEditEdit(EditMethod):
     """DiffEdit (Couairon et al., ICLR 2023; :func:`dpmjax.diffedit`): a mask where the UNet's
@@ -116,7 +120,7 @@ class DiffEditEdit(EditMethod):
         diffedit: DiffEdit's settings, a :class:`~dpmjax.DiffEdit` (strength, the mask's
             noisings and threshold, plain or exact inversion, the background's level); default
             ``DiffEdit()``, diffusers' pipeline's defaults.
-        seed: The seed of the mask's noise draws (an integer >= 0, default 0).
+        seed: The seed of the mask's noise draws (an integer from 0 to 2**32 - 1, default 0).
     """
 
     name: ClassVar[str] = "diffedit"
@@ -127,7 +131,8 @@ class DiffEditEdit(EditMethod):
         if not isinstance(self.diffedit, DiffEdit):
             raise ValueError(f"diffedit must be a dpmjax.DiffEdit (DiffEdit's settings; DiffEdit() for the defaults), "
                              f"got {self.diffedit!r}.")
-        object.__setattr__(self, "seed", checks.integer("seed", self.seed, 0, note=" (the mask's noise)"))
+        object.__setattr__(self, "seed", checks.integer("seed", self.seed, 0, maximum=MAX_SEED,
+                                                        note=" (the seed of the mask's noise)"))
 
 
 #: The method objects by name: what ``method=`` accepts as a string, and the defaults it stands for.

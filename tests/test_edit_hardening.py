@@ -121,6 +121,7 @@ def _read_png(path: Path) -> np.ndarray:
 # ----------------------------------------------------------------------------- the call it makes
 @pytest.mark.parametrize("flags, method, order", [
     ([], "exact", 2), (["--method", "plain", "--order", "1"], "plain", 1),
+    (["--method", "plain", "--steps", "1"], "plain", 2),  # DiffEdit's two-step minimum is DiffEdit's alone
     (["--method", "null-text", "--order", "3"], "null-text", 3), (["--method", "diffedit"], "diffedit", 2)])
 def test_the_command_builds_the_method_object_and_passes_the_order_as_a_scheduler_parameter(
         setup, monkeypatch, capsys, flags, method, order):

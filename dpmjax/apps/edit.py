@@ -166,8 +166,8 @@ DIFFEDIT_OPTIONS = (("--strength", "strength"), ("--mask-threshold", "mask_thres
 def _diffedit_problems(args) -> list:
     """What is wrong with --strength, --mask-threshold and --seed (DiffEdit's options)."""
     named = options.given(args, DIFFEDIT_OPTIONS)
-    if named and args.method != "diffedit":
-        return [options.not_yours(named, "--method diffedit") + f" (got --method {args.method})"]
+    if args.method != "diffedit":
+        return [options.not_yours(named, "--method diffedit") + f" (got --method {args.method})"] if named else []
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         return [f"--seed must be an integer from 0 to {MAX_SEED} (got {args.seed})"]
     try:

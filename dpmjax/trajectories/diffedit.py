@@ -50,12 +50,6 @@ Array = jax.Array
 BACKGROUNDS = ("same-level", "diffusers")
 
 
-def _fraction(name: str, value, note: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"{name} must be a number in (0, 1]{note}, got {value!r}.")
-    return float(value)
-
-
 @dataclasses.dataclass(frozen=True)
 class DiffEdit:
     """DiffEdit's settings (:func:`diffedit`); frozen, hashable, checked when built. The defaults
@@ -88,8 +82,10 @@ class DiffEdit:
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        set_("strength", _fraction("strength", self.strength, " (the fraction of the steps sampled again)"))
-        set_("mask_strength", _fraction("mask_strength", self.mask_strength, " (where on the grid the mask is measured)"))
+        fraction = dict(low=0.0, high=1.0, open_low=True)
+        set_("strength", checks.real("strength", self.strength, **fraction, note=" (the fraction of the steps sampled again)"))
+        set_("mask_strength", checks.real("mask_strength", self.mask_strength, **fraction,
+                                          note=" (where on the grid the mask is measured)"))
         set_("mask_noisings", checks.integer("mask_noisings", self.mask_noisings, 1, note=" (noise draws averaged)"))
         threshold = self.mask_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < float(threshold) < float("inf"):
@@ -149,7 +145,7 @@ def _row_mean(a: Array) -> Array:
     return jnp.mean(a.reshape(a.shape[0], -1), axis=1).reshape((-1,) + (1,) * (a.ndim - 1))
 
 
-def _mask_map(model_fn, config, *, latents, noises, timestep, alpha, sigma, source_cond, target_cond, channel_axis):
+def _mask_map(model_fn, *, latents, noises, timestep, alpha, sigma, source_cond, target_cond, channel_axis):
     """The difference map ``mean_draws |f(x_t, cond_target) - f(x_t, cond_source)|`` (averaged
     over ``channel_axis`` too, kept as a size-one axis)."""
 
@@ -170,10 +166,10 @@ def _mask_from_map(difference: Array, threshold: float) -> Array:
     return (scaled > 0.5).astype(jnp.float32)
 
 
-def _mask_program(*, scheduler, model_fn, channel_axis, threshold, state, latents, noises, index, source_cond, target_cond):
+def _mask_program(*, model_fn, channel_axis, threshold, state, latents, noises, index, source_cond, target_cond):
     sigma_d = state.sigmas[index]  # diffusers' sigma = sigma_t / alpha_t
     alpha = 1.0 / jnp.sqrt(1.0 + sigma_d**2)
-    difference = _mask_map(model_fn, scheduler.config, latents=latents, noises=noises, timestep=state.timesteps[index],
+    difference = _mask_map(model_fn, latents=latents, noises=noises, timestep=state.timesteps[index],
                            alpha=alpha, sigma=sigma_d * alpha, source_cond=source_cond, target_cond=target_cond,
                            channel_axis=channel_axis)
     return _mask_from_map(difference, threshold)
@@ -219,7 +215,7 @@ def _checked(scheduler, settings, latents, *, why: str) -> Array:
     return x
 
 
-_mask_jit = jax.jit(_mask_program, static_argnames=("scheduler", "model_fn", "channel_axis", "threshold"))
+_mask_jit = jax.jit(_mask_program, static_argnames=("model_fn", "channel_axis", "threshold"))
 
 
 def diffedit_mask(
@@ -275,7 +271,7 @@ def diffedit_mask(
         raise ValueError(f"noises must have shape {shape} ([mask_noisings, *latents.shape]), got {noises.shape}.")
     state = grid_state(scheduler, x.shape, num_inference_steps=num_inference_steps, sigmas=None, dtype=jnp.float32,
                        caller="diffedit_mask")
-    return _mask_jit(scheduler=scheduler, model_fn=model_fn, channel_axis=channel_axis, threshold=settings.mask_threshold,
+    return _mask_jit(model_fn=model_fn, channel_axis=channel_axis, threshold=settings.mask_threshold,
                      state=state, latents=x, noises=noises,
                      index=settings.mask_step(num_inference_steps), source_cond=source_cond, target_cond=target_cond)
 

@@ -44,6 +44,23 @@ def test_gmres_on_one_dense_system_and_its_argument_check():
         gmres(lambda v: v, jnp.ones((6, 2)), rows=4)
 
 
+@pytest.mark.parametrize("restart, cycles", [(3, 1), (3, 3), (5, 2)])
+def test_gmres_reports_the_products_it_made_and_spends_none_on_the_first_residual(restart, cycles):
+    """A product is a model Jacobian-vector product in exact inversion, whose budget counts them:
+    the reported count is what ``matvec`` ran (counted on the host), and the first cycle starts at
+    x = 0, whose residual is b, so it costs ``restart`` products and each later cycle one more."""
+    A, b = block_diagonal_system(rows=4, dim=12, seed=2)
+    ran = []
+
+    def matvec(v):
+        jax.debug.callback(lambda: ran.append(1))
+        return jnp.einsum("rij,rj->ri", A, v)
+
+    result = gmres(matvec, jnp.asarray(b), rows=4, restart=restart, cycles=cycles, rtol=1e-12)
+    jax.block_until_ready(result.solution)
+    assert int(result.products) == len(ran) == cycles * restart + (cycles - 1)
+
+
 def test_newton_krylov_per_row_on_a_coupled_nonlinear_map():
     """F(y) = y + tanh(A_r y) * 2 per row (strongly non-linear, rows independent)."""
     A, target = block_diagonal_system(rows=16, dim=6, seed=2)

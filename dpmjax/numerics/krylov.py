@@ -56,7 +56,7 @@ class GMRESResult(NamedTuple):
     solution: Array
     relative_residual: Array  # [rows]: ||b - J x|| / ||b|| estimated by the last least-squares solve
     iterations: Array  # [rows]: the Arnoldi steps (products with J) the row used
-    products: Array  # the batched products with J made (each cycle's residual and its Arnoldi steps)
+    products: Array  # the batched products with J made (each restart's residual and every Arnoldi step)
 
 
 def gmres(
@@ -86,7 +86,8 @@ def gmres(
     def cycle(carry: _Cycles) -> _Cycles:
         x, count = carry.x, carry.count
         working = carry.residual > rtol * b_norm  # rows still solving (False where not finite)
-        r = b - matvec(x)
+        # the first cycle starts from x = 0, whose residual is b: no product is spent on it
+        r = lax.cond(count > 0, lambda: b - matvec(x), lambda: b)
         beta = row_norm(r, rows)
         V = jnp.zeros((m + 1,) + b.shape, b.dtype).at[0].set(scale_rows(1.0 / jnp.maximum(beta, tiny), r))
         R = jnp.zeros((rows, m, m), wdt)
@@ -144,8 +145,9 @@ def gmres(
         R = R + jnp.where(jnp.abs(jnp.diagonal(R, axis1=1, axis2=2)) > 0, 0.0, 1.0)[:, :, None] * jnp.eye(m)[None]
         y = jax.vmap(lambda a, c: jax.scipy.linalg.solve_triangular(a, c, lower=False))(R, jnp.where(used, g[:, :m], 0.0))
         x_next = x + jnp.sum(jax.vmap(lambda c, v: scale_rows(c, v))(y.T, done.V[:m]), axis=0)
+        products = jnp.minimum(count, 1) + done.j  # the residual's product (none in the first cycle), Arnoldi's
         return _Cycles(x=by_row(working, x_next, x), residual=jnp.where(working, done.residual, carry.residual),
-                       steps=carry.steps + k, count=count + 1, products=carry.products + (1 + done.j).astype(jnp.int32))
+                       steps=carry.steps + k, count=count + 1, products=carry.products + products.astype(jnp.int32))
 
     def unfinished_cycles(carry: _Cycles):
         return (carry.count < cycles) & jnp.any(carry.residual > rtol * b_norm)

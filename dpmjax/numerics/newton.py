@@ -169,7 +169,7 @@ def newton_krylov(
 
     # an iteration's cost before the first is measured: a full GMRES solve (each product with the
     # preconditioner's, and its final application) and the full step
-    products = (gmres_restart + 1) * gmres_maxiter
+    products = (gmres_restart + 1) * gmres_maxiter - 1  # the first cycle's residual is free (x = 0)
     first_cost = (products + 1 if preconditioner is None else 2 * products + 2)
     r0 = residual(y0)
     r0_max = row_max_abs(r0, rows)

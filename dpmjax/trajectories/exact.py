@@ -138,7 +138,7 @@ class _Sweeps(NamedTuple):
 
 
 def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, state, mirror, data, cond, noises,
-                    budget=None):
+                    budget=None, start=None):
     """Exact inversion of the sampler ``scheduler`` on ``state``; see the module docstring.
 
     ``exact_inversion_jit`` is this function jitted with ``scheduler``, ``inverse``, ``model_fn`` and
@@ -162,6 +162,9 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
         budget: The most batched model calls the solve may make (all steps; an integer, may be
             traced), or ``None``: no stage and no iteration starts once the calls made reach it,
             and each row keeps the best it has met (plain inversion at least).
+        start: A start to go on from (orders >= 2; e.g. an earlier pass's best), or ``None``: each
+            row's fast path begins at the better of it and plain inversion (one more run of the
+            sampler). A hint only: it steers the solve, not its answer, and has no derivative.
 
     Returns:
         ``(X, outputs, round_trip, sweeps, iterations, calls)``: the path ``[N, *shape]`` (sampler
@@ -177,7 +180,8 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
     hoisted, params = jax.closure_convert(checked_model, example, state.timesteps[0], cond)
     result = _solved(scheduler, inverse, _Model(hoisted, conditional=cond is not None), options=options,
                      inputs=_Inputs(state=state, mirror=mirror, data=data, cond=cond, noises=noises, params=params,
-                                    budget=jnp.asarray(_UNLIMITED if budget is None else budget, jnp.int32)))
+                                    budget=jnp.asarray(_UNLIMITED if budget is None else budget, jnp.int32),
+                                    start=start))
     n = state.timesteps.shape[0]
     _, later, _ = scan_steps(scheduler, model_fn, ScanOptions(return_samples=True), state=state, x=result.noise, cond=cond,
                              keys=None, noises=noises)
@@ -193,7 +197,7 @@ def exact_inversion(scheduler, inverse, model_fn, *, options: ExactOptions, stat
 class _Inputs(NamedTuple):
     """The differentiable inputs of the solve: as in :func:`exact_inversion`, and ``params`` the values
     the model closes over (hoisted by ``jax.closure_convert``); ``budget`` the most batched model calls
-    (not differentiated)."""
+    and ``start`` a start to go on from, or ``None`` (neither differentiated)."""
 
     state: object
     mirror: object
@@ -202,6 +206,7 @@ class _Inputs(NamedTuple):
     noises: object
     params: list
     budget: Array
+    start: object = None
 
 
 class _Model(NamedTuple):
@@ -236,6 +241,7 @@ class _Problem(NamedTuple):
         steps: ``arange(N)``, the sampler's step indices.
         step_noises: The per-step noises in the compute dtype (zeros for an ODE sampler).
         budget: The most batched model calls the solve may make.
+        start: A start to go on from, or ``None`` (plain inversion's).
     """
 
     scheduler: object
@@ -251,6 +257,7 @@ class _Problem(NamedTuple):
     steps: Array
     step_noises: Array
     budget: Array
+    start: object = None
 
     @property
     def order(self) -> int:
@@ -286,7 +293,8 @@ def _problem_of(scheduler, inverse, model: _Model, *, options: ExactOptions, inp
     step_noises = jnp.zeros((n,) + data.shape, cdt) if noises is None else noises.astype(cdt)
     return _Problem(scheduler=scheduler, inverse=inverse, model_fn=model.bound(inputs.params), options=options,
                     state=state, mirror=inputs.mirror, cond=inputs.cond, noises=noises, target=target, scale=scale,
-                    steps=steps, step_noises=step_noises, budget=inputs.budget)
+                    steps=steps, step_noises=step_noises, budget=inputs.budget,
+                    start=None if inputs.start is None else inputs.start.astype(cdt))
 
 
 # ----------------------------------------------------------------------------- the sampler, its inverse, the error
@@ -528,11 +536,21 @@ def _plain_inversion(problem: _Problem):
 
 
 def _fast(problem: _Problem, plain: _Result, *, plain_sampled: Array) -> _Result:
-    """Orders >= 2 from plain inversion (``plain``, its sample ``plain_sampled``): defect-correction
-    sweeps, then the preconditioned whole-sampler solve."""
-    start, start_error, count, calls = _defect_correction(problem, plain.noise, start_sampled=plain_sampled,
-                                                          start_error=plain.error, plain_noise=plain.noise,
-                                                          calls=plain.calls)
+    """Orders >= 2 from plain inversion (``plain``, its sample ``plain_sampled``), or per row from
+    ``problem.start`` where that is better: defect-correction sweeps, then the preconditioned
+    whole-sampler solve."""
+    begin, begin_sampled, begin_error, calls = plain.noise, plain_sampled, plain.error, plain.calls
+    if problem.start is not None:  # going on from an earlier pass: its start where it beats plain's
+        given_sampled = _sampled(problem, problem.start)
+        given_error = _round_trip(problem, given_sampled)
+        take = given_error < plain.error
+        begin = jnp.where(problem.per_row(take), problem.start, begin)
+        begin_sampled = jnp.where(problem.per_row(take), given_sampled, begin_sampled)
+        begin_error = jnp.where(take, given_error, begin_error)
+        calls = calls + problem.n
+    start, start_error, count, calls = _defect_correction(problem, begin, start_sampled=begin_sampled,
+                                                          start_error=begin_error, plain_noise=plain.noise,
+                                                          calls=calls)
     noise, error, iterations, calls = _shooting(problem, start, start_error, preconditioned=True, calls=calls)
     # the calls counted from plain inversion's: ``_better_of`` adds them to plain's own
     return _Result(noise=noise, error=error, sweeps=count, iterations=iterations, calls=calls - plain.calls)

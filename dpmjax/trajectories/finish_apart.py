@@ -58,28 +58,39 @@ def rows_of(tree: Any, index: np.ndarray, rows: int) -> Any:
     return jax.tree_util.tree_map(lambda a: a[index] if jnp.ndim(a) >= 1 and jnp.shape(a)[0] == rows else a, tree)
 
 
-def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: float, measure: Callable, budget=None):
+def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: float, measure: Callable,
+                 correct: Callable, budget=None):
     """Finish the rows ``first`` leaves open.
 
     Args:
-        solve: ``solve(data, cond, budget)`` -> ``(X, outputs, round_trip, sweeps, iterations,
-            calls)``: exact inversion with the robust path, for a sub-batch, within ``budget``
-            model calls (``None``: no budget).
+        solve: ``solve(data, cond, budget, start=noise)`` -> ``(X, outputs, round_trip, sweeps,
+            iterations, calls)``: exact inversion with the robust path, for a sub-batch, within
+            ``budget`` model calls (``None``: no budget), going on from ``noise`` (the first pass's
+            best start of those rows) where it beats plain inversion.
         first: The whole batch's result after the fast path, in the same form.
         data: The batch inverted (rows on axis 0).
         cond: Its condition (leaves with the batch's leading axis are gathered with the rows).
         tolerance: The round trip a row must reach.
-        measure: ``measure(noise)`` -> the round trip of every row, sampled in the whole batch
-            with its own ``cond``: a finished row's result is checked where it will be used (a
-            ``cond`` leaf gathered by mistake, one that merely has the batch's length, would
-            otherwise go unseen), and kept only where it beats the fast path's.
+        measure: ``measure(noise)`` -> ``(round_trip, sampled)``: every row sampled in the whole
+            batch with its own ``cond``, and its round trip: a finished row's result is checked
+            where it will be used (a ``cond`` leaf gathered by mistake, one that merely has the
+            batch's length, would otherwise go unseen), and kept only where it beats the fast
+            path's.
+        correct: ``correct(noise, sampled)`` -> ``(X, outputs, round_trip, calls)``: one
+            defect-correction sweep of the whole batch, ``z + I(x) - I(S(z))``, its path (and
+            model outputs where asked for), its round trip and the model calls it made. A row
+            solved in its sub-batch is at that program's rounding floor; sampled in the whole
+            batch it can land just above the tolerance (the two programs round differently), and
+            one sweep in the whole batch's program brings it back (measured on the digits at
+            guidance 3: 2 of 3 such rows). Rows it improves take it.
         budget: The model calls a row may cost in all (``None``: no budget): the sub-batch gets
             what the whole batch's pass left of it, and does not run where nothing is left.
 
     Returns:
         The whole batch's result, the open rows replaced by their result in the sub-batch where
-        that result, measured in the whole batch, is better; the sweeps, iterations and model
-        calls of both runs added (the sub-batch's calls are calls of fewer rows).
+        that result, measured in the whole batch, is better (and by its correction where that is
+        better still); the sweeps, iterations and model calls of all runs added (the sub-batch's
+        calls are calls of fewer rows).
     """
     X, outputs, round_trip, sweeps, iterations, calls = first
     rows = data.shape[0]
@@ -89,9 +100,12 @@ def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: f
         return first
     size = bucket(open_rows.size, rows)
     index = np.concatenate([open_rows, np.full(size - open_rows.size, open_rows[0])])  # padding repeats a row
-    sub_X, sub_outputs, _, sub_sweeps, sub_iterations, sub_calls = solve(data[index], rows_of(cond, index, rows), left)
+    sub_X, sub_outputs, _, sub_sweeps, sub_iterations, sub_calls = solve(data[index], rows_of(cond, index, rows), left,
+                                                                         start=X[0][index])
     count = open_rows.size
-    measured = np.asarray(measure(X[0].at[open_rows].set(sub_X[0, :count])))
+    candidate = X[0].at[open_rows].set(sub_X[0, :count])
+    measured, sampled = measure(candidate)
+    measured = np.asarray(measured)
     before = np.nan_to_num(np.asarray(round_trip)[open_rows], nan=np.inf)
     keep = measured[open_rows] < before  # per open row: its finished result is better where it is used
     take, position = open_rows[keep], np.flatnonzero(keep)
@@ -99,4 +113,16 @@ def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: f
     if outputs is not None:
         outputs = outputs.at[:, take].set(sub_outputs[:, position])
     round_trip = round_trip.at[take].set(measured[take])
-    return X, outputs, round_trip, sweeps + sub_sweeps, iterations + sub_iterations, calls + sub_calls
+    calls = calls + sub_calls
+    left = None if left is None else left - int(sub_calls)
+    still = open_rows[~(np.asarray(round_trip)[open_rows] <= tolerance)]
+    if still.size and (left is None or left > 0):  # one sweep in the whole batch's own program
+        polished_X, polished_outputs, polished, correction_calls = correct(candidate, sampled)
+        polished = np.asarray(polished)
+        better = still[polished[still] < np.nan_to_num(np.asarray(round_trip)[still], nan=np.inf)]
+        X = X.at[:, better].set(polished_X[:, better])
+        if outputs is not None:
+            outputs = outputs.at[:, better].set(polished_outputs[:, better])
+        round_trip = round_trip.at[better].set(polished[better])
+        calls = calls + correction_calls
+    return X, outputs, round_trip, sweeps + sub_sweeps, iterations + sub_iterations, calls

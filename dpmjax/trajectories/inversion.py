@@ -249,7 +249,8 @@ def invert(
 
     budget = None if settings.max_calls_per_step is None else settings.max_calls_per_step * n
 
-    def solve(data, condition, budget, *, robust=True, iterations=options.max_iterations, sweeps=options.max_sweeps):
+    def solve(data, condition, budget, *, start=None, robust=True, iterations=options.max_iterations,
+              sweeps=options.max_sweeps):
         state = forward_state if data.shape == x.shape else grid_state(
             scheduler, data.shape, num_inference_steps=num_inference_steps, sigmas=sigmas, dtype=solver.compute_dtype(x),
             caller="invert")
@@ -257,21 +258,35 @@ def invert(
         record = options._replace(rows=data.shape[0] if settings.independent_rows else 1, robust=robust,
                                   max_iterations=iterations, max_sweeps=sweeps)
         return exact_inversion_jit(scheduler, inverse, model_fn, options=record, state=state, mirror=mirror, data=data,
-                                   cond=condition, noises=noises, budget=budget)
+                                   cond=condition, noises=noises, budget=budget, start=start)
 
     # finishing apart, the whole batch takes a short fast path: the rows it leaves start again alone
     first_pass = dict(iterations=min(options.max_iterations, FIRST_PASS_ITERATIONS),
                       sweeps=min(options.max_sweeps, FIRST_PASS_SWEEPS)) if apart else {}
     result = solve(x, cond, budget, robust=not apart, **first_pass)
     if apart:  # the rows the fast path left, finished in a sub-batch of their own
-        def measure(noise):
-            sampled = scan_steps_jit(scheduler, model_fn, ScanOptions(), state=forward_state, x=noise, cond=cond,
-                                     keys=None, noises=None)[0]
+        def round_trip_of(sampled):
             scale = jnp.maximum(1.0, row_max_abs(x.astype(sampled.dtype), x.shape[0]))
             return row_max_abs(sampled - x.astype(sampled.dtype), x.shape[0]) / scale
 
+        def measure(noise):
+            sampled = scan_steps_jit(scheduler, model_fn, ScanOptions(), state=forward_state, x=noise, cond=cond,
+                                     keys=None, noises=None)[0]
+            return round_trip_of(sampled), sampled
+
+        def correct(noise, sampled):
+            inverse, mirror = mirrored_state(scheduler, forward_state, x.shape, dtype=solver.compute_dtype(x))
+            plain = lambda y: scan_steps_jit(inverse, model_fn, ScanOptions(), state=mirror, x=y, cond=cond,  # noqa: E731
+                                             keys=None, noises=None)[0]
+            trial = noise + plain(x.astype(noise.dtype)) - plain(sampled.astype(noise.dtype))
+            path = ScanOptions(return_samples=True, return_outputs=return_model_outputs)
+            y, later, outputs = scan_steps_jit(scheduler, model_fn, path, state=forward_state, x=trial, cond=cond,
+                                               keys=None, noises=None)
+            X = jnp.concatenate([trial[None], later[:-1].astype(trial.dtype)])
+            return X, outputs, round_trip_of(y), 3 * n
+
         result = finish_apart(solve, first=result, data=x, cond=cond, tolerance=options.tolerance, measure=measure,
-                              budget=budget)
+                              correct=correct, budget=budget)
     X, outputs, round_trip, sweeps, iterations, calls = result
     # the noise keeps the working precision (float32 for bf16/fp16 input): a cast would undo the exactness
     return Trajectory(

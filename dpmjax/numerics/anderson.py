@@ -13,7 +13,7 @@ schedulers.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -65,10 +65,12 @@ def anderson_fixed_point(
     rows: int,
     iterations: int,
     window: int = 5,
+    max_evaluations: Optional[Array] = None,
 ) -> FixedPointResult:
     """Iterate ``y = g(y)`` from ``y0`` with Anderson mixing over the last ``window`` differences, at most
-    ``iterations`` evaluations of g; stop when every row's ``residual_of(g(y) - y)`` (``[rows]``) is
-    within ``threshold``. Each row keeps its best iterate (the iteration is not monotone).
+    ``iterations`` evaluations of g (and at most ``max_evaluations``, an integer that may be traced: a
+    budget); stop when every row's ``residual_of(g(y) - y)`` (``[rows]``) is within ``threshold``.
+    Each row keeps its best iterate (the iteration is not monotone).
 
     A row stops when its best residual is within ``threshold``: from then on its iterate, windows and
     best are frozen (``jnp.where`` on the per-row mask), so its answer does not depend on how long the
@@ -78,7 +80,8 @@ def anderson_fixed_point(
     history = jnp.zeros((window + 1, rows, y0.size // rows), dtype)  # window differences
 
     def unfinished(c: _Carry):
-        return (c.count < iterations) & jnp.any(c.best > threshold)
+        within = True if max_evaluations is None else c.count < max_evaluations
+        return (c.count < iterations) & jnp.any(c.best > threshold) & within
 
     def iterate(c: _Carry) -> _Carry:
         active = c.best > threshold  # rows not yet stopped; a stopped row is never touched again

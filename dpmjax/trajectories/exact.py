@@ -344,7 +344,9 @@ def _step_solve(problem: _Problem, x_next: Array, inputs, *, update_rows: Array,
     ``inputs = (k, y_previous, z_k, *history)``): Anderson-accelerated fixed point, then Newton-Krylov for
     the rows it leaves; Newton's iterations stop once the step has made ``share`` model calls (the
     step's share of the budget left). Returns ``(x_k, (x_k, converted model output at x_k, the
-    model calls made))``."""
+    model calls made))``. The predictor, Newton's first residual and the output at the solution (3
+    calls) are made whatever the share; a fixed-point or Newton iteration starts only where it fits
+    (a Newton iteration: where the previous one's cost does)."""
     k, y_previous, z_k, *history = inputs
     options = problem.options
     row = update_rows[k].astype(problem.target.dtype)
@@ -362,7 +364,8 @@ def _step_solve(problem: _Problem, x_next: Array, inputs, *, update_rows: Array,
     # c_x (y - g(y))), then Newton-Krylov for the rows it leaves
     accelerated = anderson_fixed_point(
         g, y0, residual_of=lambda f: jnp.where(invertible, jnp.abs(c_x), 0.0) * row_max_abs(f, options.rows) / step_scale,
-        threshold=tolerance, rows=options.rows, iterations=_FIXED_POINT_ITERATIONS)
+        threshold=tolerance, rows=options.rows, iterations=_FIXED_POINT_ITERATIONS,
+        max_evaluations=share - 3)  # the predictor, Newton's first residual and the output at the solution
     y0 = jnp.where(invertible, accelerated.solution, y0)
     # rows the fixed point brought within 10x of the tolerance are at float32's floor already
     unsolved = ~invertible | (accelerated.residual > 10 * tolerance)
@@ -577,6 +580,14 @@ def _robust(problem: _Problem, result: _Result) -> _Result:
     return result
 
 
+def _robust_fits(problem: _Problem, calls: Array) -> Array:
+    """Whether the robust path may start after ``calls``: the calls it makes whatever the budget
+    left (per step the predictor, Newton's first residual and the output at its solution, then the
+    round trip of the path found: ``4 N``) must fit, so that a budget is passed by no more than a
+    stage's iteration under way."""
+    return _within_budget(problem, calls, 4 * problem.n)
+
+
 def _better_of(a: _Result, b: _Result, *, rows_open=True) -> _Result:
     """Per row, the result with the smaller round trip among the rows ``rows_open`` (``[rows]`` or
     True: all); the other rows keep ``a``. Counts and calls add up."""
@@ -613,13 +624,13 @@ def _solved(scheduler, inverse, model: _Model, options: ExactOptions, inputs: _I
     plain, plain_sampled = _plain_inversion(problem)
     _status(problem, "plain inversion", plain)
     if problem.order == 1:
-        return lax.cond(plain.calls < problem.budget, partial(_robust, problem), lambda r: r, plain)
+        return lax.cond(_robust_fits(problem, plain.calls), partial(_robust, problem), lambda r: r, plain)
     result = _better_of(plain, _fast(problem, plain, plain_sampled=plain_sampled))
     _status(problem, "defect-correction sweeps and the preconditioned solve", result)
     if not options.robust:
         return result
-    # the robust path where a row is left and calls are left in the budget
-    needed = jnp.any(result.error > options.tolerance) & (result.calls < problem.budget)
+    # the robust path where a row is left and the budget has room for it
+    needed = jnp.any(result.error > options.tolerance) & _robust_fits(problem, result.calls)
     return lax.cond(needed, partial(_robust, problem), lambda r: r, result)
 
 

@@ -46,9 +46,11 @@ class ExactInversion:
             True). Pass False for a model that couples rows (batch statistics, attention across
             the batch): the batch is then one problem.
         finish_apart: Where the fast path (orders >= 2) leaves rows unconverged, finish them apart:
-            gathered with their rows of ``cond`` into a sub-batch of a fixed size (a power of two),
-            so that the robust path's model calls are paid for those rows only, not the whole
-            batch. ``None`` (default): when ``cond`` is given and every leaf of it has the batch's
+            gathered with their rows of ``cond`` into a sub-batch of a fixed size (a power of two)
+            and solved there from the best start the whole batch found, so that their further
+            model calls are paid for those rows only, not the whole batch; a finished row that,
+            sampled in the whole batch, lands just above the tolerance (the two programs round
+            differently) gets one defect-correction sweep in the whole batch. ``None`` (default): when ``cond`` is given and every leaf of it has the batch's
             rows on axis 0 (per-row labels or embeddings; a model that closes over per-row
             conditioning cannot be run on other rows, and a ``cond`` that also carries weights is
             finished whole unless ``True`` is passed) and the call is not being traced (under
@@ -61,9 +63,10 @@ class ExactInversion:
             converged row; pass ``False`` for such a ``cond``).
         max_calls_per_step: A budget: the most model calls per sampler step the solve may make
             for a row (plain inversion and its check, 2 per step, included; a Jacobian-vector
-            product counts as one; ``Trajectory.model_calls`` reports what was made). No stage
-            and no iteration starts once it is spent, so a row may pass it by the iteration under
-            way at most. A row the budget stops keeps the best start it met (never worse than plain
+            product counts as one; ``Trajectory.model_calls`` reports what was made). A stage
+            starts only where the calls it makes in any case fit, an iteration only where the
+            previous one's cost still fits, so a row may pass it by the iteration under way at
+            most. A row the budget stops keeps the best start it met (never worse than plain
             inversion's) and is flagged: ``converged`` is ``False``. Rows finished apart spend what
             the whole batch's pass left them. The budget is the batch program's, as its calls are:
             rows still open when it runs out stop together, so their results can then depend on

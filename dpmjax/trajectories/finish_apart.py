@@ -2,9 +2,12 @@
 
 The fast path (orders >= 2) runs on the whole batch; the rows it leaves above the tolerance are
 gathered, with their rows of ``cond``, into a sub-batch of a fixed size (the next power of two, so a
-few compiled programs serve every count) and inverted again there with the robust path, whose model
-calls are then paid for those rows only. Their results are scattered back. Rows are independent
-problems (:mod:`dpmjax.trajectories.exact`), so a row's answer is the one it gets in the whole batch.
+few compiled programs serve every count) and solved there from the whole batch's best start, with
+the robust path where needed, whose model calls are then paid for those rows only. Their results
+are measured in the whole batch and scattered back where they are better. Rows are independent
+problems (:mod:`dpmjax.trajectories.exact`), so a row's solution does not depend on its neighbours;
+its round trip does, at the float32 floor, on the program that samples it (a sub-batch and the whole
+batch round differently), which one defect-correction sweep in the whole batch's program mends.
 
 This needs the rows to finish to be known, so it runs between two compiled programs, on concrete
 arrays: a call being traced (``jit``, ``grad``, ``vmap``) keeps the single masked program.
@@ -26,6 +29,12 @@ Array = jax.Array
 # converge within a few; a row that needs more is cheaper alone than dragging the batch along
 FIRST_PASS_ITERATIONS = 3
 FIRST_PASS_SWEEPS = 4
+# runs of the sampler or of plain inversion (N model calls each) that the sub-batch makes whatever its
+# budget (plain inversion, its check, the run from the whole batch's start, and its rows' measure in
+# the whole batch), and that the whole batch's correction makes (I(x), I(S(z)), S of the corrected
+# start): neither starts unless they fit
+SUB_BATCH_RUNS = 4
+CORRECTION_RUNS = 3
 
 
 def traced(*trees) -> bool:
@@ -82,26 +91,31 @@ def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: f
             solved in its sub-batch is at that program's rounding floor; sampled in the whole
             batch it can land just above the tolerance (the two programs round differently), and
             one sweep in the whole batch's program brings it back (measured on the digits at
-            guidance 3: 2 of 3 such rows). Rows it improves take it.
+            guidance 3: 1 or 2 of 3 such rows). It is made for the rows finished apart that are
+            still above the tolerance in the whole batch; rows it improves take it.
         budget: The model calls a row may cost in all (``None``: no budget): the sub-batch gets
-            what the whole batch's pass left of it, and does not run where nothing is left.
+            what the whole batch's pass left of it (less the measure in the whole batch), and the
+            correction what the sub-batch left; neither starts unless the runs it makes whatever
+            its budget (4 and 3 runs of ``N`` steps) fit.
 
     Returns:
         The whole batch's result, the open rows replaced by their result in the sub-batch where
         that result, measured in the whole batch, is better (and by its correction where that is
         better still); the sweeps, iterations and model calls of all runs added (the sub-batch's
-        calls are calls of fewer rows).
+        calls are calls of fewer rows; the measure in the whole batch is counted).
     """
     X, outputs, round_trip, sweeps, iterations, calls = first
     rows = data.shape[0]
     open_rows = np.flatnonzero(~(np.asarray(round_trip) <= tolerance))  # NaN rows are open too
+    runs = X.shape[0]  # N: a run of the sampler costs N model calls
     left = None if budget is None else budget - int(calls)
-    if open_rows.size == 0 or (left is not None and left <= 0):
+    if open_rows.size == 0 or (left is not None and left < SUB_BATCH_RUNS * runs):
         return first
     size = bucket(open_rows.size, rows)
     index = np.concatenate([open_rows, np.full(size - open_rows.size, open_rows[0])])  # padding repeats a row
-    sub_X, sub_outputs, _, sub_sweeps, sub_iterations, sub_calls = solve(data[index], rows_of(cond, index, rows), left,
-                                                                         start=X[0][index])
+    sub_budget = None if left is None else left - runs  # the measure below is the sub-batch's too
+    sub_X, sub_outputs, _, sub_sweeps, sub_iterations, sub_calls = solve(data[index], rows_of(cond, index, rows),
+                                                                         sub_budget, start=X[0][index])
     count = open_rows.size
     candidate = X[0].at[open_rows].set(sub_X[0, :count])
     measured, sampled = measure(candidate)
@@ -113,10 +127,10 @@ def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: f
     if outputs is not None:
         outputs = outputs.at[:, take].set(sub_outputs[:, position])
     round_trip = round_trip.at[take].set(measured[take])
-    calls = calls + sub_calls
-    left = None if left is None else left - int(sub_calls)
+    calls = calls + sub_calls + runs  # the sub-batch's calls, and the measure's in the whole batch
+    left = None if left is None else left - int(sub_calls) - runs
     still = open_rows[~(np.asarray(round_trip)[open_rows] <= tolerance)]
-    if still.size and (left is None or left > 0):  # one sweep in the whole batch's own program
+    if still.size and (left is None or left >= CORRECTION_RUNS * runs):  # one sweep in the whole batch's program
         polished_X, polished_outputs, polished, correction_calls = correct(candidate, sampled)
         polished = np.asarray(polished)
         better = still[polished[still] < np.nan_to_num(np.asarray(round_trip)[still], nan=np.inf)]

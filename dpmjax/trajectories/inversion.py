@@ -28,7 +28,7 @@ from ..scheduler import DPMSolverMultistepBase, DPMSolverMultistepInverseSchedul
 from ..state import SchedulerState
 from .exact import ExactOptions, exact_inversion_jit
 from .exact_options import ExactInversion, rejects_moved_keywords, resolved
-from .finish_apart import FIRST_PASS_ITERATIONS, FIRST_PASS_SWEEPS, finish_apart, finishes_apart
+from .finish_apart import CORRECTION_RUNS, FIRST_PASS_ITERATIONS, FIRST_PASS_SWEEPS, finish_apart, finishes_apart
 from .grid_entry import grid_state, on_traced_grid
 from .model_fn import ConditionalModelFn, ModelFn
 from .scan import (
@@ -260,7 +260,7 @@ def invert(
         return exact_inversion_jit(scheduler, inverse, model_fn, options=record, state=state, mirror=mirror, data=data,
                                    cond=condition, noises=noises, budget=budget, start=start)
 
-    # finishing apart, the whole batch takes a short fast path: the rows it leaves start again alone
+    # finishing apart, the whole batch takes a short fast path: the rows it leaves go on in a sub-batch
     first_pass = dict(iterations=min(options.max_iterations, FIRST_PASS_ITERATIONS),
                       sweeps=min(options.max_sweeps, FIRST_PASS_SWEEPS)) if apart else {}
     result = solve(x, cond, budget, robust=not apart, **first_pass)
@@ -283,7 +283,7 @@ def invert(
             y, later, outputs = scan_steps_jit(scheduler, model_fn, path, state=forward_state, x=trial, cond=cond,
                                                keys=None, noises=None)
             X = jnp.concatenate([trial[None], later[:-1].astype(trial.dtype)])
-            return X, outputs, round_trip_of(y), 3 * n
+            return X, outputs, round_trip_of(y), CORRECTION_RUNS * n
 
         result = finish_apart(solve, first=result, data=x, cond=cond, tolerance=options.tolerance, measure=measure,
                               correct=correct, budget=budget)

@@ -109,6 +109,39 @@ def _checked_noises(scheduler, settings, *, n: int, shape, noises):
     return noises
 
 
+def _whole_batch_runs(scheduler, model_fn, *, state, x, cond, return_outputs: bool):
+    """``(measure, correct)`` for :func:`~dpmjax.trajectories.finish_apart.finish_apart`, in the whole
+    batch's own programs: ``measure(noise)`` -> ``(round trip per row, S(noise))``;
+    ``correct(noise, sampled)`` -> one defect-correction sweep ``z + I(x) - I(S(z))`` as
+    ``(path, model outputs or None, round trip per row, model calls)``."""
+    n = state.num_inference_steps
+
+    def round_trip_of(sampled):
+        scale = jnp.maximum(1.0, row_max_abs(x.astype(sampled.dtype), x.shape[0]))
+        return row_max_abs(sampled - x.astype(sampled.dtype), x.shape[0]) / scale
+
+    def measure(noise):
+        sampled = scan_steps_jit(scheduler, model_fn, ScanOptions(), state=state, x=noise, cond=cond, keys=None,
+                                 noises=None)[0]
+        return round_trip_of(sampled), sampled
+
+    def correct(noise, sampled):
+        inverse, mirror = mirrored_state(scheduler, state, x.shape, dtype=solver.compute_dtype(x))
+
+        def plain(y):
+            return scan_steps_jit(inverse, model_fn, ScanOptions(), state=mirror, x=y, cond=cond, keys=None,
+                                  noises=None)[0]
+
+        trial = noise + plain(x.astype(noise.dtype)) - plain(sampled.astype(noise.dtype))
+        path = ScanOptions(return_samples=True, return_outputs=return_outputs)
+        y, later, outputs = scan_steps_jit(scheduler, model_fn, path, state=state, x=trial, cond=cond, keys=None,
+                                           noises=None)
+        X = jnp.concatenate([trial[None], later[:-1].astype(trial.dtype)])
+        return X, outputs, round_trip_of(y), CORRECTION_RUNS * n
+
+    return measure, correct
+
+
 @rejects_moved_keywords
 def invert(
     model_fn: ModelFn | ConditionalModelFn,
@@ -265,26 +298,8 @@ def invert(
                       sweeps=min(options.max_sweeps, FIRST_PASS_SWEEPS)) if apart else {}
     result = solve(x, cond, budget, robust=not apart, **first_pass)
     if apart:  # the rows the fast path left, finished in a sub-batch of their own
-        def round_trip_of(sampled):
-            scale = jnp.maximum(1.0, row_max_abs(x.astype(sampled.dtype), x.shape[0]))
-            return row_max_abs(sampled - x.astype(sampled.dtype), x.shape[0]) / scale
-
-        def measure(noise):
-            sampled = scan_steps_jit(scheduler, model_fn, ScanOptions(), state=forward_state, x=noise, cond=cond,
-                                     keys=None, noises=None)[0]
-            return round_trip_of(sampled), sampled
-
-        def correct(noise, sampled):
-            inverse, mirror = mirrored_state(scheduler, forward_state, x.shape, dtype=solver.compute_dtype(x))
-            plain = lambda y: scan_steps_jit(inverse, model_fn, ScanOptions(), state=mirror, x=y, cond=cond,  # noqa: E731
-                                             keys=None, noises=None)[0]
-            trial = noise + plain(x.astype(noise.dtype)) - plain(sampled.astype(noise.dtype))
-            path = ScanOptions(return_samples=True, return_outputs=return_model_outputs)
-            y, later, outputs = scan_steps_jit(scheduler, model_fn, path, state=forward_state, x=trial, cond=cond,
-                                               keys=None, noises=None)
-            X = jnp.concatenate([trial[None], later[:-1].astype(trial.dtype)])
-            return X, outputs, round_trip_of(y), CORRECTION_RUNS * n
-
+        measure, correct = _whole_batch_runs(scheduler, model_fn, state=forward_state, x=x, cond=cond,
+                                             return_outputs=return_model_outputs)
         result = finish_apart(solve, first=result, data=x, cond=cond, tolerance=options.tolerance, measure=measure,
                               correct=correct, budget=budget)
     X, outputs, round_trip, sweeps, iterations, calls = result

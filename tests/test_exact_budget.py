@@ -125,7 +125,8 @@ def test_rows_finished_apart_spend_what_the_batch_left_them():
     capped, calls, plain = _invert("mlp", rows, dpmjax.ExactInversion(finish_apart=True, max_calls_per_step=30))
     assert bool(jnp.all(free.converged)) and float(free.model_calls) > 30, float(free.model_calls)
     assert float(capped.model_calls) <= 2 * 30, float(capped.model_calls)
-    # the host saw the solve's calls, the final run and the sub-batch's check in the whole batch
+    # the host saw the solve's calls (the sub-batch's measure in the whole batch among them) and the runs that
+    # return the path, the whole batch's and the sub-batch's
     assert round(float(capped.model_calls) * N) + N <= calls <= round(float(capped.model_calls) * N) + 3 * N
     assert bool(jnp.all(capped.converged[:6])) and np.all(np.asarray(capped.round_trip) <= plain)
     np.testing.assert_array_equal(np.asarray(capped.converged), np.asarray(capped.round_trip) <= 1e-5)

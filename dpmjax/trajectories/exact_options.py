@@ -50,10 +50,11 @@ class ExactInversion:
             and solved there from the best start the whole batch found, so that their further
             model calls are paid for those rows only, not the whole batch; a finished row that,
             sampled in the whole batch, lands just above the tolerance (the two programs round
-            differently) gets one defect-correction sweep in the whole batch. ``None`` (default): when ``cond`` is given and every leaf of it has the batch's
-            rows on axis 0 (per-row labels or embeddings; a model that closes over per-row
-            conditioning cannot be run on other rows, and a ``cond`` that also carries weights is
-            finished whole unless ``True`` is passed) and the call is not being traced (under
+            differently) gets one defect-correction sweep in the whole batch. ``None`` (default):
+            when ``cond`` is given and every leaf of it has the batch's rows on axis 0 (per-row
+            labels or embeddings; a model that closes over per-row conditioning cannot be run on
+            other rows, and a ``cond`` that also carries weights is finished whole unless ``True``
+            is passed) and the call is not being traced (under
             ``jit``, ``grad`` or ``vmap`` the rows to finish are not known when the program is
             built: the batch is then finished whole, masked). ``True`` asks for it with ``cond=None``
             too (the model must then treat each row alone); ``False`` never. Leaves of ``cond``

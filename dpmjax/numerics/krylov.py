@@ -87,8 +87,9 @@ def gmres(
         x, count = carry.x, carry.count
         working = carry.residual > rtol * b_norm  # rows still solving (False where not finite)
         # the first cycle starts from x = 0, whose residual is b: no product is spent on it (under vmap
-        # with a batched loop the cond becomes a select, the product is made and not counted)
-        r = lax.cond(count > 0, lambda: b - matvec(x), lambda: b)
+        # with a batched loop the cond becomes a select, the product is made and not counted). With one
+        # cycle the product is not even traced: each traced product is a copy of the model in the program
+        r = b if isinstance(cycles, int) and cycles == 1 else lax.cond(count > 0, lambda: b - matvec(x), lambda: b)
         beta = row_norm(r, rows)
         V = jnp.zeros((m + 1,) + b.shape, b.dtype).at[0].set(scale_rows(1.0 / jnp.maximum(beta, tiny), r))
         R = jnp.zeros((rows, m, m), wdt)

@@ -48,12 +48,14 @@ class _Iterate(NamedTuple):
 
 
 class _LineSearch(NamedTuple):
-    """Carry of the backtracking line search: per row the step length, its residual and norm."""
+    """Carry of the backtracking line search: per row the step length, its residual and norm, the
+    full step's residual; the evaluations made (the full step's first)."""
 
     step: Array
     r: Array
     r_norm: Array
-    halvings: Array
+    r_full: Array
+    evaluations: Array
 
 
 class NewtonResult(NamedTuple):
@@ -126,7 +128,9 @@ def newton_krylov(
         backtracks = jnp.where(near, _NEAR_BACKTRACKS, max_backtracks)
 
         def searching(ls: _LineSearch):
-            return active & (ls.halvings < backtracks) & (ls.r_norm > (1.0 - 1e-4 * ls.step) * r_norm)
+            # the first evaluation is the full step's, for every row (its residual decides a leap below)
+            first = ls.evaluations == 0
+            return first | (active & (ls.evaluations <= backtracks) & (ls.r_norm > (1.0 - 1e-4 * ls.step) * r_norm))
 
         def insufficient(ls: _LineSearch):
             return jnp.any(searching(ls))
@@ -134,15 +138,18 @@ def newton_krylov(
         def halve(ls: _LineSearch) -> _LineSearch:
             halving = searching(ls)  # a row that has found its step keeps it and its residual
             step = jnp.where(halving, 0.5 * ls.step, ls.step)
+            # the full step is the loop's first evaluation (step 2 halved), not one of its own: each
+            # evaluation traced is a copy of F (a whole sampler of model calls) in the compiled program
             r_new = residual(y + per_row(step, d).astype(d.dtype) * d)
             return _LineSearch(step=step, r=jnp.where(per_row(halving, r_new), r_new, ls.r),
-                               r_norm=jnp.where(halving, row_norm(r_new, rows), ls.r_norm), halvings=ls.halvings + 1)
+                               r_norm=jnp.where(halving, row_norm(r_new, rows), ls.r_norm),
+                               r_full=jnp.where(ls.evaluations == 0, r_new, ls.r_full), evaluations=ls.evaluations + 1)
 
-        ones = jnp.ones(r_norm.shape, r_norm.dtype)
-        r_full = residual(y + d)
-        step, r_new, r_norm_new, halvings = lax.while_loop(
-            insufficient, halve, _LineSearch(step=ones, r=r_full, r_norm=row_norm(r_full, rows), halvings=0))
-        cost = (evaluations + 1 + halvings).astype(jnp.int32)  # GMRES's, the full step's, the halvings'
+        twos = jnp.full(r_norm.shape, 2.0, r_norm.dtype)
+        step, r_new, r_norm_new, r_full, searched = lax.while_loop(
+            insufficient, halve, _LineSearch(step=twos, r=r, r_norm=jnp.full_like(r_norm, jnp.inf), r_full=r,
+                                             evaluations=jnp.asarray(0)))
+        cost = (evaluations + searched).astype(jnp.int32)  # GMRES's, the full step's, the halvings'
         better = active & (r_norm_new < r_norm)
         # a row far from its solution whose line search found no decrease takes the full step anyway
         # (non-monotone, Grippo et al. 1986, SIAM J. Numer. Anal. 23): a nonlinear map can raise the

@@ -413,50 +413,65 @@ def _from_rows(v: Array, like: Array) -> Array:
     return jnp.moveaxis(v.reshape((like.shape[1],) + like.shape[:1] + like.shape[2:]), 0, 1)
 
 
-def _history_sweep(problem: _Problem, carry: _HistorySweeps, *, trajectory_rows: Array) -> _HistorySweeps:
-    """One history sweep (a ``lax.while_loop`` body of :func:`_history_sweeps`)."""
+def _history_sweep(problem: _Problem, carry: _HistorySweeps, *, first_order_rows: Array,
+                   trajectory_rows: Array) -> _HistorySweeps:
+    """One sweep of per-step solves (a ``lax.while_loop`` body of :func:`_history_sweeps`): the
+    first (``count == -1``) is the first-order path (first-order update rows, no history, Newton's
+    full iterations; a row's best is its result), the others history sweeps."""
     X_last, M_last, G_hist, F_hist, best_noise, best, active, count, calls, _ = carry
     options = problem.options
-    # a few Newton iterations per step and sweep: the sweeps, not one step's solve, carry the
+    first = count < 0
+    # a few Newton iterations per step and history sweep: the sweeps, not one step's solve, carry the
     # iteration (measured on the digits at guidance 3: a quarter of the cost, no row lost)
-    X, G, sweep_calls = _step_solves(problem, X_last, M_last, update_rows=trajectory_rows, from_predictor=count == 0,
-                                     iterations=min(_SWEEP_ITERATIONS, options.max_iterations), calls=calls)
+    X, G, sweep_calls = _step_solves(problem, X_last, M_last, update_rows=jnp.where(first, first_order_rows, trajectory_rows),
+                                     from_predictor=count <= 0, calls=calls,
+                                     iterations=jnp.where(first, options.max_iterations,
+                                                          min(_SWEEP_ITERATIONS, options.max_iterations)))
     g, f = _by_row(problem, G), _by_row(problem, G) - _by_row(problem, M_last)
     # a row that has stopped is frozen: its path, history, windows and best never change again
     # (an active row has been active at every sweep, so its window holds ``count`` real entries)
-    G_hist = jnp.where(active[None, :, None], jnp.roll(G_hist, -1, axis=0).at[-1].set(g), G_hist)
-    F_hist = jnp.where(active[None, :, None], jnp.roll(F_hist, -1, axis=0).at[-1].set(f), F_hist)
+    windowed = (active & ~first)[None, :, None]
+    G_hist = jnp.where(windowed, jnp.roll(G_hist, -1, axis=0).at[-1].set(g), G_hist)
+    F_hist = jnp.where(windowed, jnp.roll(F_hist, -1, axis=0).at[-1].set(f), F_hist)
     valid = jnp.arange(_HISTORY_WINDOW + 1) >= _HISTORY_WINDOW - count  # entries of sweeps actually made
-    M_next = _from_rows(mix(G_hist, F_hist, valid).astype(G.dtype), G)
+    M_next = jnp.where(first, G, _from_rows(mix(G_hist, F_hist, valid).astype(G.dtype), G))
     error = _round_trip(problem, _sampled(problem, X[0]))
-    better = active & (error < best)
+    better = active & (first | (error < best))
     on_path = problem.per_row(active)[None]
     X, M_next = jnp.where(on_path, X, X_last), jnp.where(on_path, M_next, M_last)
     return _HistorySweeps(X=X, M=M_next, G_window=G_hist, F_window=F_hist,
                           best_noise=jnp.where(problem.per_row(better), X[0], best_noise),
                           best_error=jnp.where(better, error, best),
-                          active=active & (jnp.minimum(error, best) > options.tolerance),
+                          active=active & (jnp.where(first, error, jnp.minimum(error, best)) > options.tolerance),
                           count=count + 1, calls=calls + sweep_calls + problem.n,
                           last=sweep_calls + problem.n)
 
 
-def _history_sweeps(problem: _Problem, X: Array, M: Array, *, calls: Array, path_calls: Array):
-    """Orders >= 2: the per-step solves with the history from the previous sweep, a fixed-point
-    iteration ``M = G(M)`` that converges where the defect correction cannot (plain inversion
-    crossing between modes of the data), Anderson-accelerated per row over the last 3 sweeps
-    (Walker & Ni 2011, SIAM J. Numer. Anal. 49); each row keeps its best sweep. Starts from the path
-    ``X`` and converted outputs ``M`` (made with ``path_calls`` model calls, ``calls`` in all so far);
-    returns per row the best start, its round trip, the sweeps made and the model calls made in all.
-    A sweep starts only where the previous one's cost (the first: the path's) still fits in the
-    budget."""
-    trajectory_rows = solver.trajectory_rows(problem.state)
-    error = _round_trip(problem, _sampled(problem, X[0]))
+def _history_sweeps(problem: _Problem, *, calls: Array, max_sweeps: int):
+    """The robust path's per-step solves: the first-order path (exact for order 1), then for orders
+    >= 2 up to ``max_sweeps`` history sweeps, the per-step solves with the history from the previous
+    sweep, a fixed-point iteration ``M = G(M)`` that converges where the defect correction cannot
+    (plain inversion crossing between modes of the data), Anderson-accelerated per row over the last
+    3 sweeps (Walker & Ni 2011, SIAM J. Numer. Anal. 49); each row keeps its best sweep. One loop
+    runs both, so the per-step solves appear once in the compiled program (each traced model call
+    is a copy of the model there). Returns per row the best start, its round trip, the history
+    sweeps made and the model calls made in all (``calls`` before). The first-order path always
+    runs; a history sweep starts only where the previous sweep's cost still fits in the budget."""
+    shape = (problem.n,) + problem.target.shape
+    X = jnp.broadcast_to(problem.target, shape)
+    M = jnp.zeros(shape, problem.target.dtype)
     window_zeros = jnp.zeros((_HISTORY_WINDOW + 1,) + _by_row(problem, M).shape, _by_row(problem, M).dtype)
-    start = _HistorySweeps(X=X, M=M, G_window=window_zeros, F_window=window_zeros, best_noise=X[0], best_error=error,
-                           active=error > problem.options.tolerance, count=jnp.asarray(0),
-                           calls=calls + problem.n, last=path_calls)
-    done = lax.while_loop(lambda carry: _unfinished(problem, carry, cost=carry.last),
-                          partial(_history_sweep, problem, trajectory_rows=trajectory_rows), start)
+    start = _HistorySweeps(X=X, M=M, G_window=window_zeros, F_window=window_zeros, best_noise=problem.target,
+                           best_error=jnp.full((problem.options.rows,), jnp.inf, problem.scale.dtype),
+                           active=jnp.ones((problem.options.rows,), bool), count=jnp.asarray(-1), calls=calls,
+                           last=jnp.asarray(0, jnp.int32))
+
+    def unfinished(carry: _HistorySweeps):
+        return (carry.count < max_sweeps) & jnp.any(carry.active) & _within_budget(problem, carry.calls, carry.last)
+
+    done = lax.while_loop(unfinished, partial(_history_sweep, problem,
+                                              first_order_rows=problem.state.update_coefficients[problem.steps, 0],
+                                              trajectory_rows=solver.trajectory_rows(problem.state)), start)
     return done.best_noise, done.best_error, done.count, done.calls
 
 
@@ -563,13 +578,8 @@ def _robust(problem: _Problem, result: _Result) -> _Result:
     """The exact first-order path (exact for order 1), history sweeps (orders >= 2) and the
     whole-sampler solve, for rows ``result`` leaves unconverged (order 1: all rows)."""
     K = problem.order
-    X, M, path_calls = _first_order_path(problem, calls=result.calls)
-    calls = path_calls + result.calls
-    if K == 1:
-        start, start_error, count = X[0], _round_trip(problem, _sampled(problem, X[0])), jnp.asarray(0)
-        calls = calls + problem.n
-    else:
-        start, start_error, count, calls = _history_sweeps(problem, X, M, calls=calls, path_calls=path_calls)
+    start, start_error, count, calls = _history_sweeps(problem, calls=result.calls,
+                                                       max_sweeps=0 if K == 1 else problem.options.max_sweeps)
     noise, error, iterations, calls = _shooting(problem, start, start_error, preconditioned=K == 1, calls=calls)
     # orders >= 2 run this path for every row when any row needs it: the rows that were within the
     # tolerance already keep their result, so that a row's answer never depends on its neighbours

@@ -61,6 +61,30 @@ def test_gmres_reports_the_products_it_made_and_spends_none_on_the_first_residua
     assert int(result.products) == len(ran) == cycles * restart + (cycles - 1)
 
 
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_newton_krylov_reports_the_evaluations_it_made(preconditioned):
+    """Exact inversion's budget counts what Newton reports: its first residual, each GMRES product,
+    each preconditioning, the full step and every halving of the line search, as ``F`` itself
+    saw them (counted on the host). The arctan rows from 3 overshoot, so their line search halves."""
+    ran = []
+
+    def F(y):
+        jax.debug.callback(lambda: ran.append(1))
+        return jnp.arctan(y)
+
+    def precondition(y, value, v):  # the exact inverse Jacobian, counted as one evaluation
+        jax.debug.callback(lambda: ran.append(1))
+        return v * (1.0 + y ** 2)
+
+    y0 = jnp.array([[3.0, 0.5], [0.2, -0.1], [2.5, 1.0]])
+    result = jax.jit(lambda y: newton_krylov(F, jnp.zeros_like(y), y, rows=3, tolerance=1e-7, gmres_restart=2,
+                                             gmres_maxiter=1,
+                                             preconditioner=precondition if preconditioned else None))(y0)
+    jax.block_until_ready(result.solution)
+    assert int(result.evaluations) == len(ran), (int(result.evaluations), len(ran))
+    assert float(jnp.max(result.residual)) < 1e-6 and int(result.iterations) >= 3
+
+
 def test_newton_krylov_per_row_on_a_coupled_nonlinear_map():
     """F(y) = y + tanh(A_r y) * 2 per row (strongly non-linear, rows independent)."""
     A, target = block_diagonal_system(rows=16, dim=6, seed=2)

@@ -157,12 +157,13 @@ def test_calls_refuse_bad_input_before_tracing(problem):
     with pytest.raises(ValueError, match="settings must be a dpmjax.DiffEdit"):
         _edit(problem, settings={"strength": 0.5})
     short = tuple(c[:2] for c in problem["target"])  # the target condition of 2 rows for a batch of 8
-    with pytest.raises(ValueError, match=r"target_cond must be shaped like source_cond .* \(2,\) against \(8,\)"):
-        dpmjax.diffedit(problem["guided"], problem["x"], problem["scheduler"], STEPS, source_cond=problem["source"],
-                        target_cond=short, key=jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match="target_cond must have the structure of source_cond"):
-        dpmjax.diffedit_mask(problem["guided"], problem["x"], problem["scheduler"], STEPS, source_cond=problem["source"],
-                             target_cond=problem["target"][0], key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"target_cond must have one row per row of the data \(8\) or one row for all"
+                                         r".* \(2,\) against \(8,\)"):
+        dpmjax.diffedit(problem["guided"], problem["x"], problem["scheduler"], num_inference_steps=STEPS,
+                        source_cond=problem["source"], target_cond=short, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="target_cond must have one row per row of the data"):
+        dpmjax.diffedit_mask(problem["guided"], problem["x"], problem["scheduler"], num_inference_steps=STEPS,
+                             source_cond=problem["source"], target_cond=short, key=jax.random.PRNGKey(0))
     inverse = dpmjax.DPMSolverMultistepInverseScheduler(problem["scheduler"].config)
     with pytest.raises(ValueError, match="DPMSolverMultistepScheduler"):
         dpmjax.diffedit(problem["guided"], problem["x"], inverse, STEPS, source_cond=problem["source"],

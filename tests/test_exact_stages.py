@@ -130,7 +130,8 @@ def test_history_sweeps_never_return_worse_than_their_start():
         return start_error, error, count, exact._round_trip(problem, exact._sampled(problem, noise))
 
     start_error, error, count, measured = stages()
-    assert np.all(np.asarray(error) <= np.asarray(start_error))
+    # (the loop's first pass is the first-order path compiled at another place: allow a few roundings)
+    assert np.all(np.asarray(error) <= np.asarray(start_error) * (1 + 64 * EPS32)), (error, start_error)
     np.testing.assert_array_equal(np.asarray(error), np.asarray(measured))
     assert 0 <= int(count) <= problem.options.max_sweeps
 

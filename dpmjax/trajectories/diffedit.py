@@ -202,19 +202,20 @@ def _checked_mask(mask, shape) -> Array:
     return mask
 
 
-def _checked_conditions(source_cond, target_cond) -> None:
-    """Refuse a ``target_cond`` that is not shaped like ``source_cond`` (the model is called with
-    either in the same program: a mismatch would fail inside the trace with a broadcasting error)."""
-    source, target = jax.tree_util.tree_structure(source_cond), jax.tree_util.tree_structure(target_cond)
-    if source != target:
-        raise ValueError(f"target_cond must have the structure of source_cond (the model takes either), got {target} "
-                         f"against {source}.")
-    shapes = [(jnp.shape(a), jnp.shape(b)) for a, b in zip(jax.tree_util.tree_leaves(source_cond),
-                                                            jax.tree_util.tree_leaves(target_cond))]
-    for source_shape, target_shape in shapes:
-        if source_shape != target_shape:
-            raise ValueError(f"target_cond must be shaped like source_cond (the model takes either, one row per row "
-                             f"of the data), got a leaf of shape {tuple(target_shape)} against {tuple(source_shape)}.")
+def _checked_conditions(source_cond, target_cond, rows: int) -> None:
+    """Refuse a ``target_cond`` whose leaf has another number of rows where ``source_cond``'s has one
+    per row of the data (``rows`` on axis 0): the model would meet it inside the trace, as a
+    broadcasting error. A leaf of one row (shared by every row), conditions of different structure
+    and leaves without the data's rows are the model's to judge."""
+    source, target = jax.tree_util.tree_leaves(source_cond), jax.tree_util.tree_leaves(target_cond)
+    if jax.tree_util.tree_structure(source_cond) != jax.tree_util.tree_structure(target_cond):
+        return
+    for a, b in zip(source, target):
+        per_row = jnp.ndim(a) >= 1 and jnp.shape(a)[0] == rows
+        if per_row and jnp.ndim(b) >= 1 and jnp.shape(b)[0] not in (rows, 1):
+            raise ValueError(f"target_cond must have one row per row of the data ({rows}) or one row for all, where "
+                             f"source_cond has one per row: got a leaf of shape {tuple(jnp.shape(b))} against "
+                             f"{tuple(jnp.shape(a))}.")
 
 
 def _checked(scheduler, settings, latents, *, why: str) -> Array:
@@ -270,10 +271,11 @@ def diffedit_mask(
         ValueError: ``scheduler`` is not a forward dpmjax scheduler; both or neither of ``key``
             and ``noises``; ``key`` is no ``jax.random`` key; ``noises`` has another shape;
             ``channel_axis`` is outside the data; ``settings`` is not a :class:`DiffEdit`;
-            ``floor(N * mask_strength)`` is 0; ``target_cond`` is not shaped like ``source_cond``.
+            ``floor(N * mask_strength)`` is 0; a ``target_cond`` leaf with another number of rows than
+            ``source_cond``'s per-row leaf (1 is allowed).
     """
     x = _checked(scheduler, settings, latents, why="diffedit_mask places its noisings on a sampler's grid")
-    _checked_conditions(source_cond, target_cond)
+    _checked_conditions(source_cond, target_cond, rows=x.shape[0])
     if channel_axis is not None and not (isinstance(channel_axis, int) and 1 <= channel_axis < x.ndim):
         raise ValueError(f"channel_axis must be None or an axis of the data after the batch axis (1 to {x.ndim - 1}), "
                          f"got {channel_axis!r}.")
@@ -335,13 +337,13 @@ def diffedit(
         ValueError: ``settings`` is not a :class:`DiffEdit`; ``floor(N * strength)`` is 0, or
             the steps it runs span no noise (a grid ending in a zero-length step); both or neither
             of ``mask`` and ``key``; a ``key`` that is no ``jax.random`` key; a ``mask`` that does
-            not broadcast to the data or holds values outside [0, 1]; a ``target_cond`` not shaped
-            like ``source_cond``; and what
+            not broadcast to the data or holds values outside [0, 1]; a ``target_cond`` leaf with
+            another number of rows than ``source_cond``'s per-row leaf; and what
             :func:`diffedit_mask`, :func:`dpmjax.invert` and :func:`dpmjax.sample` refuse.
     """
     x = _checked(scheduler, settings, latents, why="diffedit samples with a sampler (the inversion uses it mirrored, "
                  "or diffusers' inverse scheduler with background='diffusers')")
-    _checked_conditions(source_cond, target_cond)
+    _checked_conditions(source_cond, target_cond, rows=x.shape[0])
     checks.integer("num_inference_steps", num_inference_steps, 1)
     n, k = num_inference_steps, settings.steps(num_inference_steps)
     if k < 1:

@@ -329,16 +329,18 @@ def _within_budget(problem: _Problem, calls: Array, cost) -> Array:
     return calls + cost <= problem.budget
 
 
-def _unfinished(problem: _Problem, carry, *, cost) -> Array:
-    """A sweep loop's condition (:class:`_Sweeps`, :class:`_HistorySweeps`): sweeps left, a row active
-    and the budget not spent (a sweep of ``cost`` calls must fit)."""
-    return (carry.count < problem.options.max_sweeps) & jnp.any(carry.active) & _within_budget(problem, carry.calls, cost)
+def _unfinished(problem: _Problem, carry, *, cost, max_sweeps=None) -> Array:
+    """A sweep loop's condition (:class:`_Sweeps`, :class:`_HistorySweeps`): sweeps left (of
+    ``max_sweeps``, default the settings'), a row active and the budget not spent (a sweep of
+    ``cost`` calls must fit)."""
+    most = problem.options.max_sweeps if max_sweeps is None else max_sweeps
+    return (carry.count < most) & jnp.any(carry.active) & _within_budget(problem, carry.calls, cost)
 
 
 # ----------------------------------------------------------------------------- per-step solves (robust path)
 
 
-def _step_solve(problem: _Problem, x_next: Array, inputs, *, update_rows: Array, from_predictor, iterations: int,
+def _step_solve(problem: _Problem, x_next: Array, inputs, *, update_rows: Array, from_predictor, iterations,
                 share: Array):
     """One sampler step ``x_{k+1} = F_k(x_k)`` solved for ``x_k`` (a reverse ``lax.scan`` body over
     ``inputs = (k, y_previous, z_k, *history)``): Anderson-accelerated fixed point, then Newton-Krylov for
@@ -376,7 +378,7 @@ def _step_solve(problem: _Problem, x_next: Array, inputs, *, update_rows: Array,
     return result.solution, (result.solution, _converted(problem, k, result.solution), calls)
 
 
-def _step_solves(problem: _Problem, X: Array, M: Array, *, update_rows: Array, from_predictor, iterations: int,
+def _step_solves(problem: _Problem, X: Array, M: Array, *, update_rows: Array, from_predictor, iterations,
                  calls: Array):
     """Each sampler step ``x_{k+1} = F_k(x_k)`` solved for ``x_k`` by Newton-Krylov, from the data end,
     with the older model outputs (history) taken from ``M`` (sampler order, noise first); started
@@ -466,12 +468,9 @@ def _history_sweeps(problem: _Problem, *, calls: Array, max_sweeps: int):
                            active=jnp.ones((problem.options.rows,), bool), count=jnp.asarray(-1), calls=calls,
                            last=jnp.asarray(0, jnp.int32))
 
-    def unfinished(carry: _HistorySweeps):
-        return (carry.count < max_sweeps) & jnp.any(carry.active) & _within_budget(problem, carry.calls, carry.last)
-
-    done = lax.while_loop(unfinished, partial(_history_sweep, problem,
-                                              first_order_rows=problem.state.update_coefficients[problem.steps, 0],
-                                              trajectory_rows=solver.trajectory_rows(problem.state)), start)
+    done = lax.while_loop(lambda carry: _unfinished(problem, carry, cost=carry.last, max_sweeps=max_sweeps),
+                          partial(_history_sweep, problem, first_order_rows=problem.state.update_coefficients[problem.steps, 0],
+                                  trajectory_rows=solver.trajectory_rows(problem.state)), start)
     return done.best_noise, done.best_error, done.count, done.calls
 
 

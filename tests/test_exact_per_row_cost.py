@@ -128,3 +128,29 @@ def test_finish_apart_starts_nothing_the_budget_has_no_room_for():
     assert ran == [("solve", 48)] and int(result[5]) == 103
     result = run(112)
     assert ran == [("solve", 49), ("correct",)] and int(result[5]) == 112
+
+
+def test_a_row_with_a_non_finite_round_trip_is_not_finished_apart():
+    """A NaN (or infinite) round trip comes from NaN data or model output, which no solve mends:
+    the row stays as the first pass left it (flagged), and the sub-batch holds only the other open
+    rows, so its size, and the open rows' results, are as without the NaN row."""
+    from dpmjax.trajectories.finish_apart import finish_apart
+
+    first = _stage_record(4, round_trip=[1e-6, np.nan, 3e-4, np.inf], calls=60)  # row 2 open, rows 1 and 3 not finite
+    handed = []
+
+    def solve(sub_data, sub_cond, budget, *, start):
+        handed.append(np.asarray(sub_data[:, 0]))
+        X = jnp.full((3, sub_data.shape[0], 2), 50.0)
+        return X, X, jnp.zeros(sub_data.shape[0]), jnp.asarray(1), jnp.asarray(2), jnp.asarray(90)
+
+    def measure(noise):
+        return jnp.asarray([1e-6, np.nan, 1e-6, np.inf]), noise
+
+    X, _, round_trip, _, _, _ = finish_apart(
+        solve, first=first, data=jnp.arange(4, dtype=jnp.float32)[:, None] * jnp.ones((4, 2)), cond=None,
+        tolerance=1e-5, measure=measure, correct=None, budget=None)
+    assert len(handed) == 1
+    np.testing.assert_array_equal(handed[0], [2])
+    np.testing.assert_array_equal(np.asarray(X[0, :, 0]), [0, 1, 50, 3])
+    assert np.isnan(np.asarray(round_trip)[1]) and np.isinf(np.asarray(round_trip)[3])

@@ -63,8 +63,10 @@ class ExactInversion:
             beats the fast path's (so a leaf used whole that merely has that length cannot fake a
             converged row; pass ``False`` for such a ``cond``).
         max_calls_per_step: A budget: the most model calls per sampler step the solve may make
-            for a row (plain inversion and its check, 2 per step, included; a Jacobian-vector
-            product counts as one; ``Trajectory.model_calls`` reports what was made). A stage
+            (batched calls, each of the whole batch or of the sub-batch of rows finished apart, so
+            also the most any one row pays; plain inversion and its check, 2 per step, included; a
+            Jacobian-vector product counts as one; ``Trajectory.model_calls`` reports what was
+            made). A stage
             starts only where the calls it makes in any case fit, an iteration only where the
             previous one's cost still fits, so a row may pass it by the iteration under way at
             most. A row the budget stops keeps the best start it met (never worse than plain

@@ -106,7 +106,10 @@ def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: f
     """
     X, outputs, round_trip, sweeps, iterations, calls = first
     rows = data.shape[0]
-    open_rows = np.flatnonzero(~(np.asarray(round_trip) <= tolerance))  # NaN rows are open too
+    measured_first = np.asarray(round_trip)
+    # a row with a non-finite round trip (NaN or infinite data or model output) stays as it is, flagged:
+    # no solve mends it, and beside the open rows it would change the sub-batch they are solved in
+    open_rows = np.flatnonzero(np.isfinite(measured_first) & (measured_first > tolerance))
     runs = X.shape[0]  # N: a run of the sampler costs N model calls
     left = None if budget is None else budget - int(calls)
     if open_rows.size == 0 or (left is not None and left < SUB_BATCH_RUNS * runs):

@@ -637,3 +637,23 @@ def test_empty_samples_are_refused_by_every_trajectory(shape):
         for call in functions:
             with pytest.raises(ValueError, match="^" + name + " " + re.escape(message)):
                 call()
+
+
+@pytest.mark.parametrize("call", ["sample", "invert", "exact"])
+def test_a_condition_with_another_number_of_rows_is_named_when_the_model_fails_on_it(call):
+    """The model fails inside the trace on a per-row condition of 3 rows for a batch of 4: the error
+    names ``cond`` and both row counts (the model's own error chained); a condition of 1 row, which
+    the model broadcasts, still works."""
+    import jax.numpy as jnp
+
+    def model(x, t, c):
+        return x * c[:, None]
+
+    sched = dpmjax.DPMSolverMultistepScheduler(final_sigmas_type="sigma_min")
+    run = {"sample": lambda c: dpmjax.sample(model, jnp.ones((4, 2)), sched, num_inference_steps=5, cond=c),
+           "invert": lambda c: dpmjax.invert(model, jnp.ones((4, 2)), sched, num_inference_steps=5, cond=c),
+           "exact": lambda c: dpmjax.invert(model, jnp.ones((4, 2)), sched, num_inference_steps=5, cond=c,
+                                            exact=dpmjax.ExactInversion(max_iterations=2, max_sweeps=1))}[call]
+    with pytest.raises(ValueError, match=r"model_fn failed on samples of 4 rows, and cond has a leaf of shape \(3,\)"):
+        run(jnp.full((3,), 0.5))
+    assert run(jnp.full((1,), 0.5)).sample.shape == (4, 2)

@@ -130,10 +130,23 @@ def call_model(model_fn: ModelFn | ConditionalModelFn, x: Array, t: Array, *, co
 
     Raises:
         ValueError: The model returned something other than one floating-point array (a tuple, a
-            Python number, ...), or one of the wrong shape (with ``config``). Raised while
-            tracing, before anything runs.
+            Python number, ...), or one of the wrong shape (with ``config``); or the model failed
+            where a leaf of ``cond`` has another number of rows than ``x`` (the model's error
+            chained). Raised while tracing, before anything runs.
     """
-    out = model_fn(x, t) if cond is None else model_fn(x, t, cond)
+    if cond is None:
+        out = model_fn(x, t)
+    else:
+        try:
+            out = model_fn(x, t, cond)
+        except (TypeError, ValueError) as error:
+            other_rows = [jnp.shape(a) for a in jax.tree_util.tree_leaves(cond)
+                          if jnp.ndim(a) >= 1 and jnp.shape(a)[0] not in (x.shape[0], 1)]
+            if not other_rows:
+                raise
+            raise ValueError(f"{name} failed on samples of {x.shape[0]} rows, and cond has a leaf of shape "
+                             f"{tuple(other_rows[0])}: a per-row leaf of cond needs one row per row of the samples "
+                             f"(axis 0). The model's error: {error}") from error
     check_model_output(out, x, name=name, config=config)
     return out
 

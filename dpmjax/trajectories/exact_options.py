@@ -66,8 +66,7 @@ class ExactInversion:
             (batched calls, each of the whole batch or of the sub-batch of rows finished apart, so
             also the most any one row pays; plain inversion and its check, 2 per step, included; a
             Jacobian-vector product counts as one; ``Trajectory.model_calls`` reports what was
-            made). A stage
-            starts only where the calls it makes in any case fit, an iteration only where the
+            made). A stage starts only where the calls it makes in any case fit, an iteration only where the
             previous one's cost still fits, so a row may pass it by the iteration under way at
             most. A row the budget stops keeps the best start it met (never worse than plain
             inversion's) and is flagged: ``converged`` is ``False``. Rows finished apart spend what

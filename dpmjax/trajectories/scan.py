@@ -141,8 +141,8 @@ def call_model(model_fn: ModelFn | ConditionalModelFn, x: Array, t: Array, *, co
             out = model_fn(x, t, cond)
         except (TypeError, ValueError) as error:
             other_rows = [jnp.shape(a) for a in jax.tree_util.tree_leaves(cond)
-                          if jnp.ndim(a) >= 1 and jnp.shape(a)[0] not in (x.shape[0], 1)]
-            if not other_rows:
+                          if jnp.ndim(x) >= 1 and jnp.ndim(a) >= 1 and jnp.shape(a)[0] not in (x.shape[0], 1)]
+            if not other_rows:  # nothing to say about cond's rows: the model's own error
                 raise
             raise ValueError(f"{name} failed on samples of {x.shape[0]} rows, and cond has a leaf of shape "
                              f"{tuple(other_rows[0])}: a per-row leaf of cond needs one row per row of the samples "

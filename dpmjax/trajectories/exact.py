@@ -395,12 +395,17 @@ def _step_solves(problem: _Problem, X: Array, M: Array, *, update_rows: Array, f
     return X, M, jnp.sum(step_calls, dtype=jnp.int32)
 
 
+def _first_order_rows(problem: _Problem) -> Array:
+    """``[N, K + 2]``: each step's first-order update row (no history)."""
+    return problem.state.update_coefficients[problem.steps, 0]
+
+
 def _first_order_path(problem: _Problem, *, calls: Array):
     """``(X, M, calls)``: the exact inversion of the first-order sampler on the same grid, path and
     converted model outputs (exact for order 1, and for a first-order SDE sampler given its noises),
     and the model calls made."""
     X = jnp.broadcast_to(problem.target, (problem.n,) + problem.target.shape)
-    return _step_solves(problem, X, jnp.zeros_like(X), update_rows=problem.state.update_coefficients[problem.steps, 0],
+    return _step_solves(problem, X, jnp.zeros_like(X), update_rows=_first_order_rows(problem),
                         from_predictor=True, iterations=problem.options.max_iterations, calls=calls)
 
 
@@ -469,7 +474,7 @@ def _history_sweeps(problem: _Problem, *, calls: Array, max_sweeps: int):
                            last=jnp.asarray(0, jnp.int32))
 
     done = lax.while_loop(lambda carry: _unfinished(problem, carry, cost=carry.last, max_sweeps=max_sweeps),
-                          partial(_history_sweep, problem, first_order_rows=problem.state.update_coefficients[problem.steps, 0],
+                          partial(_history_sweep, problem, first_order_rows=_first_order_rows(problem),
                                   trajectory_rows=solver.trajectory_rows(problem.state)), start)
     return done.best_noise, done.best_error, done.count, done.calls
 

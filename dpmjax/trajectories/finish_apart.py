@@ -123,7 +123,7 @@ def finish_apart(solve: Callable, *, first, data: Array, cond: Any, tolerance: f
     candidate = X[0].at[open_rows].set(sub_X[0, :count])
     measured, sampled = measure(candidate)
     measured = np.asarray(measured)
-    before = np.nan_to_num(np.asarray(round_trip)[open_rows], nan=np.inf)
+    before = measured_first[open_rows]  # finite: rows with a non-finite round trip are not open
     keep = measured[open_rows] < before  # per open row: its finished result is better where it is used
     take, position = open_rows[keep], np.flatnonzero(keep)
     X = X.at[:, take].set(sub_X[:, position])
